@@ -1,0 +1,1 @@
+"""Data tools: TFRecord conversion, download, and the built-in Shepard-Metzler renderer."""

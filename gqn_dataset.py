@@ -1,0 +1,470 @@
+"""GQN scenes as tensors: the converted format, its reader (also for torch-gqn folders), and training batches.
+
+Follows the data of Eslami et al. 2018 (supplementary section "Datasets" and the training procedure of
+section "Training"): a scene is S views, each an image x^k and a viewpoint v^k; a training example is M context
+views (x, v), M drawn uniformly in 1..K per scene (K = MAX_CONTEXT: rooms 5, jaco 7, mazes 20, Shepard-Metzler
+15), and one other view of the same scene as the query (x_q, v_q). Viewpoints are 7-d, in the order of
+DeepMind's gqn-datasets data_reader.py: (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch).
+
+Converted split folder: one `torch.save` file per source shard (`001-of-900.pt`), loadable with
+`torch.load(p, weights_only=True, mmap=True)`: {"format": "gqn-jpeg-v1", "dataset", "image_size", "views",
+"jpeg": uint8 [all JPEG bytes], "offsets": int64 [N*S+1], "cameras": float32 [N, S, 7]}. The JPEGs are
+DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the views asked for are read.
+"""
+import bisect
+import functools
+import gzip
+import io
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+import simplejpeg
+import torch
+
+FORMAT = "gqn-jpeg-v1"
+
+# Maximum number of context views per data set (K of the paper's training procedure).
+MAX_CONTEXT = {"shepard_metzler_5_parts": 15, "shepard_metzler_7_parts": 15, "rooms_ring_camera": 5,
+               "rooms_free_camera_no_object_rotations": 5, "rooms_free_camera_with_object_rotations": 5,
+               "jaco": 7, "mazes": 20}
+
+
+def _info(image_size, views, train_files, test_files):
+    return dict(image_size=image_size, views=views, train_files=train_files, test_files=test_files)
+
+
+# DeepMind's gqn-datasets data_reader.py _DATASETS: frame_size, sequence_size, train_size/test_size (file counts).
+DATASETS = {
+    "jaco": _info(64, 11, 3600, 400),
+    "mazes": _info(84, 300, 1080, 120),
+    "rooms_free_camera_with_object_rotations": _info(128, 10, 2034, 226),
+    "rooms_ring_camera": _info(64, 10, 2160, 240),
+    "rooms_free_camera_no_object_rotations": _info(64, 10, 2160, 240),
+    "shepard_metzler_5_parts": _info(64, 15, 900, 100),
+    "shepard_metzler_7_parts": _info(64, 15, 900, 100),
+}
+
+
+class DatasetError(ValueError):
+    """A folder or file that is not GQN data this module can read; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the converted format
+
+def pose7(cameras5):
+    """[..., 5] (x, y, z, yaw, pitch) -> [..., 7] (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch).
+
+    DeepMind's order (data_reader.py's _preprocess_cameras), computed in float32 as TensorFlow does.
+    numpy in -> float32 numpy out; tensor in -> float32 tensor out.
+    """
+    if cameras5.shape[-1] != 5:
+        raise ValueError(f"pose7 expects [..., 5] cameras, got shape {tuple(cameras5.shape)}")
+    if isinstance(cameras5, torch.Tensor):
+        c = cameras5.to(torch.float32)
+        yaw, pitch = c[..., 3:4], c[..., 4:5]
+        return torch.cat([c[..., :3], yaw.sin(), yaw.cos(), pitch.sin(), pitch.cos()], dim=-1)
+    c = np.asarray(cameras5, dtype=np.float32)
+    yaw, pitch = c[..., 3:4], c[..., 4:5]
+    return np.concatenate([c[..., :3], np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch)], axis=-1)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_shard(path, frames, cameras, dataset, image_size):
+    """Write one converted shard atomically (temp file in the same folder, then os.replace).
+
+    frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7].
+    """
+    n = len(frames)
+    cameras = np.ascontiguousarray(cameras, dtype=np.float32)
+    s = len(frames[0]) if n else (cameras.shape[1] if cameras.ndim == 3 else 0)
+    if cameras.shape != (n, s, 7):
+        raise ValueError(f"{path}: cameras shape {cameras.shape} does not match {n} scenes x {s} views x 7")
+    views = [bytes(f) for scene in frames for f in scene]
+    if len(views) != n * s or any(len(scene) != s for scene in frames):
+        raise ValueError(f"{path}: every scene must have {s} views")
+    lengths = np.fromiter((len(f) for f in views), dtype=np.int64, count=len(views))
+    offsets = np.zeros(n * s + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = bytearray(b"".join(views))
+    jpeg = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    obj = {"format": FORMAT, "dataset": str(dataset), "image_size": int(image_size), "views": int(s),
+           "jpeg": jpeg, "offsets": torch.from_numpy(offsets), "cameras": torch.from_numpy(cameras)}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Same folder, so os.replace is an atomic rename: a killed run leaves no half-written shard under the real name.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the shard the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch-gqn legacy scene files, through a restricted unpickler
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER of the legacy (non-zip) format
+_LEGACY_NAME = re.compile(r"^(\d+)\.pt(\.gz)?$")
+
+
+class _LegacyScene:
+    """Stand-in for torch-gqn's `Scene(frames, cameras)` namedtuple: it only records what it is given."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        return obj
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    # Protocol-2 pickles spell `bytes` as _codecs.encode(str, "latin1"); no other codec is ever needed.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+_multiarray = getattr(np, "_core", None) or np.core
+# Everything a torch-gqn Scene pickle refers to (numpy object array of bytes, float32 array, the Scene class).
+_LEGACY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _multiarray.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _multiarray.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("builtins", "bytes"): bytes,
+    ("__main__", "Scene"): _LegacyScene,
+    ("__mp_main__", "Scene"): _LegacyScene,
+    ("convert2torch", "Scene"): _LegacyScene,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _LEGACY_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("holds torch tensors/storages, which torch-gqn Scene files never do")
+
+
+def _scene_fields(obj):
+    if isinstance(obj, _LegacyScene):
+        args, kwargs, state = obj.args, obj.kwargs, obj.state
+        if len(args) == 2:
+            return args
+        if isinstance(state, dict) and "frames" in state and "cameras" in state:
+            return state["frames"], state["cameras"]
+        if "frames" in kwargs and "cameras" in kwargs:
+            return kwargs["frames"], kwargs["cameras"]
+    if isinstance(obj, tuple) and len(obj) == 2:
+        return obj
+    raise pickle.UnpicklingError(f"payload is a {type(obj).__name__}, not a Scene(frames, cameras)")
+
+
+def load_legacy_scene(path):
+    """Read one torch-gqn scene file (`N.pt` / `N.pt.gz`) -> (list of S JPEG bytes, float32 cameras [S, 5]).
+
+    Raises DatasetError naming the file if it is anything else; a pickle asking for any global outside
+    _LEGACY_GLOBALS is refused before anything is called.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if data[:4] == b"PK\x03\x04":  # written by torch >= 1.6: a zip holding <name>/data.pkl
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+                if not pkl:
+                    raise pickle.UnpicklingError("zip file without data.pkl")
+                obj = _RestrictedUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        else:  # legacy torch.save stream: magic, protocol, sys_info, payload, storage keys (each a pickle)
+            f = io.BytesIO(data)
+            if _RestrictedUnpickler(f).load() != _LEGACY_MAGIC:
+                raise pickle.UnpicklingError("not a torch.save file (bad magic number)")
+            _RestrictedUnpickler(f).load()
+            _RestrictedUnpickler(f).load()
+            obj = _RestrictedUnpickler(f).load()
+        frames, cameras = _scene_fields(obj)
+        frames = [bytes(x) for x in np.asarray(frames, dtype=object).reshape(-1)]
+        cameras = np.asarray(cameras, dtype=np.float32).reshape(-1, 5)
+        if len(frames) != len(cameras):
+            raise pickle.UnpicklingError(f"{len(frames)} frames but {len(cameras)} cameras")
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # malformed input of any kind: one clear line, never a half-loaded object
+        raise DatasetError(f"{path}: not a torch-gqn Scene file: {e}") from None
+    return frames, cameras
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reader
+
+def _decode_into(jpeg, out, where):
+    """Decode one JPEG into out ([H, W, 3] uint8, contiguous) with libjpeg's accurate IDCT, as Pillow does."""
+    try:
+        img = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out)
+    except ValueError as e:
+        raise DatasetError(f"{where}: bad JPEG ({e})") from None
+    if img.shape != out.shape:
+        raise DatasetError(f"{where}: JPEG is {img.shape[1]}x{img.shape[0]}, expected {out.shape[1]}x{out.shape[0]}")
+
+
+def _is_converted(path):
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+class GQNDataset(torch.utils.data.Dataset):
+    """One split folder of scenes: converted shards (`*.pt`) or a torch-gqn folder (`N.pt` / `N.pt.gz`).
+
+    ds[i] -> (frames uint8 [S, 3, H, W], cameras float32 [S, 7]); ds.load(i, views) decodes only those views.
+    """
+
+    def __init__(self, root):
+        self.root = str(root)
+        if not os.path.isdir(self.root):
+            raise DatasetError(f"data folder {self.root} does not exist" if not os.path.exists(self.root)
+                               else f"{self.root} is not a folder")
+        names = sorted(n for n in os.listdir(self.root) if not n.startswith("."))
+        legacy = sorted((int(m.group(1)), n) for n in names if (m := _LEGACY_NAME.match(n)))
+        shards = [n for n in names if n.endswith(".pt") and not _LEGACY_NAME.match(n)]
+        # A digits-only name such as `0.pt` may still be a converted shard: look inside before calling it legacy.
+        if legacy and not shards and _is_converted(os.path.join(self.root, legacy[0][1])):
+            shards, legacy = [n for _, n in legacy], []
+        if shards and legacy:
+            raise DatasetError(f"{self.root} mixes converted shards and torch-gqn scene files; keep one kind")
+        if shards:
+            self._init_converted(shards)
+        elif legacy:
+            self._init_legacy([n for _, n in legacy])
+        else:
+            raise DatasetError(f"{self.root} holds no GQN data (converted *.pt shards or torch-gqn N.pt[.gz] "
+                               f"files){self._hint(names)}")
+
+    def _hint(self, names):
+        if any(n.endswith(".tfrecord") for n in names):
+            return "; it holds TFRecords: convert them first with dataset/convert2torch.py"
+        splits = [n for n in ("train", "test") if os.path.isdir(os.path.join(self.root, n))]
+        if splits:
+            return f"; pass a split folder, e.g. {os.path.join(self.root, splits[0])}"
+        return ""
+
+    def _init_converted(self, shards):
+        self.format = "converted"
+        self._paths = [os.path.join(self.root, n) for n in shards]
+        self._shards = {}
+        counts = []
+        for i, path in enumerate(self._paths):
+            try:
+                obj = torch.load(path, weights_only=True, mmap=True)
+                head = (obj["format"], obj["dataset"], int(obj["image_size"]), int(obj["views"]))
+                n, s = obj["cameras"].shape[:2]
+                if head[0] != FORMAT or obj["offsets"].numel() != n * s + 1 or s != head[3]:
+                    raise ValueError("inconsistent header")
+            except Exception as e:
+                raise DatasetError(f"{path}: not a converted GQN shard ({e})") from None
+            if i == 0:
+                _, self.dataset, self.image_size, self.views = head
+            elif head[1:] != (self.dataset, self.image_size, self.views):
+                raise DatasetError(f"{path}: holds {head[1]} {head[2]}px x {head[3]} views, unlike "
+                                   f"{self._paths[0]} ({self.dataset} {self.image_size}px x {self.views} views)")
+            self._shards[i] = self._arrays(obj)  # mmap'd, so this holds no file handle and reads no JPEG bytes
+            counts.append(int(n))
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+
+    def _init_legacy(self, files):
+        self.format = "legacy"
+        self._paths = [os.path.join(self.root, n) for n in files]
+        self._starts = list(range(len(files) + 1))
+        frames, _ = load_legacy_scene(self._paths[0])
+        self.views = len(frames)
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(frames[0])
+        except ValueError as e:
+            raise DatasetError(f"{self._paths[0]}: bad JPEG ({e})") from None
+        self.image_size = h
+        # torch-gqn folders are named like `shepard_metzler_5_parts-torch/train`: take a known name if one leads.
+        parent = os.path.basename(os.path.dirname(os.path.abspath(self.root)))
+        known = [n for n in DATASETS if parent.startswith(n)]
+        self.dataset = max(known, key=len) if known else None
+
+    @staticmethod
+    def _arrays(obj):
+        return obj["jpeg"].numpy(), obj["offsets"].numpy(), obj["cameras"].numpy()
+
+    def __getstate__(self):
+        # DataLoader workers started with spawn re-open (mmap) shards themselves instead of receiving the bytes.
+        state = dict(self.__dict__)
+        if "_shards" in state:
+            state["_shards"] = {}
+        return state
+
+    def __len__(self):
+        return self._starts[-1]
+
+    def __getitem__(self, i):
+        return self.load(i, range(self.views))
+
+    def __repr__(self):
+        return (f"GQNDataset({self.root!r}: {len(self)} scenes, {self.views} views, {self.image_size}px, "
+                f"{self.dataset}, {self.format})")
+
+    def load(self, i, views):
+        """Scene i, only the given views -> (frames uint8 [V, 3, H, W], cameras float32 [V, 7])."""
+        views = [int(j) for j in views]
+        out = np.empty((len(views), self.image_size, self.image_size, 3), dtype=np.uint8)
+        cameras = self._load_into(i, views, list(out))
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(cameras)
+
+    def _load_into(self, i, views, outs):
+        """Decode views of scene i into outs (list of [H, W, 3] uint8 arrays) -> cameras float32 [V, 7]."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"scene {i} out of range for {n} scenes in {self.root}")
+        i = int(i) % n
+        for j in views:
+            if not 0 <= j < self.views:
+                raise IndexError(f"view {j} out of range for {self.views} views")
+        k = bisect.bisect_right(self._starts, i) - 1
+        local = i - self._starts[k]
+        if self.format == "legacy":
+            frames, cameras5 = load_legacy_scene(self._paths[k])
+            for j, out in zip(views, outs):
+                _decode_into(frames[j], out, self._paths[k])
+            return pose7(cameras5[views])
+        shard = self._shards.get(k)
+        if shard is None:
+            shard = self._shards[k] = self._arrays(torch.load(self._paths[k], weights_only=True, mmap=True))
+        jpeg, offsets, cameras = shard
+        base = local * self.views
+        for j, out in zip(views, outs):
+            _decode_into(jpeg[offsets[base + j]:offsets[base + j + 1]], out, self._paths[k])
+        return cameras[local, views]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: pure functions of (seed, step, scene), so resumed runs and DDP ranks draw what one process draws
+
+_BATCH, _VIEWS, _EPS, _FIXED = 0, 1, 2, 3  # separate random streams, one per purpose
+
+
+def _rng(seed, *key):
+    key = tuple(int(k) for k in key)  # numpy/tensor ints from callers; the stream depends only on the values
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed) % 2**64, spawn_key=key)))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed, epoch, num_scenes):
+    return _rng(seed, _BATCH, epoch).permutation(num_scenes)
+
+
+def batch_scenes(seed, step, num_scenes, batch_size):
+    """Scene ids of the global batch at `step` -> LongTensor [batch_size].
+
+    Global slot g = step * batch_size + b walks through a fresh permutation of all scenes each epoch
+    (epoch = g // num_scenes), so every scene is seen once per epoch whatever the batch size or world size.
+    """
+    g = int(step) * batch_size + np.arange(batch_size, dtype=np.int64)
+    epoch, pos = np.divmod(g, num_scenes)
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epoch):
+        sel = epoch == e
+        out[sel] = _epoch_permutation(seed, int(e), num_scenes)[pos[sel]]
+    return torch.from_numpy(out)
+
+
+def draw_views(seed, step, scene, num_views, max_context):
+    """Context and query views of one scene at one step -> (context LongTensor [M], query int).
+
+    M is uniform in 1..max_context (capped at num_views - 1) and the query is never a context view.
+    """
+    k = min(max_context, num_views - 1)
+    if k < 1:
+        raise ValueError(f"need at least 2 views per scene, got {num_views}")
+    rng = _rng(seed, _VIEWS, step, scene)
+    m = int(rng.integers(1, k + 1))
+    perm = rng.permutation(num_views)[:m + 1]
+    return torch.from_numpy(perm[:m]), int(perm[m])
+
+
+def fixed_views(seed, scene, num_views, context):
+    """Deterministic evaluation views of a scene -> (context LongTensor [K], query int), K = min(context, S-1)."""
+    k = min(context, num_views - 1)
+    perm = _rng(seed, _FIXED, scene).permutation(num_views)[:k + 1]
+    return torch.from_numpy(perm[:k]), int(perm[k])
+
+
+def scene_noise(seed, step, scene, noise_shape):
+    """Standard-normal float32 noise [*noise_shape] for one scene at one step (the posterior's eps)."""
+    return _rng(seed, _EPS, step, scene).standard_normal(tuple(noise_shape), dtype=np.float32)
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Map-style dataset of training batches: item `step` is this rank's slice of the global batch of that step.
+
+    Context views are zero-padded to K = max_context (capped at S - 1) for every batch, so shapes never change;
+    "mask" marks the real ones. Use as
+        DataLoader(TrainBatches(...), batch_size=None, sampler=range(start_step, total_steps), num_workers=w)
+    """
+
+    def __init__(self, dataset, batch_size, max_context, seed, noise_shape=None, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.max_context = min(max_context, dataset.views - 1)
+        self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
+
+    @property
+    def steps_per_epoch(self):
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __getitem__(self, step):
+        ds, b, k = self.dataset, self.local_batch, self.max_context
+        scenes = batch_scenes(self.seed, step, len(ds), self.batch_size)[self.rank * b:(self.rank + 1) * b]
+        h = w = ds.image_size
+        x = np.zeros((b, k, h, w, 3), dtype=np.uint8)  # decoded straight into the padded batch
+        v = np.zeros((b, k, 7), dtype=np.float32)
+        mask = np.zeros((b, k), dtype=bool)
+        x_q = np.empty((b, h, w, 3), dtype=np.uint8)
+        v_q = np.empty((b, 7), dtype=np.float32)
+        for n, scene in enumerate(scenes.tolist()):
+            context, query = draw_views(self.seed, step, scene, ds.views, k)
+            m = len(context)
+            cameras = ds._load_into(scene, context.tolist() + [query], list(x[n, :m]) + [x_q[n]])
+            v[n, :m], v_q[n] = cameras[:m], cameras[m]
+            mask[n, :m] = True
+        batch = {"x": torch.from_numpy(x).permute(0, 1, 4, 2, 3).contiguous(),  # (b, K, 3, H, W)
+                 "v": torch.from_numpy(v), "mask": torch.from_numpy(mask),
+                 "x_q": torch.from_numpy(x_q).permute(0, 3, 1, 2).contiguous(),  # (b, 3, H, W)
+                 "v_q": torch.from_numpy(v_q), "scene": scenes}
+        if self.noise_shape is not None:
+            batch["eps"] = torch.from_numpy(np.stack(
+                [scene_noise(self.seed, step, s, self.noise_shape) for s in scenes.tolist()]))
+        return batch
