@@ -1,0 +1,385 @@
+"""Render the built-in Shepard-Metzler data set straight into the converted format (gqn_dataset.py).
+
+Follows the Shepard-Metzler objects data set of Eslami et al. 2018 (supplementary material, "Shepard-Metzler
+objects"; DeepMind's gqn-datasets `shepard_metzler_5_parts` / `_7_parts`): an object of `parts` equal cubes,
+each a random colour, joined face to face along a random self-avoiding walk on the grid, centred at the origin,
+seen by 15 cameras on a sphere around it, 64x64 JPEG frames on a black background.
+
+Conventions fitted to two real scenes of DeepMind's data (../shared/fixtures): the real objects' cubes were
+recovered by matching silhouettes over all 15 views (both scenes agree on every choice below):
+- camera 10/3 from the object's centre, looking at it along d = (cos p cos y, -cos p sin y, sin p), placed at
+  -(10/3) d; world z is image up, image x is not mirrored; yaw a multiple of pi/50, pitch of pi/100 in
+  [-43, 48] pi/100 (the range [-1.35, 1.51] of the real data);
+- the object is centred on its bounding box; a cube spans tan(10 deg) of the distance at a 20 degree field of
+  view (perspective is weak; 15-25 degrees fit the real silhouettes equally well);
+- shading (least squares on the real frames' face colours): a light fixed in the world from about (1, 1, 1)
+  lights +x/+y/+z faces, adds a little white to them and casts shadows; a camera headlight and an ambient term
+  light every face; colours are saturated random hues;
+- JPEG quality 95 with 4:2:0 chroma subsampling (the real frames' quantisation tables).
+Side by side with the real frames (same cameras): the real object re-rendered matches them closely.
+
+Usage:
+    python dataset/shepard_metzler.py --out data/shepard_metzler_7_parts --train_scenes 20000 --test_scenes 2000
+"""
+import argparse
+import concurrent.futures
+import io
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gqn_dataset import pose7, write_shard  # noqa: E402
+
+IMAGE_SIZE = 64
+VIEWS = 15
+DISTANCE = 10.0 / 3.0          # camera to object centre, as in DeepMind's cameras
+FOV = math.radians(20.0)       # full field of view (square image)
+CUBE = math.tan(FOV / 2)       # cube side in world units: fitted to the real frames' object size
+PITCH_STEPS = (-43, 48)        # pitch = k * pi/100, k uniform in this range (inclusive)
+YAW_STEPS = 100                # yaw = k * 2pi/100, k uniform in [0, 100)
+SUPERSAMPLE = 2                # antialiasing: 2x2 rays a pixel on edges, averaged
+JPEG_QUALITY = 95
+MAX_PARTS = 20                 # beyond this the object no longer fits the frame
+# Shading, least-squares fit to the real frames' face colours (Lambertian terms, clipped to [0, 1]):
+# colour * (AMBIENT + HEADLIGHT * n.v + SUN * max(n.l, 0)) + WHITE * max(n.l, 0)
+AMBIENT, HEADLIGHT, SUN, WHITE = 0.33, 0.35, 0.59, 0.19
+LIGHT = np.array([0.63, 0.59, 0.51]) / np.linalg.norm([0.63, 0.59, 0.51])
+# Self-avoiding walk steps: the six face neighbours on the grid.
+STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+
+
+class UserError(Exception):
+    """Bad input from the command line or caller; main() prints it as one line."""
+
+
+def dataset_name(parts):
+    return f"shepard_metzler_{parts}_parts"
+
+
+def random_walk(rng, parts):
+    """Grid cells (int [parts, 3]) of a self-avoiding walk: each step to a random free face neighbour."""
+    while True:  # a walk can trap itself (rare below ~20 parts); start over then
+        cells = [(0, 0, 0)]
+        occupied = {cells[0]}
+        for _ in range(parts - 1):
+            free = [c for c in (tuple(int(v) for v in np.add(cells[-1], s)) for s in STEPS) if c not in occupied]
+            if not free:
+                break
+            cells.append(free[rng.integers(len(free))])
+            occupied.add(cells[-1])
+        if len(cells) == parts:
+            return np.array(cells, dtype=np.int64)
+
+
+def random_colours(rng, parts):
+    """Saturated random hues (HSV: h uniform, s in [0.9, 1], v in [0.8, 1]) as RGB in [0, 1], [parts, 3]."""
+    h, s, v = rng.random(parts), rng.uniform(0.9, 1.0, parts), rng.uniform(0.8, 1.0, parts)
+    k = (np.array([5.0, 3.0, 1.0]) + 6 * h[:, None]) % 6  # vectorised HSV -> RGB
+    return v[:, None] - (v * s)[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def random_object(rng, parts):
+    """(centres float [parts, 3] in world units, colours [parts, 3]); centred on the bounding box like the real data."""
+    cells = random_walk(rng, parts).astype(np.float64)
+    centres = (cells - (cells.min(0) + cells.max(0)) / 2) * CUBE
+    return centres, random_colours(rng, parts)
+
+
+def view_directions(yaw, pitch):
+    """DeepMind's viewing direction d = (cos p cos y, -cos p sin y, sin p), [..., 3]."""
+    cp = np.cos(pitch)
+    return np.stack([cp * np.cos(yaw), -cp * np.sin(yaw), np.sin(pitch)], axis=-1)
+
+
+def random_cameras(rng, views=VIEWS):
+    """float32 [views, 5] (x, y, z, yaw, pitch): on the sphere of radius 10/3, looking at the origin."""
+    yaw = rng.integers(0, YAW_STEPS, views) * (2 * math.pi / YAW_STEPS)
+    pitch = rng.integers(PITCH_STEPS[0], PITCH_STEPS[1] + 1, views) * (math.pi / 100)
+    position = -DISTANCE * view_directions(yaw, pitch)
+    return np.concatenate([position, yaw[:, None], pitch[:, None]], axis=1).astype(np.float32)
+
+
+def _slab(origins, dirs, lo, hi):
+    """Slab test of rays (origins, dirs float32 [3, N]) against boxes lo, hi [C, 3].
+
+    Returns (t_enter [C, N], t_exit [C, N], per-axis entry [3 x (C, N)]), in units of each ray's length.
+    """
+    t_near, t_enter, t_exit = [], None, None
+    for a in range(3):
+        inv = 1.0 / dirs[a]
+        o_inv = origins[a] * inv
+        t1 = lo[:, a, None].astype(np.float32) * inv - o_inv               # (C, N)
+        t2 = hi[:, a, None].astype(np.float32) * inv - o_inv
+        near = np.minimum(t1, t2)
+        far = np.maximum(t1, t2, out=t1)
+        t_near.append(near)
+        t_enter = near.copy() if t_enter is None else np.maximum(t_enter, near, out=t_enter)
+        t_exit = far if t_exit is None else np.minimum(t_exit, far, out=t_exit)
+    return t_enter, t_exit, t_near
+
+
+def _trace(o, rays, view, lo, hi):
+    """Primary rays from camera centres o [V, 3] along rays [3, N] of views view [N] -> cube, axis, hit, depth."""
+    origins = o.T[:, view].astype(np.float32)
+    t_enter, t_exit, t_near = _slab(origins, rays, lo, hi)
+    # Cameras are outside every cube and nothing is behind them, so a ray hits a cube when entry < exit.
+    depth = np.where(t_enter < t_exit, t_enter, np.float32(np.inf))
+    cube = depth.argmin(0)                                                 # (N,) nearest cube
+    flat = cube * depth.shape[1] + np.arange(depth.shape[1])
+    entry = t_enter.ravel()[flat]
+    hit = entry < t_exit.ravel()[flat]
+    axis = np.where(t_near[0].ravel()[flat] == entry, 0, np.where(t_near[1].ravel()[flat] == entry, 1, 2))
+    return cube, axis, hit, entry
+
+
+def _shadowed(o, rays, view, entry, axis, sign, lo, hi):
+    """True where the hit point's ray towards LIGHT is blocked by another cube (the real frames have shadows)."""
+    p = o.T[:, view] + entry * rays                                         # (3, N) hit points
+    p[axis, np.arange(len(axis))] += 1e-4 * sign                            # step off the face, out of its cube
+    dirs = np.broadcast_to(LIGHT[:, None], p.shape).astype(np.float32)    # LIGHT has no zero component
+    t_enter, t_exit, _ = _slab(p.astype(np.float32), dirs, lo, hi)
+    return ((t_exit > np.maximum(t_enter, 0)) & (t_exit > 0)).any(0)
+
+
+def render_views(centres, colours, cameras, size=IMAGE_SIZE, supersample=SUPERSAMPLE):
+    """Ray-cast axis-aligned cubes of side CUBE: uint8 [V, size, size, 3] for cameras [V, 5] (x, y, z, yaw, pitch).
+
+    One ray per pixel, only for pixels inside some cube's projected bounding box, all views and cubes in one
+    vectorised slab test; then supersample x supersample rays for pixels on an edge (antialiasing).
+    """
+    centres = np.asarray(centres, np.float64)
+    colours = np.asarray(colours, np.float64)
+    yaw, pitch = cameras[:, 3].astype(np.float64), cameras[:, 4].astype(np.float64)
+    d = view_directions(yaw, pitch)                                         # (V, 3)
+    o = -DISTANCE * d                                                       # looking at the object's centre
+    right = np.cross(d, [0.0, 0.0, 1.0])                                    # world z is image up
+    right /= np.linalg.norm(right, axis=1, keepdims=True)
+    up = np.cross(right, d)
+    f = size / 2 / math.tan(FOV / 2)                                        # focal length in pixels
+    V, C = len(d), len(centres)
+    lo, hi = centres - CUBE / 2, centres + CUBE / 2
+
+    # Pixels that can see a cube: inside the bounding box of some cube's 8 projected corners.
+    corners = centres[:, None, :] + CUBE / 2 * np.array(np.meshgrid(*[[-1, 1]] * 3)).reshape(3, 8).T
+    q = corners[None] - o[:, None, None]                                    # (V, C, 8, 3)
+    z = np.einsum("vcks,vs->vck", q, d)
+    col = size / 2 + f * np.einsum("vcks,vs->vck", q, right) / z
+    row = size / 2 - f * np.einsum("vcks,vs->vck", q, up) / z
+    pix = np.arange(size) + 0.5
+    in_cols = (pix >= np.floor(col.min(2))[..., None]) & (pix <= np.ceil(col.max(2))[..., None])  # (V, C, size)
+    in_rows = (pix >= np.floor(row.min(2))[..., None]) & (pix <= np.ceil(row.max(2))[..., None])
+    mask = np.einsum("vci,vcj->vij", in_rows.astype(np.float32), in_cols.astype(np.float32)) > 0
+
+    sign = np.sign(o[:, None, :] - centres[None])                           # (V, C, 3) normal of the face seen
+    n_dot_l = np.maximum(sign * LIGHT, 0)
+    n_dot_v = np.maximum(sign * -d[:, None, :], 0)
+    lit = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v + SUN * n_dot_l)[..., None] \
+        + WHITE * n_dot_l[..., None]
+    dark = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v)[..., None]
+    lit, dark = np.clip(lit, 0, 1), np.clip(dark, 0, 1)                    # (V, C, 3 axes, RGB)
+
+    # Per (view, cube, axis) tables, flattened so each ray needs one gather per table.
+    lit, dark, lit_face = lit.reshape(-1, 3), dark.reshape(-1, 3), (n_dot_l > 0).ravel()
+    normal = sign.ravel()
+    fd, right32, up32 = (f * d).T.astype(np.float32), right.T.astype(np.float32), up.T.astype(np.float32)
+
+    def shade(view, r, c):
+        """Colour and face label (-1 = background) of rays through pixel coordinates (r, c) of views `view`."""
+        x, y = (c - size / 2).astype(np.float32), (r - size / 2).astype(np.float32)
+        rays = np.stack([fd[a][view] + x * right32[a][view] - y * up32[a][view] for a in range(3)])  # (3, N)
+        rays[rays == 0] = 1e-9
+        cube, axis, hit, entry = _trace(o, rays, view, lo, hi)
+        face = (view * C + cube) * 3 + axis
+        rgb = np.zeros((len(view), 3))
+        k = np.nonzero(hit & lit_face[face])[0]                             # lit faces may lie in a shadow
+        shadow = np.zeros(len(view), bool)
+        if len(k):
+            shadow[k] = _shadowed(o, rays[:, k], view[k], entry[k], axis[k], normal[face[k]], lo, hi)
+        h = np.nonzero(hit)[0]
+        rgb[h] = np.where(shadow[h, None], dark[face[h]], lit[face[h]])
+        return rgb, np.where(hit, cube * 3 + axis, -1)
+
+    # First pass: one ray a pixel, at the first of its supersample x supersample sub-positions.
+    sub = (np.arange(supersample) + 0.5) / supersample
+    v, r, c = np.nonzero(mask)
+    rgb, label = shade(v, r + sub[0], c + sub[0])
+    image = np.zeros((V, size, size, 3))
+    image[v, r, c] = rgb
+    # Antialiasing: a pixel whose 4 neighbours do not all show its face gets the other sub-positions' rays too.
+    if supersample > 1:
+        labels = np.full((V, size + 2, size + 2), -1)
+        labels[v, r + 1, c + 1] = label
+        centre = labels[:, 1:-1, 1:-1]
+        edge = ((labels[:, :-2, 1:-1] != centre) | (labels[:, 2:, 1:-1] != centre)
+                | (labels[:, 1:-1, :-2] != centre) | (labels[:, 1:-1, 2:] != centre)) & mask
+        v, r, c = np.nonzero(edge)
+        sr, sc = (g.ravel()[1:] for g in np.meshgrid(sub, sub, indexing="ij"))
+        k = len(sr)
+        rgb, _ = shade(np.repeat(v, k), (r[:, None] + sr).ravel(), (c[:, None] + sc).ravel())
+        image[v, r, c] = (image[v, r, c] + rgb.reshape(-1, k, 3).sum(1)) / (k + 1)
+    return (image * 255 + 0.5).astype(np.uint8)
+
+
+def encode_jpeg(image):
+    """uint8 [H, W, 3] -> JPEG bytes, quality and chroma subsampling as in DeepMind's frames."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
+    return buf.getvalue()
+
+
+def render_scene(seed, split, index, parts=7, views=VIEWS):
+    """One scene, a pure function of (seed, split, index): (list of `views` JPEG bytes, cameras float32 [views, 5])."""
+    # Seeding per scene makes the output independent of shard size and worker count.
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    centres, colours = random_object(rng, parts)
+    cameras = random_cameras(rng, views)
+    images = render_views(centres, colours, cameras)
+    return [encode_jpeg(im) for im in images], cameras
+
+
+def _render_chunk(args):
+    seed, split, start, stop, parts = args
+    return [render_scene(seed, split, i, parts) for i in range(start, stop)]
+
+
+SHARD_NAME = re.compile(r"\d{3,}-of-\d{3,}\.pt")
+
+
+def shard_names(num_shards):
+    """DeepMind's file names: 001-of-NNN.pt (wider when there are more than 999 shards)."""
+    width = max(3, len(str(num_shards)))
+    return [f"{i + 1:0{width}d}-of-{num_shards:0{width}d}.pt" for i in range(num_shards)]
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, scenes_per_shard=250,
+                   overwrite=False, progress=True):
+    """Render `train_scenes` and `test_scenes` scenes into `out/train` and `out/test`; returns the split folders.
+
+    The same arguments give byte-identical shards, whatever `workers`. A split is written into
+    `out/.<split>.partial` and renamed to `out/<split>` when complete, so a split folder that exists is whole.
+    Raises UserError on bad arguments, or when a split folder exists (unless `overwrite`: its shards are replaced).
+    """
+    for name, value in (("train_scenes", train_scenes), ("test_scenes", test_scenes)):
+        if not _is_int(value) or value < 0:
+            raise UserError(f"--{name} must be a non-negative integer, got {value!r}")
+    if train_scenes + test_scenes == 0:
+        raise UserError("nothing to render: --train_scenes and --test_scenes are both 0")
+    if not _is_int(parts) or not 1 <= parts <= MAX_PARTS:
+        raise UserError(f"--parts must be an integer in 1..{MAX_PARTS} (larger objects leave the frame), "
+                        f"got {parts!r}")
+    if not _is_int(seed) or seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed!r}")
+    if not _is_int(workers) or workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers!r}")
+    if not _is_int(scenes_per_shard) or scenes_per_shard < 1:
+        raise UserError(f"--scenes_per_shard must be a positive integer, got {scenes_per_shard!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is not a folder")
+    train_scenes, test_scenes, parts, seed = int(train_scenes), int(test_scenes), int(parts), int(seed)
+
+    splits = [(s, n) for s, n in (("train", train_scenes), ("test", test_scenes)) if n > 0]
+    for split, _ in splits:
+        folder = os.path.join(out, split)
+        if os.path.exists(folder):
+            if not overwrite:
+                raise UserError(f"{folder} already exists; pass --overwrite to replace its shards")
+            if not os.path.isdir(folder):
+                raise UserError(f"{folder} exists and is not a folder")
+            if any(not SHARD_NAME.fullmatch(f) for f in os.listdir(folder)):  # never delete what we did not write
+                raise UserError(f"{folder} holds files other than shards; remove it yourself to render there")
+
+    # Work in chunks of scenes (finer than shards, for the progress bar); shards are assembled in order here.
+    chunk = 25
+    tasks, shards = [], []
+    for split, n in splits:
+        partial = os.path.join(out, f".{split}.partial")
+        num_shards = math.ceil(n / scenes_per_shard)
+        for name, start in zip(shard_names(num_shards), range(0, n, scenes_per_shard)):
+            stop = min(n, start + scenes_per_shard)
+            shards.append((split, os.path.join(partial, name), stop - start))
+            tasks += [(seed, split, a, min(stop, a + chunk), parts) for a in range(start, stop, chunk)]
+        if os.path.isdir(partial):  # left by a killed run
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+
+    pool = None
+    if workers > 1:
+        # A process pool that fails loudly (BrokenProcessPool) if a worker dies, where multiprocessing.Pool hangs.
+        # "spawn": no fork of a parent that may hold torch threads; the caller needs an `if __name__ == "__main__"`.
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_render_chunk, tasks)
+    else:
+        results = map(_render_chunk, tasks)
+    bar = tqdm(total=train_scenes + test_scenes, unit="scene", desc=f"render {dataset_name(parts)}",
+               disable=not progress)
+    try:
+        pending = []
+        for i, (split, path, count) in enumerate(shards):
+            while len(pending) < count:
+                scenes = next(results)
+                pending += scenes
+                bar.update(len(scenes))
+            frames = [f for f, _ in pending[:count]]
+            cameras = pose7(np.stack([c for _, c in pending[:count]]))
+            write_shard(path, frames, cameras, dataset_name(parts), IMAGE_SIZE)
+            pending = pending[count:]
+            if i + 1 == len(shards) or shards[i + 1][0] != split:  # split complete: swap it in
+                folder = os.path.join(out, split)
+                if os.path.isdir(folder):
+                    for f in os.listdir(folder):
+                        os.unlink(os.path.join(folder, f))
+                    os.rmdir(folder)
+                os.replace(os.path.dirname(path), folder)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return [os.path.join(out, s) for s, _ in splits]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Render Shepard-Metzler scenes (GQN's built-in data set) into "
+                                            "OUT/train and OUT/test in the converted format.")
+    p.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
+    p.add_argument("--train_scenes", type=int, required=True, help="number of training scenes")
+    p.add_argument("--test_scenes", type=int, required=True, help="number of test scenes")
+    p.add_argument("--parts", type=int, default=7, help="cubes per object (DeepMind: 5 or 7)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--workers", type=int, default=1, help="rendering processes")
+    p.add_argument("--scenes_per_shard", type=int, default=250, help="scenes per .pt file")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/train, OUT/test")
+
+    # argparse prints usage plus the message and exits 2; the project wants one line and exit 1.
+    def error(message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    p.error = error
+    args = p.parse_args(argv)
+    try:
+        folders = render_dataset(args.out, args.train_scenes, args.test_scenes, parts=args.parts, seed=args.seed,
+                                 workers=args.workers, scenes_per_shard=args.scenes_per_shard,
+                                 overwrite=args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
+    print("wrote " + ", ".join(folders))
+
+
+if __name__ == "__main__":
+    main()
