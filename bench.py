@@ -1,0 +1,343 @@
+"""Benchmark GQN training steps (Eslami et al. 2018; the paper's configuration: tower or pool, L=12 unshared, batch 36).
+
+Times forward + backward + Adam steps of model.py's GQN against a plain, paper-faithful reference computation
+that lives here (`reference_elbo`: the representation network run view by view in a Python loop, the cores'
+inputs concatenated again at every step, four separate gate convolutions per ConvLSTM, the 64x64 canvas built
+and downsampled at every step, float32) on the SAME weights, and prints a Markdown table with the ratio.
+Each run is a fresh subprocess that alternates fast and reference training steps on the same model, so both
+see the same machine load (the ratio per run is printed too); runs repeat, interleaved over the configurations.
+Peak memory: on CUDA torch.cuda.max_memory_allocated per step (everything allocated: weights, Adam state,
+activations); on the CPU a separate short process per path and the growth of its peak RSS (getrusage maxrss)
+over the steps, i.e. activations, gradients and Adam state, not the weights and data that exist before.
+
+    python bench.py                                  # CPU: --preset cpu-check; CUDA present: --preset paper
+    python bench.py --preset cpu-check               # tower, 5 views, batch 4, 64 px: unshared L=6, shared L=12
+    python bench.py --preset small                   # a quick small configuration
+    python bench.py --preset paper --device cuda --amp bf16 --compile --checkpoint_activations
+    python bench.py --representation pool --layers 8 --shared_core False --batch_size 8 --context 3
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from model import ELBO, GQN
+
+PRESETS = {
+    # the issue's CPU check: tower, 5 context views, batch 4, 64 px
+    "cpu-check": [dict(representation="tower", L=6, shared_core=False, batch_size=4, context=5, image_size=64),
+                  dict(representation="tower", L=12, shared_core=True, batch_size=4, context=5, image_size=64)],
+    "small": [dict(representation="pool", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
+                   r_dim=64, h_dim=32, u_dim=32)],
+    # the paper's configuration (context: up to 5 views for rooms/jaco-like data; 5 here)
+    "paper": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
+              dict(representation="pool", L=12, shared_core=False, batch_size=36, context=5, image_size=64)],
+}
+MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size")
+
+
+# ----------------------------------------------------------------------------------------- the reference
+
+def _gate_convs(inp, gates):
+    """The paper's four gate convolutions (f, i, o, s), one at a time; gates = [(weight, bias)] * 4."""
+    return [F.conv2d(inp, w, b, padding=w.shape[-1] // 2) for w, b in gates]
+
+
+def _lstm(gates, c):
+    f, i, o, s = gates
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(s)
+    return c, torch.sigmoid(o) * torch.tanh(c)
+
+
+def reference_run(model, x, v, v_q, x_q, noise, mask=None):
+    """The GQN's L steps computed the straightforward way on `model`'s weights -> (KL (B,) or None, mean image).
+
+    Follows the step equations in model.py's docstring literally: the weights of each layer's gate convolution
+    are the model's fused ones, cut back into the paper's layout [invariant inputs, per-step inputs, h] and into
+    four gates; D_l and T_l are the model's stacked 4x4/4 (transposed) convolutions, sliced per layer. With x_q,
+    z_l comes from the posterior (noise = eps); with x_q None, from the prior (generation).
+    """
+    cfg = model.config
+    B, M = x.shape[:2]
+    L, h, u_dim, xc, vd = cfg["L"], cfg["h_dim"], cfg["u_dim"], cfg["x_channels"], cfg["v_dim"]
+    s = cfg["image_size"] // 4
+
+    # representation: one view at a time, summed per scene
+    net = model.representation.net
+    rs = []
+    for b in range(B):
+        r_b = 0
+        for i in range(M):
+            if mask is None or mask[b, i]:
+                r_b = r_b + net(x[b, i:i + 1], v[b, i:i + 1])
+        rs.append(r_b)
+    r = torch.cat(rs)  # (B, r_dim, 16 or 1, 16 or 1)
+    spatial = r.shape[-1] > 1
+
+    ic, gc = model.inference_core, model.generation_core
+    n = 1 if cfg["shared_core"] else L
+
+    def gate_weights(core, lead):
+        """Per layer: the four gates' (weight, bias) over [lead-in spatial channels, v, r, per-step inputs, h].
+
+        Cut once per forward pass with chunk/split (whose backward is one concatenation), as a model with
+        separate per-gate parameters would hold them; the cutting costs a copy of the weights, nothing per step.
+        """
+        wb = core.invariant_broadcast.weight.chunk(n, 0)
+        wi = core.invariant.weight.chunk(n, 0) if core.invariant is not None else [None] * n
+        layers = []
+        for k in range(n):
+            w_r = wi[k][:, lead:] if spatial else wb[k][:, vd:]
+            parts = ([wi[k][:, :lead]] if lead else []) + [wb[k][:, :vd], w_r, core.cells[k].gates.weight]
+            layers.append(list(zip(torch.cat(parts, 1).chunk(4, 0), core.cells[k].gates.bias.chunk(4, 0))))
+        return layers
+
+    gates_e, gates_g = gate_weights(ic, xc), gate_weights(gc, 0)
+    D, T = ic.downsample_u.weight.chunk(n, 0), gc.upsample.weight.chunk(n, 0)
+
+    u = v_q.new_zeros(B, u_dim, 4 * s, 4 * s)  # the canvas (B, 128, 64, 64)
+    zeros = v_q.new_zeros(B, h, s, s)
+    c_g, h_g, c_e, h_e = zeros, zeros, zeros, zeros
+    kl = 0
+    for l in range(L):
+        k = 0 if cfg["shared_core"] else l
+        # the step's inputs, broadcast and concatenated again at every step
+        v_up = v_q[:, :, None, None].expand(-1, -1, s, s)
+        r_up = r.expand(-1, -1, s, s)
+        mu_p, logstd_p = model.prior(h_g).chunk(2, 1)
+        if x_q is None:
+            z = mu_p + logstd_p.exp() * noise[:, l]
+        else:
+            x_down = F.conv2d(x_q, ic.downsample_x.weight, stride=4)
+            u_down = F.conv2d(u, D[k], stride=4)
+            c_e, h_e = _lstm(_gate_convs(torch.cat([x_down, v_up, r_up, h_g, u_down, h_e], 1), gates_e[k]), c_e)
+            mu_q, logstd_q = model.posterior(h_e).chunk(2, 1)
+            z = mu_q + logstd_q.exp() * noise[:, l]
+            kl = kl + kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3))
+        c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
+        u = u + F.conv_transpose2d(h_g, T[k], stride=4)
+    return (kl if x_q is not None else None), torch.sigmoid(model.observation(u))
+
+
+def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
+    """model(x, v, v_q, x_q, sigma, mask, eps) computed the straightforward way -> ELBO(elbo, kl, nll), each (B,)."""
+    if eps is None:
+        eps = torch.randn(x.shape[0], *model.noise_shape, dtype=x_q.dtype, device=x_q.device)
+    kl, mean = reference_run(model, x, v, v_q, x_q, eps, mask)
+    nll = -Normal(mean, sigma).log_prob(x_q).sum((1, 2, 3))
+    return ELBO(-(kl + nll), kl, nll)
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+class UserError(Exception):
+    """Bad input from the user: printed as one `error: ...` line by main(), exit status 1."""
+
+
+def _maxrss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(spec):
+    """Time spec's paths, alternating step by step in this process -> dict(ms={path: [ms]}, peak={path: bytes}).
+
+    Alternating fast and reference steps in one process gives both the same machine load (the CPU may be
+    shared), so their ratio holds even when the absolute times drift. Peak memory per path: on CUDA from the
+    allocator, reset before each step; on the CPU only meaningful with one path (the process's peak RSS growth).
+    """
+    device = torch.device(spec["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cfg = spec["config"]
+    model = GQN(**{k: cfg[k] for k in MODEL_KEYS if k in cfg},
+                checkpoint_activations=spec["checkpoint_activations"]).to(device)
+    if spec["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    B, M, S = cfg["batch_size"], cfg["context"], cfg["image_size"]
+    x, v = torch.rand(B, M, 3, S, S, device=device), torch.randn(B, M, 7, device=device)
+    x_q, v_q = torch.rand(B, 3, S, S, device=device), torch.randn(B, 7, device=device)
+    if spec["channels_last"]:
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    eps = torch.randn(B, *model.noise_shape, device=device)
+    sigma = 2.0
+    fns = {"fast": torch.compile(model, mode=spec["compile_mode"]) if spec["compile"] else model,
+           "reference": lambda *a, **k: reference_elbo(model, *a, **k)}
+    # fused Adam: the same for both paths, and the cheapest (on the CPU ~8x faster than the foreach default)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, fused=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(path):
+        # the reference is float32 whatever the flags: it is the baseline
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16" and path == "fast"):
+            out = fns[path](x, v, v_q, x_q, sigma, eps=eps)
+        loss = -out.elbo.float().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    paths = spec["paths"]
+    base = _maxrss_bytes()
+    for _ in range(spec["warmup"]):
+        for path in paths:
+            step(path)
+    sync()
+    ms, peak = {p: [] for p in paths}, {p: 0 for p in paths}
+    for _ in range(spec["steps"]):
+        for path in paths:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step(path)
+            sync()
+            ms[path].append((time.perf_counter() - t0) * 1000)
+            if device.type == "cuda":
+                peak[path] = max(peak[path], torch.cuda.max_memory_allocated())
+    if device.type == "cpu":
+        peak = {p: _maxrss_bytes() - base for p in paths}
+    return dict(ms=ms, peak=peak)
+
+
+def run_isolated(spec):
+    """measure(spec) in a fresh subprocess, so that peak memory and caches are its own."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def describe(cfg):
+    return (f"{cfg['representation']} L={cfg['L']} {'shared' if cfg['shared_core'] else 'unshared'} "
+            f"B={cfg['batch_size']} M={cfg['context']} {cfg['image_size']}px")
+
+
+def fmt_bytes(n):
+    return f"{n / 2 ** 20:.0f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
+
+
+def parse_bool(s):
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/1/0, got {s!r}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named configurations (default: cpu-check on the CPU, "
+                   "paper on CUDA); the flags below override or, with --representation, replace it")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the model (not the reference)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (not the reference)")
+    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                   help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile)")
+    p.add_argument("--checkpoint_activations", action="store_true", help="recompute generation steps in backward")
+    p.add_argument("--channels_last", action="store_true", help="channels_last weights and inputs (CUDA)")
+    p.add_argument("--representation", choices=["pyramid", "tower", "pool"])
+    p.add_argument("--layers", type=int, help="L")
+    p.add_argument("--shared_core", type=parse_bool)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--context", type=int, help="context views per scene")
+    p.add_argument("--image_size", type=int)
+    p.add_argument("--steps", type=int, help="timed steps per run (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 1 on CPU, 5 on CUDA; more with --compile)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each measurement, interleaved (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._worker:
+        print(json.dumps(measure(json.loads(args._worker))))
+        return
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    configs = [dict(c) for c in PRESETS[args.preset or ("paper" if device == "cuda" else "cpu-check")]]
+    if args.representation:  # a custom single configuration, the paper's defaults for what is not given
+        configs = [dict(representation=args.representation, L=12, shared_core=False, batch_size=36, context=5,
+                        image_size=64)]
+    for c in configs:
+        for key, val in (("L", args.layers), ("shared_core", args.shared_core), ("batch_size", args.batch_size),
+                         ("context", args.context), ("image_size", args.image_size)):
+            if val is not None:
+                c[key] = val
+        if c["batch_size"] < 1 or c["context"] < 1 or c["L"] < 1:
+            raise UserError("--batch_size, --context and --layers must be at least 1")
+    if args.compile_mode:
+        args.compile = True
+    cuda = device == "cuda"
+    steps = args.steps or (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
+    flags = [f for f, on in (("bf16", args.amp == "bf16"),
+                             (f"compile {args.compile_mode or ''}".strip(), args.compile),
+                             ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last)) if on]
+    paths = ["fast"] + ([] if args.no_reference else ["reference"])
+    name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU, {args.threads} threads"
+    print(f"# GQN training step (forward, backward, fused Adam), {name}, torch {torch.__version__}; {warmup} "
+          f"warm-up + {steps} timed steps of each path per run, {args.repeats} runs")
+    cpu = not cuda
+    base = dict(device=device, threads=args.threads, amp=args.amp, compile=args.compile,
+                compile_mode=args.compile_mode, checkpoint_activations=args.checkpoint_activations,
+                channels_last=args.channels_last)
+    timing, memory = {}, {}
+    for rep in range(args.repeats):
+        for i, c in enumerate(configs):
+            r = run_isolated(dict(base, config=c, paths=paths, steps=steps, warmup=warmup))
+            timing.setdefault(i, []).append(r["ms"])
+            if not cpu:
+                for path in paths:
+                    memory[(i, path)] = max(memory.get((i, path), 0), r["peak"][path])
+            print(f"  run {rep + 1}: {describe(c)}: " + ", ".join(
+                f"{p} {statistics.median(r['ms'][p]):.0f} ms/step" for p in paths), file=sys.stderr, flush=True)
+    if cpu:  # the CPU's peak RSS is per process: one short run per path
+        for i, c in enumerate(configs):
+            for path in paths:
+                r = run_isolated(dict(base, config=c, paths=[path], steps=1, warmup=1))
+                memory[(i, path)] = r["peak"][path]
+    rows = ["| configuration | path | ms/step (median) | steps/s | peak memory | speed-up vs reference (per run) |",
+            "|---|---|---:|---:|---:|---|"]
+    out = []
+    for i, c in enumerate(configs):
+        runs = timing[i]
+        for path in paths:
+            med = statistics.median([t for r in runs for t in r[path]])
+            label = "model.py" + (f" ({', '.join(flags)})" if flags else "") if path == "fast" else \
+                "reference (float32)"
+            speedup = ""
+            if path == "fast" and "reference" in paths:
+                ref_med = statistics.median([t for r in runs for t in r["reference"]])
+                per = [statistics.median(r["reference"]) / statistics.median(r["fast"]) for r in runs]
+                speedup = f"**{ref_med / med:.2f}x** ({', '.join(f'{s:.2f}' for s in per)})"
+            peak = memory[(i, path)]
+            rows.append(f"| {describe(c)} | {label} | {med:.0f} | {1000 / med:.2f} | {fmt_bytes(peak)} | {speedup} |")
+            out.append(dict(config=c, path=path, flags=flags, ms_median=med, peak_bytes=peak,
+                            ms=[r[path] for r in runs]))
+    print("\n".join(rows))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, results=out), f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

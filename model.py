@@ -1,0 +1,206 @@
+"""The Generative Query Network (Eslami et al. 2018, Science; supplementary section 2, figs. S1 and S2).
+
+Names, as in the paper:
+    x, v        context images (B, M, 3, H, W) in [0, 1] and viewpoints (B, M, 7); mask (B, M) marks real views
+    x_q, v_q    query image (B, 3, H, W) and viewpoint (B, 7)
+    r           scene representation, Σ over context views of f(x_i, v_i) (representation.py, fig. S1)
+    h_g, c_g    generation core state; h_e, c_e inference core state (core.py, fig. S2), 128x16x16
+    u           canvas, 128x64x64; z latent 3x16x16 per step; L steps; sigma the pixel standard deviation
+    η_π, η_q    prior and posterior heads: 5x5 convolutions of h_g and h_e to the mean and log std of z_l
+    η_g         observation head: mean of x_q = sigmoid(1x1 conv of u^L)
+
+Per step l = 0..L-1 (h_g^0 = h_e^0 = c = u^0 = 0):
+    prior     π(z_l) = N(η_π(h_g^l))                           from the state before this step's update
+    inference (c_e, h_e)^{l+1} = C_e^l(x_q, v_q, r, (c_e, h_e)^l, h_g^l, u^l)
+    posterior q(z_l) = N(η_q(h_e^{l+1})),  z_l = mean + std * eps_l
+    generator (c_g, h_g)^{l+1} = C_g^l(v_q, r, z_l, (c_g, h_g)^l),  u^{l+1} = u^l + T_l(h_g^{l+1})
+ELBO = log N(x_q | η_g(u^L), sigma^2) - Σ_l KL(q(z_l) || π(z_l)), in nats per image, the KL analytic. Generation
+runs the same loop without the inference core and draws z_l from the prior.
+
+The function is exactly that; the computation exploits linearity (core.py explains): the step-invariant inputs
+pass through their share of every gate convolution once per forward pass, the zero initial state skips its
+convolutions, and the canvas enters only through D_l∘T_j (1x1 convolutions at 16x16) and η_g∘T_j (one transposed
+convolution at the end), so the 64x64 canvas is never built. bench.py holds the straightforward computation and
+tests/test_fast_path.py checks that both give the same ELBO and gradients on the same weights.
+"""
+from collections import namedtuple
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core import GenerationCore, InferenceCore, tap_product
+from representation import SceneEncoder
+
+ELBO = namedtuple("ELBO", ["elbo", "kl", "nll"])  # each (B,), nats per image; elbo = -(kl + nll)
+
+
+def _f32(t):
+    """Half-precision tensors (autocast) to float32; float32/float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def gaussian_kl(mu_q, logstd_q, mu_p, logstd_p):
+    """KL(N(mu_q, e^logstd_q) || N(mu_p, e^logstd_p)) summed over (C, H, W) -> (B,), in float32 or wider."""
+    mu_q, logstd_q, mu_p, logstd_p = map(_f32, (mu_q, logstd_q, mu_p, logstd_p))
+    kl = logstd_p - logstd_q + ((2 * logstd_q).exp() + (mu_q - mu_p) ** 2) / (2 * (2 * logstd_p).exp()) - 0.5
+    return kl.sum((1, 2, 3))
+
+
+def gaussian_nll(x, mean, sigma):
+    """-log N(x | mean, sigma^2) summed over (C, H, W) -> (B,), in float32 or wider; sigma a float or tensor."""
+    mean = _f32(mean)
+    x = x.to(mean.dtype)
+    sigma = torch.as_tensor(sigma, dtype=mean.dtype, device=mean.device)
+    nll = (x - mean) ** 2 / (2 * sigma ** 2) + sigma.log() + 0.5 * math.log(2 * math.pi)
+    return nll.sum((1, 2, 3))
+
+
+class GQN(nn.Module):
+    """Generative Query Network: representation network + L-step inference/generation cores."""
+
+    def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
+                 h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False):
+        super().__init__()
+        self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
+                           v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
+                           checkpoint_activations=checkpoint_activations)
+        if L < 1:
+            raise ValueError(f"L (the number of generation steps) must be at least 1, got {L}")
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4 (the cores run at image_size/4), got {image_size}")
+        self.L, self.shared_core, self.z_dim, self.h_dim, self.u_dim = L, shared_core, z_dim, h_dim, u_dim
+        self.image_size = image_size
+        self.checkpoint_activations = checkpoint_activations
+        self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
+        r_spatial = self.representation.r_size > 1
+        n = 1 if shared_core else L
+        self.inference_core = InferenceCore(n, x_channels, v_dim, r_dim, r_spatial, h_dim, u_dim)
+        self.generation_core = GenerationCore(n, v_dim, r_dim, r_spatial, z_dim, h_dim, u_dim)
+        self.prior = nn.Conv2d(h_dim, 2 * z_dim, 5, padding=2)  # η_π: h_g -> (mean, log std) of z
+        self.posterior = nn.Conv2d(h_dim, 2 * z_dim, 5, padding=2)  # η_q: h_e -> (mean, log std) of z
+        self.observation = nn.Conv2d(u_dim, x_channels, 1)  # η_g: u -> logit of the mean of x_q
+
+    @property
+    def noise_shape(self):
+        """Shape of one scene's posterior noise eps: (L, z_dim, H/4, W/4)."""
+        s = self.image_size // 4
+        return (self.L, self.z_dim, s, s)
+
+    # ------------------------------------------------------------------------------------------ the L steps
+
+    def _canvas_seen(self, l, canvas):
+        """D_l(u^l), the inference core's 4x4/4 view of the canvas, from the generator states so far.
+
+        u^l = Σ_{j<l} T_j(h_g^{j+1}), so D_l(u^l) = Σ_j (D_l∘T_j)(h_g^{j+1}), each D_l∘T_j a 1x1 convolution.
+        canvas: Σ_j h_g^{j+1} (shared cores: one T and one D) or the list [h_g^1, ..., h_g^l] (unshared).
+        """
+        D, T = self.inference_core.downsample_u.weight, self.generation_core.upsample.weight
+        if self.shared_core:
+            return F.conv2d(canvas, tap_product(D, T)[:, :, None, None])
+        u, h = self.u_dim, self.h_dim
+        M = tap_product(D[l * u:(l + 1) * u], T[:l * h])  # (u, l*h): D_l∘T_j for j < l side by side
+        return F.conv2d(torch.cat(canvas, 1), M[:, :, None, None])  # (B, u, 16, 16)
+
+    def _step(self, l, g_in, e_in, state_g, state_e, canvas, noise):
+        """Step l of the loop in the module docstring -> (state_g, state_e, KL_l (B,) or None)."""
+        k = 0 if self.shared_core else l
+        if state_g is None:  # h_g^0 = 0: η_π gives its bias
+            B, _, s, _ = g_in[k].shape
+            prior = self.prior.bias.view(1, -1, 1, 1).expand(B, -1, s, s)
+        else:
+            prior = self.prior(state_g[1])
+        mu_p, logstd_p = prior.chunk(2, 1)
+        kl = None
+        if e_in is None:  # generation: z from the prior
+            z = mu_p + logstd_p.exp() * noise
+        else:
+            # h_g^0 = u^0 = 0 as well: at l = 0 only the invariant share and the bias drive C_e
+            inp = None if state_g is None else torch.cat([state_g[1], self._canvas_seen(l, canvas)], 1)
+            state_e = self.inference_core.cells[k](inp, state_e, e_in[k])
+            mu_q, logstd_q = self.posterior(state_e[1]).chunk(2, 1)
+            z = mu_q + logstd_q.exp() * noise
+            kl = gaussian_kl(mu_q, logstd_q, mu_p, logstd_p)
+        state_g = self.generation_core.cells[k](z, state_g, g_in[k])
+        return state_g, state_e, kl
+
+    def _run(self, r, v_q, x_q, noise):
+        """The L steps; with x_q z comes from the posterior (noise = its eps), without it from the prior.
+
+        -> (KL (B,) summed over steps, or None; observation mean (B, 3, H, W) in [0, 1]).
+        """
+        size = self.image_size // 4
+        g_in = self.generation_core.invariant_gates(v_q, r, size)  # per layer (B, 4h, 16, 16)
+        e_in = None if x_q is None else self.inference_core.invariant_gates(x_q, v_q, r)
+        state_g = state_e = None
+        canvas = 0 if self.shared_core else []
+        kl = 0
+        for l in range(self.L):
+            args = (l, g_in, e_in, state_g, state_e, canvas, noise[:, l])
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                # recompute the step in the backward pass: keeps only each step's inputs alive
+                state_g, state_e, kl_l = checkpoint(self._step, *args, use_reentrant=False)
+            else:
+                state_g, state_e, kl_l = self._step(*args)
+            if kl_l is not None:
+                kl = kl + kl_l
+            h_g = state_g[1]
+            canvas = canvas + h_g if self.shared_core else canvas + [h_g]
+        # η_g(u^L) = η_g(Σ_l T_l(h_g^{l+1})): one transposed convolution of the h_g's with the weights η_g∘T_l
+        T = self.generation_core.upsample.weight  # (n*h, u, 4, 4)
+        W = torch.einsum("icab,xc->ixab", T, self.observation.weight[:, :, 0, 0])  # (n*h, 3, 4, 4)
+        h = canvas if self.shared_core else torch.cat(canvas, 1)
+        mean = torch.sigmoid(F.conv_transpose2d(h, W, self.observation.bias, stride=4))  # (B, 3, 64, 64)
+        return (kl if x_q is not None else None), mean
+
+    # ------------------------------------------------------------------------------------------ the API
+
+    def _check(self, x, v, v_q, x_q=None, mask=None):
+        """Shapes a caller can get wrong, as one clear ValueError instead of a convolution's shape error."""
+        S = self.image_size
+        if x.dim() != 5 or tuple(x.shape[2:]) != (self.config["x_channels"], S, S):
+            raise ValueError(f"x has shape {tuple(x.shape)}; the model expects (B, M, {self.config['x_channels']}, "
+                             f"{S}, {S}) (it was built with image_size={S})")
+        B, M = x.shape[:2]
+        if tuple(v.shape) != (B, M, self.config["v_dim"]) or tuple(v_q.shape) != (B, self.config["v_dim"]):
+            raise ValueError(f"v {tuple(v.shape)} and v_q {tuple(v_q.shape)} must be (B, M, 7) and (B, 7) for x "
+                             f"{tuple(x.shape)}")
+        if x_q is not None and tuple(x_q.shape) != (B, *x.shape[2:]):
+            raise ValueError(f"x_q has shape {tuple(x_q.shape)}; expected {(B, *x.shape[2:])}")
+        if mask is not None and tuple(mask.shape) != (B, M):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, M) = {(B, M)}")
+
+    def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None):
+        """-> ELBO(elbo, kl, nll), each (B,) float32 in nats per image; the loss is -elbo.mean().
+
+        x (B, M, 3, H, W) in [0, 1], v (B, M, 7), v_q (B, 7), x_q (B, 3, H, W) in [0, 1], sigma pixel std,
+        mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here).
+        """
+        self._check(x, v, v_q, x_q, mask)
+        if eps is not None and tuple(eps.shape[1:]) != self.noise_shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (B, *model.noise_shape) = "
+                             f"(B, {', '.join(map(str, self.noise_shape))})")
+        r = self.representation(x, v, mask)
+        if eps is None:
+            eps = torch.randn(x_q.shape[0], *self.noise_shape, device=x_q.device, dtype=x_q.dtype)
+        kl, mean = self._run(r, v_q, x_q, eps)
+        nll = gaussian_nll(x_q, mean, sigma)
+        return ELBO(-(kl + nll), kl, nll)
+
+    @torch.no_grad()
+    def generate(self, x, v, v_q, mask=None, generator=None):
+        """Image (B, 3, H, W) in [0, 1] seen from v_q: the observation mean, z drawn from the prior."""
+        self._check(x, v, v_q, None, mask)
+        r = self.representation(x, v, mask)
+        noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
+        return self._run(r, v_q, None, noise)[1]
+
+    @torch.no_grad()
+    def reconstruct(self, x, v, v_q, x_q, mask=None, generator=None):
+        """Image (B, 3, H, W) in [0, 1]: the observation mean with z drawn from the posterior given x_q."""
+        self._check(x, v, v_q, x_q, mask)
+        r = self.representation(x, v, mask)
+        noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
+        return self._run(r, v_q, x_q, noise)[1]

@@ -1,0 +1,119 @@
+"""model.py's fast computation equals the straightforward one in bench.py on the same weights (Eslami et al. 2018, fig. S2);
+activation checkpointing and bf16 autocast keep the function."""
+import pytest
+import torch
+
+from bench import reference_elbo, reference_run
+from model import GQN
+
+TINY = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=6, image_size=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on one thread: on a busy 2-core machine a second OpenMP thread makes them 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inputs(model, B=2, M=3, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, M, 3, 16, 16, generator=g, dtype=dtype)
+    v, v_q = torch.randn(B, M, 7, generator=g, dtype=dtype), torch.randn(B, 7, generator=g, dtype=dtype)
+    x_q = torch.rand(B, 3, 16, 16, generator=g, dtype=dtype)
+    eps = torch.randn(B, *model.noise_shape, generator=g, dtype=dtype)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)[:B]
+    return [t.to(device) for t in (x, v, v_q, x_q)], dict(mask=mask.to(device), eps=eps.to(device))
+
+
+def elbo_and_grads(fn, model, args, kwargs):
+    out = fn(*args, 0.8, **kwargs)
+    grads = torch.autograd.grad(out.elbo.sum(), list(model.parameters()))
+    return out, grads
+
+
+@pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_fast_path_equals_reference(representation, shared_core):
+    torch.manual_seed(0)
+    model = GQN(representation, L=3, shared_core=shared_core, **TINY).double()
+    args, kwargs = inputs(model)
+    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
+    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("representation", ["tower", "pool"])
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_generate_and_reconstruct_equal_reference(representation, shared_core):
+    torch.manual_seed(0)
+    model = GQN(representation, L=3, shared_core=shared_core, **TINY).double()
+    (x, v, v_q, x_q), kwargs = inputs(model)
+    mask = kwargs["mask"]
+    noise = torch.randn(2, *model.noise_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        _, expected = reference_run(model, x, v, v_q, None, noise, mask)
+        got = model.generate(x, v, v_q, mask=mask, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        _, expected = reference_run(model, x, v, v_q, x_q, noise, mask)
+        got = model.reconstruct(x, v, v_q, x_q, mask=mask, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_checkpoint_activations_gives_the_same_gradients(shared_core):
+    torch.manual_seed(0)
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY).double()
+    args, kwargs = inputs(model)
+    plain, g_plain = elbo_and_grads(model, model, args, kwargs)
+    model.checkpoint_activations = True
+    ckpt, g_ckpt = elbo_and_grads(model, model, args, kwargs)
+    torch.testing.assert_close(plain.elbo, ckpt.elbo)
+    for a, b in zip(g_plain, g_ckpt):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_runs_with_float32_kl_and_nll():
+    torch.manual_seed(0)
+    model = GQN("pool", L=2, **TINY)
+    args, kwargs = inputs(model, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*args, 0.8, **kwargs)
+    assert all(t.dtype == torch.float32 for t in out)
+    full = model(*args, 0.8, **kwargs)
+    torch.testing.assert_close(out.elbo, full.elbo, rtol=0.02, atol=2.0)  # bf16 convs: close, not equal
+    (-out.elbo.mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_cuda_equals_cpu(shared_core):
+    torch.manual_seed(0)
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY).double()
+    args, kwargs = inputs(model)
+    cpu = model(*args, 0.8, **kwargs)
+    model_cuda = model.cuda()
+    args, kwargs = inputs(model_cuda, device="cuda")
+    cuda = model_cuda(*args, 0.8, **kwargs)
+    torch.testing.assert_close(cuda.elbo.cpu(), cpu.elbo)
+    ref = reference_elbo(model_cuda, *args, 0.8, **kwargs)
+    torch.testing.assert_close(cuda.elbo, ref.elbo)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_and_compile_run():
+    torch.manual_seed(0)
+    model = GQN("pool", L=2, **TINY).cuda().to(memory_format=torch.channels_last)
+    args, kwargs = inputs(model, dtype=torch.float32, device="cuda")
+    compiled = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(*args, 0.8, **kwargs)
+    assert out.kl.dtype == torch.float32
+    full = model(*args, 0.8, **kwargs)
+    torch.testing.assert_close(out.elbo, full.elbo, rtol=0.02, atol=2.0)
