@@ -1,0 +1,106 @@
+"""GQN training checkpoints: atomic writes, loading, and rebuilding the model they hold.
+
+A checkpoint is what train.py needs to continue the paper's training procedure (Eslami et al. 2018,
+supplementary "Training": Adam with annealed learning rate and pixel sigma, both functions of the step alone),
+stored as a dict of plain types and tensors that loads with `torch.load(path, weights_only=True)`:
+    {"model": state_dict (no `module.`/`_orig_mod.` prefixes), "model_config": GQN kwargs, "optimizer": Adam's
+     state_dict, "step": completed gradient steps, "config": the run's resolved config (plain types),
+     "data": {"dataset", "image_size", "max_context"}, "rng": {"torch", "cuda", "numpy", "python"}}
+Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt.
+
+    from checkpoint import load_checkpoint, build_model
+    ckpt = load_checkpoint("runs/default/checkpoints/latest.pt")
+    model = build_model(ckpt).eval()
+"""
+import io
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable GQN checkpoint; the message names it."""
+
+
+def checkpoint_paths(run_dir, step=None):
+    """(folder, latest.pt path, step-numbered path or None) of a run folder."""
+    folder = os.path.join(run_dir, "checkpoints")
+    numbered = os.path.join(folder, f"step_{step:08d}.pt") if step is not None else None
+    return folder, os.path.join(folder, "latest.pt"), numbered
+
+
+def atomic_write(path, data):
+    """Write bytes to path through a temp file in the same folder and os.replace: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name does (a crash keeps the old file)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(ckpt, paths):
+    """Serialise once, write atomically to every path (latest.pt and, every save_interval, a numbered one)."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    data = buf.getvalue()
+    for path in paths:
+        atomic_write(path, data)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(path, weights_only=True) -> checkpoint dict; CheckpointError naming the file if it is not one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or foreign file: name the file, not where torch failed
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "step"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not a GQN checkpoint (no 'model', 'model_config' and 'step')")
+    return ckpt
+
+
+def build_model(ckpt):
+    """The GQN a checkpoint holds, weights loaded (on the CPU, in training mode: call .to()/.eval() as needed)."""
+    from model import GQN
+
+    model = GQN(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def rng_state():
+    """Every RNG state, as plain types and tensors (weights_only-loadable).
+
+    Training draws nothing from them (views and noise are pure functions of seed, step and scene), so they
+    are kept for completeness: code that does draw from the global RNGs continues where it stopped.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_py = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": [version, list(state), gauss_py]}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, state, gauss_py = rng["python"]
+    random.setstate((version, tuple(state), gauss_py))

@@ -1,0 +1,285 @@
+"""train.py: flags, resume equality, checkpoints, TensorBoard, the default job's data, non-finite loss, bad input."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import ROOT
+from train import UserError, parse_args, resolve_dataset
+
+# A tiny GQN on 16x16 images (the 64x64 data resized): a step takes milliseconds.
+TINY = ["--layers", "2", "--r_dim", "8", "--h_dim", "8", "--u_dim", "8", "--z_dim", "2", "--image_size", "16",
+        "--batch_size", "4", "--workers", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """12 training and 4 test scenes of the built-in renderer (3 cubes), in the converted format."""
+    sys.path.insert(0, os.path.join(ROOT, "dataset"))
+    from shepard_metzler import render_dataset
+
+    out = tmp_path_factory.mktemp("data") / "shepard_metzler_3_parts"
+    train_dir, test_dir = render_dataset(str(out), 12, 4, parts=3, seed=0, progress=False)
+    return train_dir, test_dir
+
+
+def args(data, root, name, steps, *extra):
+    return ["--train_data_dir", data[0], "--test_data_dir", data[1], "--root_log_dir", str(root), "--log_dir", name,
+            "--gradient_steps", str(steps), "--log_interval", "3", "--save_interval", "3", *TINY, *extra]
+
+
+def weights(run):
+    return torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+def test_bool_flags_parse_true_false_1_0():
+    for text, value in [("True", True), ("False", False), ("1", True), ("0", False), ("false", False)]:
+        cfg, _ = parse_args(["--shared_core", text, "--compile", text])
+        assert cfg.shared_core is value and cfg.compile is value
+    assert parse_args(["--checkpoint_activations"])[0].checkpoint_activations is True
+    with pytest.raises(UserError, match="--shared_core.*True/False/1/0"):
+        parse_args(["--shared_core", "maybe"])
+
+
+def test_unknown_and_abbreviated_flags_are_errors():
+    with pytest.raises(UserError, match="--learning_rate"):
+        parse_args(["--learning_rate", "1"])
+    with pytest.raises(UserError, match="--grad"):
+        parse_args(["--grad", "1"])  # no prefix matching: --grad is not --gradient_steps
+
+
+def test_presets():
+    paper, _ = parse_args(["--train_data_dir", "a", "--test_data_dir", "b"])
+    assert (paper.preset, paper.batch_size, paper.gradient_steps, paper.layers, paper.representation) == \
+        ("paper", 36, 2_000_000, 12, "pool")
+    assert (paper.lr_i, paper.lr_f, paper.lr_n, paper.sigma_i, paper.sigma_f, paper.sigma_n) == \
+        (5e-4, 5e-5, 1.6e6, 2.0, 0.7, 2e5)
+    assert paper.adam_betas == (0.9, 0.999) and paper.adam_eps == 1e-8 and paper.shared_core is False
+    cpu, _ = parse_args([])
+    assert cpu.preset == "cpu" and cpu.gradient_steps < paper.gradient_steps
+    assert parse_args(["--layers", "3"])[0].layers == 3  # flags override the preset
+
+
+class FakeData:
+    def __init__(self, dataset, image_size=64):
+        self.dataset, self.image_size = dataset, image_size
+
+
+def test_dataset_names():
+    cfg, _ = parse_args([])
+    sm5 = FakeData("shepard_metzler_5_parts")
+    assert resolve_dataset("", sm5, sm5, cfg) == ("shepard_metzler_5_parts", 15)  # default: what the data records
+    assert resolve_dataset("Shepard-Metzler", sm5, sm5, cfg) == ("shepard_metzler_5_parts", 15)
+    assert resolve_dataset("shepard_metzler_5_parts", sm5, sm5, cfg) == ("shepard_metzler_5_parts", 15)
+    legacy = FakeData(None)  # a torch-gqn folder that does not say what it holds
+    assert resolve_dataset("Room", legacy, legacy, cfg) == ("Room", 5)
+    assert resolve_dataset("Jaco", legacy, legacy, cfg) == ("Jaco", 7)
+    assert resolve_dataset("Labyrinth", legacy, legacy, cfg) == ("Labyrinth", 20)
+    assert resolve_dataset("rooms_ring_camera", legacy, legacy, cfg) == ("rooms_ring_camera", 5)
+    with pytest.raises(UserError, match="--dataset is needed"):
+        resolve_dataset("", legacy, legacy, cfg)
+    with pytest.raises(UserError, match="--dataset Jaco does not match"):
+        resolve_dataset("Jaco", sm5, sm5, cfg)
+    with pytest.raises(UserError, match="--dataset Cars: unknown"):
+        resolve_dataset("Cars", sm5, sm5, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(args(data, tmp_path, "run", 6))
+    run = tmp_path / "run"
+    names = sorted(os.listdir(run / "checkpoints"))
+    assert names == ["latest.pt", "step_00000003.pt", "step_00000006.pt"]
+    ckpt = weights(run)
+    assert ckpt["step"] == 6 and {"model", "model_config", "optimizer", "config", "data", "rng"} <= set(ckpt)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["data"] == {"dataset": "shepard_metzler_3_parts", "image_size": 64, "max_context": 15}
+    assert ckpt["config"]["layers"] == 2 and ckpt["model_config"]["image_size"] == 16
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+    from checkpoint import build_model, load_checkpoint
+    model = build_model(load_checkpoint(str(run / "checkpoints" / "step_00000003.pt")))
+    assert model.config == ckpt["model_config"]
+    with Image.open(run / "samples.png") as im:  # ground truth next to generated views
+        assert im.size[0] > im.size[1] / 4 * 5 / 2
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ["train/elbo", "train/kl", "train/nll", "train/bits_per_dim", "train/nll_minus_sigma_floor",
+                "test/elbo", "schedule/sigma", "schedule/lr", "speed/scenes_per_s"]:
+        assert [e.step for e in acc.Scalars(tag)] == [3, 6], tag
+    assert acc.Scalars("schedule/sigma")[0].value == pytest.approx(2.0, abs=1e-4)  # the paper schedule, step 2
+    elbo, kl, nll = (acc.Scalars(f"train/{k}")[0].value for k in ("elbo", "kl", "nll"))
+    assert elbo == pytest.approx(-(kl + nll), rel=1e-5)
+    floor = 16 * 16 * 3 * (np.log(acc.Scalars("schedule/sigma")[0].value) + 0.5 * np.log(2 * np.pi))
+    assert acc.Scalars("train/nll_minus_sigma_floor")[0].value == pytest.approx(nll - floor, rel=1e-4)
+    for tag in ["test/ground_truth", "test/reconstruction", "test/generation"]:
+        events = acc.Images(tag)
+        assert [e.step for e in events] == [3, 6], tag
+        with Image.open(io.BytesIO(events[-1].encoded_image_string)) as im:
+            assert im.size == (4 * 18 + 2, 18 + 2)  # the 4 test scenes in a row, 16px tiles, 2px white gaps
+
+
+def test_resume_equals_uninterrupted_run(data, tmp_path):
+    train.main(args(data, tmp_path, "whole", 6))
+    train.main(args(data, tmp_path, "parts", 3))
+    train.main(args(data, tmp_path, "parts", 6, "--resume"))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["optimizer"]["state"], a["optimizer"]["state"], atol=1e-5, rtol=0)
+
+
+def test_resume_refuses_other_model_flags(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "run", 3))
+    with pytest.raises(SystemExit) as e:
+        train.main(args(data, tmp_path, "run", 6, "--resume", "--layers", "3"))
+    assert e.value.code == 1
+    assert "--layers 3 differs from the run being resumed (2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a fresh run into the same folder would mix two runs
+        train.main(args(data, tmp_path, "run", 6))
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_loadable_checkpoint_and_resume_matches(data, tmp_path):
+    full = args(data, tmp_path, "killed", 15)
+    full[full.index("--save_interval") + 1] = "5"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *full], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step_00000005.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, likely mid-step or mid-save
+    proc.wait()
+    assert weights(tmp_path / "killed")["step"] in (5, 10)  # loadable (atomic writes), not finished
+    train.main(full + ["--resume"])
+    whole = list(full)
+    whole[whole.index("--log_dir") + 1] = "whole"
+    train.main(whole)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    real = train.pixel_sigma
+    monkeypatch.setattr(train, "pixel_sigma", lambda step, *a: 0.0 if step >= 4 else real(step, *a))  # log 0
+    run_args = args(data, tmp_path, "nan", 6)
+    run_args[run_args.index("--save_interval") + 1] = "2"
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args)
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # past tqdm's bar
+    assert len(err) == 1 and "step 4: the loss is not finite" in err[0] and "latest.pt (step 4)" in err[0]
+    ckpt = weights(tmp_path / "nan")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
+    monkeypatch.setitem(train.PRESETS, "cpu", {**train.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
+                                               "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 2,
+                                               "log_interval": 1, "save_interval": 2, "workers": 0})
+    train.main([])
+    out = capsys.readouterr().out
+    assert "default job" in out and "Rendering the built-in data set" in out
+    assert (tmp_path / "runs" / "default" / "samples.png").exists()
+    assert weights(tmp_path / "runs" / "default")["step"] == 2
+    shard = tmp_path / "data" / "shepard_metzler_3_parts" / "train" / "001-of-001.pt"
+    mtime = shard.stat().st_mtime_ns
+    train.main(["--log_dir", "again"])
+    assert "Using the built-in data set" in capsys.readouterr().out and shard.stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def small_set(folder, size):
+    """One converted shard of 2 scenes x 3 views of `size`x`size` images."""
+    from gqn_dataset import write_shard
+
+    def jpeg():
+        buf = io.BytesIO()
+        Image.new("RGB", (size, size), (200, 10, 10)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    write_shard(os.path.join(folder, "001-of-001.pt"), [[jpeg() for _ in range(3)] for _ in range(2)],
+                np.zeros((2, 3, 7), np.float32), "shepard_metzler_3_parts", size)
+    return str(folder)
+
+
+def run_cli(*argv, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_input_gets_one_clear_line(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("not GQN data")
+    small = small_set(tmp_path / "small", 32)
+    good = ["--root_log_dir", str(tmp_path / "runs"), *TINY, "--gradient_steps", "1"]
+    cases = [
+        (["--train_data_dir", str(tmp_path / "missing"), "--test_data_dir", data[1]], "--train_data_dir",
+         str(tmp_path / "missing")),
+        (["--train_data_dir", data[0], "--test_data_dir", str(empty)], "--test_data_dir", str(empty)),
+        (["--train_data_dir", str(unrelated), "--test_data_dir", data[1]], "--train_data_dir", str(unrelated)),
+        (["--train_data_dir", data[0], "--test_data_dir", small], "--test_data_dir", "32x32"),
+        (["--train_data_dir", data[0]], "--test_data_dir", "missing"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--dataset", "Jaco"], "--dataset Jaco", ""),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--batch_size", "0"], "--batch_size", "'0'"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--shared_core", "yes please"], "--shared_core",
+         "True/False"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--representation", "cnn"], "--representation",
+         "cnn"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--image_size", "30"], "--image_size", "30"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--learning_rate", "1"], "--learning_rate", ""),
+        (["--resume", "--log_dir", "nothing_here"], "--resume", "latest.pt"),
+    ]
+    # The command line itself for a few (exit status, no traceback from the interpreter); main() for the rest.
+    for i, (argv, flag, detail) in enumerate(cases):
+        if i in (0, 3, 7, 10):
+            r = run_cli(*good, *argv, cwd=tmp_path)
+            code, err, out = r.returncode, r.stderr, r.stdout
+        else:
+            with pytest.raises(SystemExit) as e:
+                train.main([*good, *argv])
+            captured = capsys.readouterr()
+            code, err, out = e.value.code, captured.err, captured.out
+        lines = err.strip().splitlines()
+        assert code == 1, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+        assert flag in lines[0] and detail in lines[0], (argv, lines[0])
+        assert "Traceback" not in err + out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("latest.pt"))
+
+
+def test_engineering_flags_reach_the_model(data, tmp_path):
+    train.main(args(data, tmp_path, "flags", 2, "--amp", "bf16", "--checkpoint_activations", "True",
+                    "--shared_core", "1", "--representation", "tower", "--grad_clip", "1.0"))
+    ckpt = weights(tmp_path / "flags")
+    assert ckpt["step"] == 2 and ckpt["config"]["amp"] == "bf16"
+    cfg = ckpt["model_config"]
+    assert cfg["checkpoint_activations"] is True and cfg["shared_core"] is True and cfg["representation"] == "tower"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
