@@ -109,7 +109,7 @@ class Config:
 # the model lean on z before its prior can predict it, and prior samples then miss the query view.
 CPU_PRESET = dict(
     representation="tower", layers=4, r_dim=64, h_dim=32, z_dim=3, u_dim=32, image_size=32,
-    gradient_steps=3000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=3000, sigma_i=2.0, sigma_f=0.7, sigma_n=3000,
+    gradient_steps=5000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=5000, sigma_i=2.0, sigma_f=0.7, sigma_n=5000,
     log_interval=100, save_interval=500, workers=0, seed=0,
 )
 BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)
@@ -726,6 +726,13 @@ def _train(cfg, given, dist):
                                        generator=torch.Generator(device).manual_seed(cfg.seed))
         samples = os.path.join(run_dir, "samples.png")
         save_samples(samples, test.first(n), generated, cfg.image_size)
+        # The whole test split scored as evaluate.py does, with novel-view renderings, into TensorBoard (eval/*).
+        import evaluate
+
+        r = evaluate.end_of_training(writer, total, model, train_ds, test_ds, min(TEST_CONTEXT, max_context),
+                                     cfg.seed, device, cfg.image_size)
+        log(f"Test split ({r['scenes']} scenes, {r['context']} context views): RMSE {r['rmse']:.2f} vs "
+            f"{r['mean_image_rmse']:.2f} for the mean training image (ratio {r['rmse_ratio']:.3f}), MAE {r['mae']:.2f}")
         writer.close()
         log(f"Done: {total} steps. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
             f"ground truth next to generated views: {samples}")

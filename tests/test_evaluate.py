@@ -1,0 +1,184 @@
+"""evaluate.py: the metrics, the JSON a user scripts against, determinism, and one clear error for bad input."""
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from gqn_dataset import GQNDataset, write_shard
+from model import GQN
+
+SIZE = 16  # tiny images keep a CPU test in seconds
+TINY = dict(representation="pool", L=2, r_dim=16, h_dim=8, z_dim=2, u_dim=8)
+
+
+def make_data(folder, scenes=5, views=6, size=SIZE, seed=0, dataset="shepard_metzler_5_parts"):
+    """A converted split of toy scenes: a coloured square that moves with the camera's yaw."""
+    rng = np.random.default_rng(seed)
+    frames, cameras = [], np.zeros((scenes, views, 7), np.float32)
+    for i in range(scenes):
+        colour = rng.integers(0, 256, 3)
+        scene = []
+        for j in range(views):
+            yaw, pitch = rng.uniform(-math.pi, math.pi), rng.uniform(-0.5, 0.5)
+            d = np.array([math.cos(pitch) * math.cos(yaw), -math.cos(pitch) * math.sin(yaw), math.sin(pitch)])
+            cameras[i, j] = [*(-3 * d), math.sin(yaw), math.cos(yaw), math.sin(pitch), math.cos(pitch)]
+            img = np.full((size, size, 3), 40, np.uint8)
+            x0 = int((yaw + math.pi) / (2 * math.pi) * (size - size // 4))
+            img[size // 4:size // 2, x0:x0 + size // 4] = colour
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=95)
+            scene.append(buf.getvalue())
+        frames.append(scene)
+    write_shard(str(folder / "001-of-001.pt"), frames, cameras, dataset, size)
+    return folder
+
+
+def make_checkpoint(path, image_size=SIZE, data_size=None, seed=0, **overrides):
+    """A checkpoint in train.py's format around a freshly initialised tiny GQN."""
+    torch.manual_seed(seed)
+    model = GQN(image_size=image_size, **{**TINY, **overrides})
+    torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": {}, "step": 7,
+                "config": {}, "data": {"dataset": "shepard_metzler_5_parts",
+                                       "image_size": data_size or image_size, "max_context": 5},
+                "rng": {}}, path)
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    test = make_data(tmp_path / "test", scenes=5)
+    train = make_data(tmp_path / "train", scenes=4, seed=1)
+    ckpt = make_checkpoint(tmp_path / "latest.pt")
+    return tmp_path, str(ckpt), str(test), str(train)
+
+
+def run_main(argv):
+    return evaluate.main([*argv, "--device", "cpu"])
+
+
+def test_image_errors_perfect_predictor_scores_zero():
+    x = torch.rand(4, 3, 8, 8) * 255
+    mae, rmse = evaluate.image_errors(x, x.clone())
+    assert mae.tolist() == [0.0] * 4 and rmse.tolist() == [0.0] * 4
+
+
+def test_rmse_is_per_image_then_averaged():
+    target = torch.zeros(2, 3, 4, 4)
+    pred = target.clone()
+    pred[1] += 4.0  # image 0 perfect, image 1 off by 4 everywhere
+    mae, rmse = evaluate.image_errors(pred, target)
+    assert rmse.tolist() == [0.0, 4.0] and mae.tolist() == [0.0, 4.0]
+    assert rmse.mean().item() == 2.0  # not sqrt(mean of all squared errors) = 2.83
+
+
+def test_bits_per_dim_of_a_uniform_density_is_eight():
+    # A density of 1 on [0, 1]^D (0 nats) is the uniform distribution over the 256 grey levels.
+    assert evaluate.bits_per_dim(0.0, 3 * 64 * 64) == pytest.approx(8.0)
+    assert evaluate.bits_per_dim(3 * 64 * 64 * math.log(2), 3 * 64 * 64) == pytest.approx(9.0)
+
+
+def test_mean_image_is_the_mean_of_every_view(tmp_path):
+    ds = GQNDataset(str(make_data(tmp_path / "d", scenes=3)))
+    expected = torch.stack([ds[i][0].double() for i in range(len(ds))]).mean((0, 1))
+    got = evaluate.mean_image(ds, SIZE, max_scenes=0, progress=False)
+    assert torch.allclose(got.double(), expected, atol=1e-4)
+
+
+def test_json_fields_are_present_and_sane(setup):
+    tmp, ckpt, test, train = setup
+    out = tmp / "r.json"
+    run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--train_data_dir", train, "--json", str(out),
+              "--context", "3", "--batch_size", "2"])
+    r = json.loads(out.read_text())
+    assert r["scenes"] == 5 and r["context"] == 3 and r["sigma"] == 0.7 and r["step"] == 7
+    assert r["dataset"] == "shepard_metzler_5_parts" and r["image_size"] == SIZE
+    assert r["kl"] >= 0 and r["nll"] > 0
+    assert r["elbo"] == pytest.approx(-(r["kl"] + r["nll"]), rel=1e-6)
+    # The Gaussian NLL at sigma 0.7 is at least its constant, 0.5 log(2 pi 0.49) nats per dimension.
+    assert r["nll"] >= 3 * SIZE * SIZE * 0.5 * math.log(2 * math.pi * 0.49) - 1e-3
+    assert r["bits_per_dim"] == pytest.approx(-r["elbo"] / (3 * SIZE * SIZE * math.log(2)) + 8)
+    assert 0 < r["mae"] <= r["rmse"] < 255
+    assert 0 < r["mean_image_mae"] <= r["mean_image_rmse"] < 255
+    assert r["rmse_ratio"] == pytest.approx(r["rmse"] / r["mean_image_rmse"])
+
+
+def test_results_repeat_exactly_and_elbo_does_not_depend_on_batch_size(setup):
+    tmp, ckpt, test, _ = setup
+    a = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "2"])
+    b = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "2"])
+    c = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "5"])
+    assert a == b
+    # The posterior noise is a function of (seed, scene), so the ELBO is the same in any batching.
+    for k in ("elbo", "kl", "nll"):
+        assert c[k] == pytest.approx(a[k], rel=1e-5)
+    d = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "2", "--seed", "1"])
+    assert d["elbo"] != a["elbo"]
+    e = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "2", "--max_scenes", "2"])
+    assert e["scenes"] == 2
+
+
+def test_stored_size_of_training_data_is_resized(tmp_path):
+    # Training resized 32x32 data to the model's 16x16: evaluation does the same.
+    test = make_data(tmp_path / "test", scenes=2, size=2 * SIZE)
+    ckpt = make_checkpoint(tmp_path / "c.pt", image_size=SIZE, data_size=2 * SIZE)
+    r = run_main(["--checkpoint", str(ckpt), "--test_data_dir", str(test)])
+    assert r["scenes"] == 2 and r["image_size"] == SIZE
+
+
+def one_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_checkpoint_that_does_not_match_the_data(tmp_path, capsys):
+    test = str(make_data(tmp_path / "test", scenes=2))
+    other = make_checkpoint(tmp_path / "c32.pt", image_size=2 * SIZE)
+    err = one_error(capsys, ["--checkpoint", str(other), "--test_data_dir", test])
+    assert err.startswith("error: --test_data_dir") and "16x16" in err and "32x32" in err
+    v5 = make_checkpoint(tmp_path / "v5.pt", v_dim=5)
+    err = one_error(capsys, ["--checkpoint", str(v5), "--test_data_dir", test])
+    assert err.startswith("error: --test_data_dir") and "5-d viewpoints" in err
+
+
+def test_bad_input_gets_one_line(setup, capsys):
+    tmp, ckpt, test, _ = setup
+    err = one_error(capsys, ["--checkpoint", str(tmp / "nope.pt"), "--test_data_dir", test])
+    assert err == f"error: --checkpoint {tmp / 'nope.pt'}: no such checkpoint file"
+    (tmp / "junk.pt").write_bytes(b"not a checkpoint")
+    err = one_error(capsys, ["--checkpoint", str(tmp / "junk.pt"), "--test_data_dir", test])
+    assert err.startswith(f"error: --checkpoint {tmp / 'junk.pt'}: not a loadable checkpoint")
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", str(tmp / "missing")])
+    assert err.startswith("error: --test_data_dir") and "missing" in err
+    (tmp / "empty").mkdir()
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", str(tmp / "empty")])
+    assert err.startswith("error: --test_data_dir") and "empty" in err
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--context", "6"])
+    assert err.startswith("error: --context 6")
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "0"])
+    assert "--batch_size" in err
+
+
+def test_end_of_training_report_reaches_tensorboard(setup):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboardX import SummaryWriter
+
+    tmp, ckpt, test, train = setup
+    model, _ = evaluate.load_model(ckpt)
+    writer = SummaryWriter(logdir=str(tmp / "tb"))
+    r = evaluate.end_of_training(writer, 7, model, GQNDataset(train), GQNDataset(test), progress=False)
+    writer.close()
+    assert r["scenes"] == 5 and "rmse_ratio" in r
+    events = EventAccumulator(str(tmp / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"eval/rmse", "eval/mean_image_rmse", "eval/rmse_ratio", "eval/elbo"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("eval/rmse")[0].value == pytest.approx(r["rmse"], rel=1e-5)
+    assert events.Tags()["images"] == ["eval/novel_views/scene_0", "eval/novel_views/scene_4"]

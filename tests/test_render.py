@@ -1,0 +1,81 @@
+"""render.py: the ring of cameras is DeepMind's geometry, and the PNG/GIF come out with the promised layout."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import render
+from test_evaluate import SIZE, make_checkpoint, make_data
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = make_data(tmp_path / "test", scenes=2, views=6)
+    return tmp_path, str(make_checkpoint(tmp_path / "latest.pt")), str(data)
+
+
+def test_camera_round_trips_yaw_and_pitch_and_looks_at_the_centre():
+    yaw, pitch = torch.tensor([0.3, -2.0, 3.0]), torch.tensor([0.5, -0.2, 1.1])
+    v = render.camera(10 / 3, yaw, pitch)
+    y, p = render.angles(v)
+    assert torch.allclose(y, yaw, atol=1e-6) and torch.allclose(p, pitch, atol=1e-6)
+    assert torch.allclose(v[:, :3].norm(dim=-1), torch.full((3,), 10 / 3))
+    # DeepMind's cameras sit at -dist * d: the view direction d points from the camera to the centre.
+    d = torch.stack([p.cos() * y.cos(), -p.cos() * y.sin(), p.sin()], -1)
+    assert torch.allclose(v[:, :3], -(10 / 3) * d, atol=1e-6)
+
+
+def test_ring_keeps_the_scenes_distance_and_pitch_and_steps_evenly():
+    cams = render.camera(3.0, torch.tensor([0.1, 1.0, 2.0]), torch.tensor([0.2, 0.4, 0.3]))
+    r = render.ring(cams, 8)
+    y, p = render.angles(r)
+    assert torch.allclose(r[:, :3].norm(dim=-1), torch.full((8,), 3.0), atol=1e-5)
+    assert torch.allclose(p, torch.full((8,), 0.3), atol=1e-5)
+    assert y[0].item() == pytest.approx(0.1, abs=1e-6)
+    steps = torch.remainder(y.diff(), 2 * math.pi)
+    assert torch.allclose(steps, torch.full((7,), 2 * math.pi / 8), atol=1e-5)
+
+
+def test_png_has_one_row_per_panel(setup):
+    tmp, ckpt, data = setup
+    out = tmp / "out" / "scene.png"
+    render.main(["--checkpoint", ckpt, "--data_dir", data, "--scene", "1", "--out", str(out),
+                 "--views", "4", "--context", "2", "--scale", "1", "--device", "cpu"])
+    im = Image.open(out)
+    cols = max(2, 4, 6 - 2)
+    assert im.size == (render.LABEL + cols * (SIZE + render.GAP), 4 * (SIZE + render.GAP) + render.GAP)
+    assert [p.name for p in out.parent.iterdir()] == ["scene.png"]  # no temp file left
+
+
+def test_gif_plays_the_ring_then_the_held_out_views(setup):
+    tmp, ckpt, data = setup
+    out = tmp / "scene.gif"
+    render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), "--views", "5",
+                 "--context", "3", "--scale", "2", "--device", "cpu"])
+    im = Image.open(out)
+    assert im.n_frames == 5 + (6 - 3)
+    tile, gap = 2 * SIZE, 2 * render.GAP
+    assert im.size == ((3 + 2) * (tile + gap) + 3 * gap, render.label_px(tile) + 6 + tile + gap)
+
+
+def test_same_seed_same_picture(setup):
+    tmp, ckpt, data = setup
+    for name in ("a.png", "b.png"):
+        render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(tmp / name), "--device", "cpu"])
+    assert (tmp / "a.png").read_bytes() == (tmp / "b.png").read_bytes()
+
+
+def test_bad_input_gets_one_line(setup, capsys):
+    tmp, ckpt, data = setup
+    with pytest.raises(SystemExit) as e:
+        render.main(["--checkpoint", ckpt, "--data_dir", data, "--scene", "2", "--out", str(tmp / "x.png")])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: --scene 2: {data} has scenes 0..1"
+    with pytest.raises(SystemExit) as e:
+        render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(tmp / "x.jpg")])
+    assert e.value.code != 0 and "--out" in capsys.readouterr().err
+    other = make_checkpoint(tmp / "c32.pt", image_size=2 * SIZE)
+    with pytest.raises(SystemExit) as e:
+        render.main(["--checkpoint", str(other), "--data_dir", data, "--out", str(tmp / "x.png")])
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: --data_dir")
