@@ -20,8 +20,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(argv, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+def torchrun(argv, rdzv=False):
+    """`torchrun --nproc_per_node 2 train.py ...`, or with rdzv the README's several-node form on one node."""
+    port = str(free_port())
+    launch = (["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"] if rdzv
+              else ["--master_port", port])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launch,
            os.path.join(ROOT, "train.py"), *argv]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return cmd, env
@@ -38,8 +42,9 @@ def test_two_processes_equal_one_and_resume(data, tmp_path):
     train.main(run_args(data, tmp_path / "one", "run", 6))
     # Two processes, 2 scenes each of the same global batch; stopped after 3 steps and resumed under torchrun.
     root = tmp_path / "two"
+    # The resumed half goes through c10d rendezvous, the launch line the README gives for several nodes.
     for steps, extra in ((3, []), (6, ["--resume"])):
-        cmd, env = torchrun(run_args(data, root, "run", steps) + extra)
+        cmd, env = torchrun(run_args(data, root, "run", steps) + extra, rdzv=bool(extra))
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("Done:") == 1  # rank 0 alone reports
