@@ -313,12 +313,18 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
+def open_device(name):
+    """torch.device(name), checked by allocating on it: a missing CUDA device is one clear line."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {args.device}: not available ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--device {name}: not available ({str(e).splitlines()[0]})") from None
+    return device
+
+
+def run(args):
+    device = open_device(args.device)
     if args.json and os.path.isdir(args.json):  # found out before the long run, not after it
         raise UserError(f"--json {args.json}: is a folder; give a file name")
     model, ckpt = load_model(args.checkpoint, device)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from evaluate import UserError, input_size, load_model, open_split, public_mode, resize
+from evaluate import UserError, input_size, load_model, open_device, open_split, public_mode, resize
 
 GAP = 2  # pixels between tiles (before --scale)
 LABEL = 72  # width of the PNG's label column (before --scale)
@@ -196,11 +196,7 @@ def parse_args(argv=None):
 def run(args):
     from gqn_dataset import DatasetError, fixed_views
 
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {args.device}: not available ({str(e).splitlines()[0]})") from None
+    device = open_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     ds = open_split(args.data_dir, "--data_dir")
     size = input_size(ckpt, ds, args.data_dir, "--data_dir")

@@ -6,16 +6,9 @@ import torch
 from bench import reference_elbo, reference_run
 from model import GQN
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=6, image_size=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on one thread: on a busy 2-core machine a second OpenMP thread makes them 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def inputs(model, B=2, M=3, dtype=torch.float64, device="cpu", seed=0):

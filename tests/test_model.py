@@ -10,16 +10,9 @@ from core import GenerationCore, InferenceCore, broadcast_conv
 from model import GQN, gaussian_kl, gaussian_nll
 from representation import Pool, Pyramid, SceneEncoder, Tower
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=8, image_size=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on one thread: on a busy 2-core machine a second OpenMP thread makes them 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch(B=2, M=3, size=16, seed=0, dtype=torch.float32):
