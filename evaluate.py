@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -246,30 +245,13 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
 
 
 def write_json(path, obj):
-    """Atomic: a temp file in the same folder, then os.replace, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    """Atomic (checkpoint.atomic_write): a reader never sees half a file."""
+    from checkpoint import atomic_write
+
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, public_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"--json {path}: cannot write ({e.strerror or e})") from None
-        raise
-
-
-def public_mode():
-    """The mode a plain open() would give a new file (mkstemp's temp files are private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+        atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+    except OSError as err:
+        raise UserError(f"--json {path}: cannot write ({err.strerror or err})") from None
 
 
 def table(r):

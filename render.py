@@ -17,13 +17,13 @@ import argparse
 import math
 import os
 import sys
-import tempfile
+import io
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from evaluate import UserError, input_size, load_model, open_device, open_split, public_mode, resize
+from evaluate import UserError, input_size, load_model, open_device, open_split, resize
 
 GAP = 2  # pixels between tiles (before --scale)
 LABEL = 72  # width of the PNG's label column (before --scale)
@@ -144,31 +144,23 @@ def frames_gif(panels, scale=2):
 
 
 def save(path, panels, scale):
-    """Write the .png grid or the .gif animation atomically (temp file in the same folder + os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    ext = os.path.splitext(path)[1].lower()
-    tmp = None
+    """Write the .png grid or the .gif animation atomically (checkpoint.atomic_write)."""
+    from checkpoint import atomic_write
+
+    buf = io.BytesIO()
+    if os.path.splitext(path)[1].lower() == ".png":
+        grid(panels, scale).save(buf, format="PNG", optimize=True)
+    else:
+        frames = frames_gif(panels, scale)
+        n_ring = len(panels["ring"])
+        # Hold the held-out views longer than the ring: they are the ones to compare with the truth.
+        durations = [150] * n_ring + [600] * (len(frames) - n_ring)
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
+                       loop=0, disposal=1)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=ext)
-        os.close(fd)
-        if ext == ".png":
-            grid(panels, scale).save(tmp, format="PNG", optimize=True)
-        else:
-            frames = frames_gif(panels, scale)
-            n_ring = len(panels["ring"])
-            # Hold the held-out views longer than the ring: they are the ones to compare with the truth.
-            durations = [150] * n_ring + [600] * (len(frames) - n_ring)
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
-                           loop=0, disposal=1)
-        os.chmod(tmp, public_mode())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"--out {path}: cannot write ({e.strerror or e})") from None
-        raise
+        atomic_write(path, buf.getvalue())
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write ({e.strerror or e})") from None
 
 
 def parse_args(argv=None):
