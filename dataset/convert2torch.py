@@ -73,6 +73,14 @@ def _job(args):
         return src, 0, f"{src}: {type(e).__name__}: {e}", nbytes
 
 
+def remove_stale_temp_files(folder):
+    """Delete the hidden `.tmp-*.pt` files a killed run left in an output folder (write_shard's temp names)."""
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".tmp-") and f.endswith(".pt"):
+                os.unlink(os.path.join(folder, f))
+
+
 def find_shards(src_root, dst_root, datasets=None):
     """-> (jobs [(src, dst, dataset, bytes)], skipped count, warnings). Raises UserError for bad folders/names."""
     if not os.path.isdir(src_root):
@@ -95,6 +103,7 @@ def find_shards(src_root, dst_root, datasets=None):
             folder = os.path.join(src_root, name, split)
             if not os.path.isdir(folder):
                 continue
+            remove_stale_temp_files(os.path.join(dst_root, name, split))
             for f in sorted(os.listdir(folder)):
                 if not f.endswith(".tfrecord"):
                     continue

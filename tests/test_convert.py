@@ -67,7 +67,10 @@ def test_convert_matches_tensorflow_and_is_idempotent(src, tmp_path, fixtures_di
             np.testing.assert_allclose(v.numpy(), z["cameras"][i], atol=1e-6)
     shard = dst / SM5 / "train" / "001-of-900.pt"
     before = shard.stat().st_mtime_ns
+    stale = dst / SM5 / "train" / ".tmp-killed.pt"  # what a kill -9 during write_shard leaves
+    stale.write_bytes(b"half a shard")
     status, err = _run([src, dst], capsys)
+    assert not stale.exists()
     assert status == 0 and "converted 0 shards" in err and "skipped 2" in err
     assert shard.stat().st_mtime_ns == before
 
