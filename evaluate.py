@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gqn_dataset import DatasetError, open_split
+
 SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the likelihood the scores refer to
 
 
@@ -79,21 +81,6 @@ def load_model(path, device="cpu"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--checkpoint {path}: weights do not fit its model_config ({first})") from None
     return model.to(device).eval(), ckpt
-
-
-def open_split(folder, flag):
-    """GQNDataset(folder), with a missing/empty/foreign folder reported against the flag that named it."""
-    from gqn_dataset import DatasetError, GQNDataset
-
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder}: no such folder")
-    try:
-        ds = GQNDataset(folder)
-    except DatasetError as e:
-        raise UserError(f"{flag} {e}") from None
-    if len(ds) == 0:
-        raise UserError(f"{flag} {folder}: no scenes")
-    return ds
 
 
 def input_size(ckpt, ds, folder, flag):
@@ -334,7 +321,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except UserError as e:
+    except (UserError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -365,6 +365,19 @@ class GQNDataset(torch.utils.data.Dataset):
         return cameras[local, views]
 
 
+def open_split(folder, flag):
+    """GQNDataset(folder) for training or evaluation; a folder that cannot serve raises DatasetError naming `flag`."""
+    try:
+        ds = GQNDataset(folder)
+    except DatasetError as e:
+        raise DatasetError(f"{flag} {e}") from None
+    if len(ds) == 0:
+        raise DatasetError(f"{flag} {folder}: holds no scenes")
+    if ds.views < 2:
+        raise DatasetError(f"{flag} {folder}: scenes have {ds.views} view(s); GQN needs context and a query")
+    return ds
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: pure functions of (seed, step, scene), so resumed runs and DDP ranks draw what one process draws
 
@@ -451,7 +464,7 @@ class TrainBatches(torch.utils.data.Dataset):
         h = w = ds.image_size
         x = np.zeros((b, k, h, w, 3), dtype=np.uint8)  # decoded straight into the padded batch
         v = np.zeros((b, k, 7), dtype=np.float32)
-        mask = np.zeros((b, k), dtype=bool)
+        mask = np.zeros((b, k), dtype=np.bool_)
         x_q = np.empty((b, h, w, 3), dtype=np.uint8)
         v_q = np.empty((b, 7), dtype=np.float32)
         for n, scene in enumerate(scenes.tolist()):

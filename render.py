@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from evaluate import UserError, input_size, load_model, open_device, open_split, resize
+from evaluate import UserError, input_size, load_model, open_device, resize
+from gqn_dataset import DatasetError, open_split
 
 GAP = 2  # pixels between tiles (before --scale)
 LABEL = 72  # width of the PNG's label column (before --scale)
@@ -213,7 +214,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except UserError as e:
+    except (UserError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

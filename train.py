@@ -229,20 +229,6 @@ def check_config(cfg, world_size):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def open_split(folder, flag):
-    from gqn_dataset import DatasetError, GQNDataset
-
-    try:
-        ds = GQNDataset(folder)
-    except DatasetError as e:
-        raise UserError(f"{flag} {e}") from None
-    if len(ds) == 0:
-        raise UserError(f"{flag} {folder}: holds no scenes")
-    if ds.views < 2:
-        raise UserError(f"{flag} {folder}: scenes have {ds.views} view(s); GQN needs context and a query")
-    return ds
-
-
 def resolve_dataset(name, train, test, cfg):
     """--dataset and the data's own name -> (DeepMind or torch-gqn name, K = the maximum context size)."""
     from gqn_dataset import MAX_CONTEXT
@@ -403,10 +389,12 @@ class Dist:
 
 
 def agreed(dist, fn):
-    """Run fn() on every rank; if any rank raises UserError, every rank raises the first message."""
+    """Run fn() on every rank; if any rank raises UserError/DatasetError, every rank raises the first."""
+    from gqn_dataset import DatasetError
+
     try:
         result, message = fn(), None
-    except UserError as e:
+    except (UserError, DatasetError) as e:  # a data folder that cannot serve is the user's to fix
         result, message = None, str(e)
     message = dist.first_error(message)
     if message is not None:
@@ -525,7 +513,7 @@ def train(cfg, given):
 
 
 def _train(cfg, given, dist):
-    from gqn_dataset import TrainBatches
+    from gqn_dataset import TrainBatches, open_split
     from model import GQN
 
     master = dist.master
