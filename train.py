@@ -96,6 +96,7 @@ class Config:
     amp: str = "none"                    # "bf16": autocast to bfloat16 (loss in float32)
     compile: bool = False
     checkpoint_activations: bool = False
+    channels_last: bool = False          # NHWC activations and weights: oneDNN/cuDNN skip their layout reorders
     preset: str = "paper"
     resume: bool = False
 
@@ -128,7 +129,8 @@ TORCH_GQN_NAMES = {
 # What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
 # the model, the data set or the optimisation.
 RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "log_interval", "save_interval",
-                     "workers", "device_ids", "amp", "compile", "checkpoint_activations", "resume"}
+                     "workers", "device_ids", "amp", "compile", "checkpoint_activations", "channels_last",
+                     "resume"}
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
 IMAGE_SCENES = 8
 TEST_CONTEXT = 3      # context views per test scene, as torch-gqn's test batch
@@ -191,6 +193,9 @@ def build_parser():
     a("--compile", type=str2bool, nargs="?", const=True, help="torch.compile the model (default: False)")
     a("--checkpoint_activations", type=str2bool, nargs="?", const=True,
       help="recompute activations in the backward pass to save memory (default: False)")
+    a("--channels_last", type=str2bool, nargs="?", const=True,
+      help="channels_last (NHWC) memory format for weights and activations; same function, faster convolutions "
+           "on CPU (oneDNN) and recent GPUs (default: False)")
     a("--grad_clip", type=float, help="clip the gradient norm to this (default: 0 = off)")
     for name in ("r_dim", "h_dim", "z_dim", "u_dim", "image_size"):
         a(f"--{name}", type=positive_int, help=f"model {name} (preset's by default)")
@@ -574,11 +579,14 @@ def _train(cfg, given, dist):
         set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
     model.to(device)
-    # Adam's state follows the parameters' device (it was loaded on the CPU).
-    for state in optimizer.state.values():
+    if cfg.channels_last:
+        # in place (param.data), so the optimiser keeps the same parameters
+        model.to(memory_format=torch.channels_last)
+    # Adam's state follows its parameter's device and memory format (it was loaded on the CPU, contiguous).
+    for p, state in optimizer.state.items():
         for k, v in state.items():
             if torch.is_tensor(v) and k != "step":
-                state[k] = v.to(device)
+                state[k] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(device)
     wrapped = model
     if dist.started:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -656,6 +664,8 @@ def _train(cfg, given, dist):
                 group["lr"] = lr
             x = to_model(batch["x"], cfg.image_size, device)        # (b, K, 3, s, s)
             x_q = to_model(batch["x_q"], cfg.image_size, device)    # (b, 3, s, s)
+            if cfg.channels_last:
+                x_q = x_q.contiguous(memory_format=torch.channels_last)
             v, v_q = batch["v"].to(device), batch["v_q"].to(device)
             mask, eps = batch["mask"].to(device), batch["eps"].to(device)
 

@@ -58,6 +58,24 @@ def test_generate_and_reconstruct_equal_reference(representation, shared_core):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_channels_last_keeps_the_function(shared_core, dtype):
+    """train.py --channels_last / bench.py --channels_last: NHWC weights give the reference's ELBO and gradients."""
+    torch.manual_seed(0)
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY).to(dtype)
+    args, kwargs = inputs(model, dtype=dtype)
+    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
+    model.to(memory_format=torch.channels_last)
+    assert model.generation_core.upsample.weight.is_contiguous(memory_format=torch.channels_last)
+    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, **tol)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_checkpoint_activations_gives_the_same_gradients(shared_core):
     torch.manual_seed(0)

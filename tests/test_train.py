@@ -283,3 +283,15 @@ def test_engineering_flags_reach_the_model(data, tmp_path):
     cfg = ckpt["model_config"]
     assert cfg["checkpoint_activations"] is True and cfg["shared_core"] is True and cfg["representation"] == "tower"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_channels_last_trains_the_same_model_and_resumes(data, tmp_path):
+    """--channels_last changes the memory layout only: the same weights after 6 steps, also when the run
+    is stopped after 3 and resumed (Adam's state reloaded into the NHWC layout)."""
+    train.main(args(data, tmp_path, "nchw", 6, "--representation", "tower"))
+    train.main(args(data, tmp_path, "nhwc", 3, "--representation", "tower", "--channels_last"))
+    train.main(args(data, tmp_path, "nhwc", 6, "--resume", "--channels_last"))
+    a, b = weights(tmp_path / "nchw"), weights(tmp_path / "nhwc")
+    assert b["step"] == 6 and b["config"]["channels_last"] is True
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=0)
