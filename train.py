@@ -347,6 +347,9 @@ class Dist:
         else:
             backend = "gloo"
         dist.init_process_group(backend, timeout=DIST_TIMEOUT)
+        # For the end of the run only: the other ranks wait there while rank 0 scores the whole test split, which
+        # may outlast DIST_TIMEOUT; a rank that dies meanwhile still ends the job (torchrun stops every rank).
+        self.end_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         self.started = True
 
     def stop(self):
@@ -361,6 +364,14 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def finish(self):
+        """Every rank waits for rank 0's end-of-run work, so that no rank tears its process group down while
+        another still holds connections to it (a rank leaving early could abort in gloo's teardown)."""
+        if self.started:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.end_group)
 
     def first_error(self, message):
         """Every rank's error message (or None) -> the first one, on every rank: all ranks stop together."""
@@ -734,6 +745,7 @@ def _train(cfg, given, dist):
         writer.close()
         log(f"Done: {total} steps. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
             f"ground truth next to generated views: {samples}")
+    dist.finish()
 
 
 def is_comm_error(e):
