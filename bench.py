@@ -164,11 +164,10 @@ def measure(spec):
     # The reference is the plain float32 NCHW computation whatever the flags: with --channels_last it gets its own
     # contiguous copy of the weights (NHWC weights would make its convolutions NHWC too, and slower, which would
     # flatter the ratio) and its own optimiser.
-    ref_model = copy.deepcopy(model)
+    ref_model = model
     if spec["channels_last"]:
+        ref_model = copy.deepcopy(model)
         model = model.to(memory_format=torch.channels_last)
-    else:
-        ref_model = model
     B, M, S = cfg["batch_size"], cfg["context"], cfg["image_size"]
     x, v = torch.rand(B, M, 3, S, S, device=device), torch.randn(B, M, 7, device=device)
     x_q, v_q = torch.rand(B, 3, S, S, device=device), torch.randn(B, 7, device=device)
@@ -252,7 +251,8 @@ def main():
     p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile)")
     p.add_argument("--checkpoint_activations", action="store_true", help="recompute generation steps in backward")
-    p.add_argument("--channels_last", action="store_true", help="channels_last (NHWC) weights and inputs, as train.py --channels_last")
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels_last (NHWC) weights and inputs, as train.py --channels_last")
     p.add_argument("--representation", choices=["pyramid", "tower", "pool"])
     p.add_argument("--layers", type=int, help="L")
     p.add_argument("--shared_core", type=parse_bool)

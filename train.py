@@ -96,7 +96,7 @@ class Config:
     amp: str = "none"                    # "bf16": autocast to bfloat16 (loss in float32)
     compile: bool = False
     checkpoint_activations: bool = False
-    channels_last: bool = False          # NHWC activations and weights: oneDNN/cuDNN skip their layout reorders
+    channels_last: bool = False          # NHWC activations and weights (GPUs' fast convolution layout)
     preset: str = "paper"
     resume: bool = False
 
@@ -194,8 +194,8 @@ def build_parser():
     a("--checkpoint_activations", type=str2bool, nargs="?", const=True,
       help="recompute activations in the backward pass to save memory (default: False)")
     a("--channels_last", type=str2bool, nargs="?", const=True,
-      help="channels_last (NHWC) memory format for weights and activations; same function, faster convolutions "
-           "on CPU (oneDNN) and recent GPUs (default: False)")
+      help="channels_last (NHWC) memory format for weights and activations; same function; meant for GPUs, "
+           "no faster on the CPU (default: False)")
     a("--grad_clip", type=float, help="clip the gradient norm to this (default: 0 = off)")
     for name in ("r_dim", "h_dim", "z_dim", "u_dim", "image_size"):
         a(f"--{name}", type=positive_int, help=f"model {name} (preset's by default)")
