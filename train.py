@@ -659,6 +659,9 @@ def _train(cfg, given, dist):
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     # bf16 autocast (or nothing), built once; the loss itself is always taken in float32.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
+    if cfg.amp == "bf16" and device.type == "cpu" and master and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # without AVX-512 bf16 / AMX instructions the CPU emulates bf16: slower than float32, not faster
+        print("note: this CPU has no bf16 instructions; --amp bf16 will be slower than --amp none here")
 
     from tqdm import tqdm
 
