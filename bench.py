@@ -12,6 +12,7 @@ over the steps, i.e. activations, gradients and Adam state, not the weights and 
 
     python bench.py                                  # CPU: --preset cpu-check; CUDA present: --preset paper
     python bench.py --preset cpu-check               # tower, 5 views, batch 4, 64 px: unshared L=6, shared L=12
+    python bench.py --preset cpu-check --amp bf16    # the same in bf16 (pays on CPUs with AVX-512 bf16 or AMX)
     python bench.py --preset small                   # a quick small configuration
     python bench.py --preset paper --device cuda --amp bf16 --compile --checkpoint_activations
     python bench.py --representation pool --layers 8 --shared_core False --batch_size 8 --context 3
