@@ -442,6 +442,14 @@ def bits_per_dim(nats, dims):
     return nats / (dims * math.log(2)) + 8.0
 
 
+def cpu_has_bf16():
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 bf16 or AMX); True when torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # private in torch 2.13: guard against its loss
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def save_samples(path, views, generated, size):
     """PNG: per scene, the context views, the ground truth query view and the generated one, side by side."""
     from PIL import Image, ImageDraw
@@ -659,7 +667,7 @@ def _train(cfg, given, dist):
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     # bf16 autocast (or nothing), built once; the loss itself is always taken in float32.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
-    if cfg.amp == "bf16" and device.type == "cpu" and master and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cfg.amp == "bf16" and device.type == "cpu" and master and not cpu_has_bf16():
         # without AVX-512 bf16 / AMX instructions the CPU emulates bf16: slower than float32, not faster
         print("note: this CPU has no bf16 instructions; --amp bf16 will be slower than --amp none here")
 

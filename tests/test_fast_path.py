@@ -99,7 +99,7 @@ def test_bf16_autocast_runs_with_float32_kl_and_nll():
     assert all(t.dtype == torch.float32 for t in out)
     full = model(*args, 0.8, **kwargs)
     torch.testing.assert_close(out.elbo, full.elbo, rtol=0.02, atol=2.0)  # bf16 convs: close, not equal
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     g_bf16 = torch.autograd.grad(-out.elbo.mean(), params, allow_unused=True)
     g_full = torch.autograd.grad(-full.elbo.mean(), params, allow_unused=True)
     # training follows the same direction: every weight's bf16 gradient points where the float32 one does

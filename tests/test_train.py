@@ -285,6 +285,17 @@ def test_engineering_flags_reach_the_model(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so(data, tmp_path, monkeypatch, capsys):
+    """Emulated bf16 is slower than float32: the user is told, and the run still trains."""
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    train.main(args(data, tmp_path, "nobf16", 1, "--amp", "bf16"))
+    assert "no bf16 instructions" in capsys.readouterr().out
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    train.main(args(data, tmp_path, "bf16", 1, "--amp", "bf16"))
+    assert "no bf16 instructions" not in capsys.readouterr().out
+    assert weights(tmp_path / "nobf16")["step"] == 1
+
+
 def test_channels_last_trains_the_same_model_and_resumes(data, tmp_path):
     """--channels_last changes the memory layout only: the same weights after 6 steps, also when the run
     is stopped after 3 and resumed (Adam's state reloaded into the NHWC layout)."""
