@@ -409,16 +409,16 @@ def batch_scenes(seed, step, num_scenes, batch_size):
     return torch.from_numpy(out)
 
 
-def draw_views(seed, step, scene, num_views, max_context):
+def draw_views(seed, step, scene, num_views, max_context, min_context=1):
     """Context and query views of one scene at one step -> (context LongTensor [M], query int).
 
-    M is uniform in 1..max_context (capped at num_views - 1) and the query is never a context view.
+    M is uniform in min_context..max_context (both capped at num_views - 1) and the query is never a context view.
     """
     k = min(max_context, num_views - 1)
     if k < 1:
         raise ValueError(f"need at least 2 views per scene, got {num_views}")
     rng = _rng(seed, _VIEWS, step, scene)
-    m = int(rng.integers(1, k + 1))
+    m = int(rng.integers(min(max(min_context, 1), k), k + 1))
     perm = rng.permutation(num_views)[:m + 1]
     return torch.from_numpy(perm[:m]), int(perm[m])
 
@@ -438,18 +438,20 @@ def scene_noise(seed, step, scene, noise_shape):
 class TrainBatches(torch.utils.data.Dataset):
     """Map-style dataset of training batches: item `step` is this rank's slice of the global batch of that step.
 
-    Context views are zero-padded to K = max_context (capped at S - 1) for every batch, so shapes never change;
-    "mask" marks the real ones. Use as
+    Each scene gets M context views, M uniform in min_context..max_context; they are zero-padded to
+    K = max_context (capped at S - 1) for every batch, so shapes never change; "mask" marks the real ones. Use as
         DataLoader(TrainBatches(...), batch_size=None, sampler=range(start_step, total_steps), num_workers=w)
     """
 
-    def __init__(self, dataset, batch_size, max_context, seed, noise_shape=None, rank=0, world_size=1):
+    def __init__(self, dataset, batch_size, max_context, seed, noise_shape=None, rank=0, world_size=1,
+                 min_context=1):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.max_context = min(max_context, dataset.views - 1)
+        self.min_context = min_context
         self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
@@ -468,7 +470,7 @@ class TrainBatches(torch.utils.data.Dataset):
         x_q = np.empty((b, h, w, 3), dtype=np.uint8)
         v_q = np.empty((b, 7), dtype=np.float32)
         for n, scene in enumerate(scenes.tolist()):
-            context, query = draw_views(self.seed, step, scene, ds.views, k)
+            context, query = draw_views(self.seed, step, scene, ds.views, k, self.min_context)
             m = len(context)
             cameras = ds._load_into(scene, context.tolist() + [query], list(x[n, :m]) + [x_q[n]])
             v[n, :m], v_q[n] = cameras[:m], cameras[m]

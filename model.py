@@ -3,7 +3,8 @@
 Names, as in the paper:
     x, v        context images (B, M, 3, H, W) in [0, 1] and viewpoints (B, M, 7); mask (B, M) marks real views
     x_q, v_q    query image (B, 3, H, W) and viewpoint (B, 7)
-    r           scene representation, Σ over context views of f(x_i, v_i) (representation.py, fig. S1)
+    r           scene representation, Σ over context views of f(x_i, v_i) (representation.py, fig. S1), or with
+                representation "volume" the context read along the query camera's rays (volume.py)
     h_g, c_g    generation core state; h_e, c_e inference core state (core.py, fig. S2), 128x16x16
     u           canvas, 128x64x64; z latent 3x16x16 per step; L steps; sigma the pixel standard deviation
     η_π, η_q    prior and posterior heads: 5x5 convolutions of h_g and h_e to the mean and log std of z_l
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core import GenerationCore, InferenceCore, tap_product
 from representation import SceneEncoder
+from volume import Volume
 
 ELBO = namedtuple("ELBO", ["elbo", "kl", "nll"])  # each (B,), nats per image; elbo = -(kl + nll)
 
@@ -62,11 +64,14 @@ class GQN(nn.Module):
     """Generative Query Network: representation network + L-step inference/generation cores."""
 
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
-                 h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False):
+                 h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
+                 fov=20.0, near=2.7, far=3.97):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
                            checkpoint_activations=checkpoint_activations)
+        if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
+            self.config.update(fov=fov, near=near, far=far)
         if L < 1:
             raise ValueError(f"L (the number of generation steps) must be at least 1, got {L}")
         if image_size % 4:
@@ -74,7 +79,10 @@ class GQN(nn.Module):
         self.L, self.shared_core, self.z_dim, self.h_dim, self.u_dim = L, shared_core, z_dim, h_dim, u_dim
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
-        self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
+        if representation == "volume":
+            self.representation = Volume(x_channels, r_dim, image_size, fov, near, far)
+        else:
+            self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
         r_spatial = self.representation.r_size > 1
         n = 1 if shared_core else L
         self.inference_core = InferenceCore(n, x_channels, v_dim, r_dim, r_spatial, h_dim, u_dim)
@@ -182,7 +190,7 @@ class GQN(nn.Module):
         if eps is not None and tuple(eps.shape[1:]) != self.noise_shape:
             raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (B, *model.noise_shape) = "
                              f"(B, {', '.join(map(str, self.noise_shape))})")
-        r = self.representation(x, v, mask)
+        r = self.representation(x, v, mask, v_q)
         if eps is None:
             eps = torch.randn(x_q.shape[0], *self.noise_shape, device=x_q.device, dtype=x_q.dtype)
         kl, mean = self._run(r, v_q, x_q, eps)
@@ -193,7 +201,7 @@ class GQN(nn.Module):
     def generate(self, x, v, v_q, mask=None, generator=None):
         """Image (B, 3, H, W) in [0, 1] seen from v_q: the observation mean, z drawn from the prior."""
         self._check(x, v, v_q, None, mask)
-        r = self.representation(x, v, mask)
+        r = self.representation(x, v, mask, v_q)
         noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
         return self._run(r, v_q, None, noise)[1]
 
@@ -201,6 +209,6 @@ class GQN(nn.Module):
     def reconstruct(self, x, v, v_q, x_q, mask=None, generator=None):
         """Image (B, 3, H, W) in [0, 1]: the observation mean with z drawn from the posterior given x_q."""
         self._check(x, v, v_q, x_q, mask)
-        r = self.representation(x, v, mask)
+        r = self.representation(x, v, mask, v_q)
         noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
         return self._run(r, v_q, x_q, noise)[1]

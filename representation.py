@@ -81,13 +81,15 @@ class SceneEncoder(nn.Module):
     def __init__(self, representation="pool", x_channels=3, v_dim=7, r_dim=256, image_size=64):
         super().__init__()
         if representation not in NETWORKS:
-            raise ValueError(f"representation must be one of {', '.join(NETWORKS)}, got {representation!r}")
+            raise ValueError(f"representation must be one of {', '.join(NETWORKS)} or volume, got {representation!r}")
         self.net = NETWORKS[representation](x_channels, v_dim, r_dim, image_size)
         # r's spatial size: tower 16x16 (H/4), pyramid and pool 1x1 (they reach the cores by broadcasting)
         self.r_size = image_size // 4 if representation == "tower" else 1
 
-    def forward(self, x, v, mask=None):
-        """x (B, M, 3, H, W), v (B, M, 7), mask bool (B, M) or None (all real) -> r (B, r_dim, h, w)."""
+    def forward(self, x, v, mask=None, v_q=None):
+        """x (B, M, 3, H, W), v (B, M, 7), mask bool (B, M) or None (all real) -> r (B, r_dim, h, w).
+
+        v_q is not used: the paper's r does not depend on the query (volume.py's does)."""
         B, M = x.shape[:2]
         x, v = x.flatten(0, 1), v.flatten(0, 1)  # (B*M, 3, H, W), (B*M, 7)
         if mask is None:

@@ -64,6 +64,8 @@ class Config:
     train_data_dir: str = ""
     test_data_dir: str = ""
     dataset: str = ""                    # "" = the name the data records; sets K, the maximum context size
+    min_context: int = 1                 # context views per training scene: uniform in min_context..max_context
+    max_context: int = 0                 # 0 = K, the data set's (the paper draws 1..K)
     # Model: GQN(representation, L, shared_core, ...) (model.py)
     representation: str = "pool"
     layers: int = 12                     # L, generation steps
@@ -73,6 +75,9 @@ class Config:
     z_dim: int = 3
     u_dim: int = 128
     image_size: int = 64                 # the model's; stored images of another size are resized (area)
+    fov: float = 20.0                    # representation "volume" only: the cameras' field of view in degrees,
+    near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
+    far: float = 3.97                    # Shepard-Metzler: cameras 10/3 from the object's centre)
     # Optimisation (supplementary "Training")
     gradient_steps: int = 2_000_000
     batch_size: int = 36                 # global: split across DDP ranks / DataParallel devices
@@ -175,6 +180,8 @@ def build_parser():
                                "omit both data folders for the default job on the built-in data set")
     a("--test_data_dir", help="test split folder (fixed test batch: test ELBO and image grids)")
     a("--dataset", help="Room, Jaco, Labyrinth, Shepard-Metzler or a DeepMind name (default: what the data records)")
+    a("--min_context", type=positive_int, help="fewest context views per training scene (default: 1)")
+    a("--max_context", type=positive_int, help="most context views per training scene (default: K, the data set's)")
     a("--gradient_steps", type=positive_int, help="number of gradient steps (paper: 2M)")
     a("--batch_size", type=positive_int, help="scenes per step, global over all devices and ranks (paper: 36)")
     a("--root_log_dir", help="root of run folders (default: runs)")
@@ -183,7 +190,9 @@ def build_parser():
     a("--save_interval", type=positive_int, help="steps between checkpoints (latest.pt and step_N.pt)")
     a("--workers", type=nonneg_int, help="data loading processes (0 = in the training process)")
     a("--device_ids", type=nonneg_int, nargs="+", help="CUDA devices; more than one: nn.DataParallel (default: 0)")
-    a("--representation", choices=["pool", "tower", "pyramid"], help="representation network (default: pool)")
+    a("--representation", choices=["pool", "tower", "pyramid", "volume"],
+      help="representation network: the paper's pool, tower or pyramid, or volume (volume.py: the context read "
+           "along the query camera's rays) (default: pool)")
     a("--layers", type=positive_int, help="L, the number of generation steps (default: 12)")
     a("--shared_core", type=str2bool, help="share the cores' weights across the L steps: True/False (default False)")
     a("--seed", type=nonneg_int, help="random seed (default: drawn, and recorded)")
@@ -199,6 +208,9 @@ def build_parser():
     a("--grad_clip", type=float, help="clip the gradient norm to this (default: 0 = off)")
     for name in ("r_dim", "h_dim", "z_dim", "u_dim", "image_size"):
         a(f"--{name}", type=positive_int, help=f"model {name} (preset's by default)")
+    a("--fov", type=float, help="volume: the cameras' field of view in degrees (default: 20, Shepard-Metzler)")
+    a("--near", type=float, help="volume: nearest depth sampled along the query rays (default: 2.7)")
+    a("--far", type=float, help="volume: farthest depth sampled along the query rays (default: 3.97)")
 
     def error(message):  # argparse's usage block + exit 2 -> the project's one line + exit 1
         raise UserError(message)
@@ -227,6 +239,12 @@ def check_config(cfg, world_size):
         raise UserError(f"--batch_size {cfg.batch_size} does not split evenly over {world_size} processes")
     if cfg.image_size % 4:
         raise UserError(f"--image_size {cfg.image_size}: must be a multiple of 4 (the canvas is 4x the state)")
+    if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
+        raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
+    if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):
+        raise UserError(f"--near {cfg.near} and --far {cfg.far}: need 0 < near < far")
+    if cfg.max_context and cfg.min_context > cfg.max_context:
+        raise UserError(f"--min_context {cfg.min_context} is more than --max_context {cfg.max_context}")
     if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
         missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"
         raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")
@@ -587,7 +605,7 @@ def _train(cfg, given, dist):
     torch.manual_seed(cfg.seed)
     model = GQN(representation=cfg.representation, L=cfg.layers, shared_core=cfg.shared_core, r_dim=cfg.r_dim,
                 h_dim=cfg.h_dim, z_dim=cfg.z_dim, u_dim=cfg.u_dim, image_size=cfg.image_size,
-                checkpoint_activations=cfg.checkpoint_activations)
+                checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far)
     # fused: one kernel for all parameters instead of a loop of small ops (the paper model's step: 390 -> 50 ms on CPU)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_i, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  fused=True)
@@ -623,7 +641,8 @@ def _train(cfg, given, dist):
     n_params = sum(p.numel() for p in model.parameters())
     log(f"GQN: {n_params / 1e6:.2f}M parameters, representation {cfg.representation}, L={cfg.layers}; "
         f"data {dataset} ({len(train_ds)} train / {len(test_ds)} test scenes, {train_ds.image_size}px"
-        f"{'' if train_ds.image_size == cfg.image_size else f' resized to {cfg.image_size}px'}, K={max_context}); "
+        f"{'' if train_ds.image_size == cfg.image_size else f' resized to {cfg.image_size}px'}, K={max_context}, "
+        f"{cfg.min_context}-{min(cfg.max_context or max_context, train_ds.views - 1)} context views a scene); "
         f"device {device}{f' x {dist.world_size} processes' if dist.started else ''}")
 
     def make_ckpt(step):
@@ -661,8 +680,9 @@ def _train(cfg, given, dist):
         # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it resumed from.
         writer = SummaryWriter(logdir=run_dir, purge_step=start + 1 if start > 0 else None)
 
-    batches = TrainBatches(train_ds, cfg.batch_size, max_context, cfg.seed, noise_shape=model.noise_shape,
-                           rank=dist.rank, world_size=dist.world_size)
+    batches = TrainBatches(train_ds, cfg.batch_size, cfg.max_context or max_context, cfg.seed,
+                           noise_shape=model.noise_shape, rank=dist.rank, world_size=dist.world_size,
+                           min_context=cfg.min_context)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, total),
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     # bf16 autocast (or nothing), built once; the loss itself is always taken in float32.

@@ -122,6 +122,18 @@ def test_results_repeat_exactly_and_elbo_does_not_depend_on_batch_size(setup):
     assert e["scenes"] == 2
 
 
+def test_volume_checkpoint_scores_repeat_in_any_batching(tmp_path):
+    """The volume representation samples fixed depths in evaluation: scores repeat and ignore the batching."""
+    test = make_data(tmp_path / "test", scenes=5)
+    ckpt = str(make_checkpoint(tmp_path / "v.pt", representation="volume"))
+    a = run_main(["--checkpoint", ckpt, "--test_data_dir", str(test), "--batch_size", "2"])
+    b = run_main(["--checkpoint", ckpt, "--test_data_dir", str(test), "--batch_size", "5"])
+    for k in ("elbo", "kl", "nll"):  # the posterior noise is a function of (seed, scene), as for the others
+        assert b[k] == pytest.approx(a[k], rel=1e-5)
+    assert run_main(["--checkpoint", ckpt, "--test_data_dir", str(test), "--batch_size", "2"]) == a
+    assert a["scenes"] == 5 and 0 < a["rmse"] < 255
+
+
 def test_stored_size_of_training_data_is_resized(tmp_path):
     # Training resized 32x32 data to the model's 16x16: evaluation does the same.
     test = make_data(tmp_path / "test", scenes=2, size=2 * SIZE)

@@ -204,6 +204,11 @@ def test_draw_views_is_pure_and_valid():
     assert ms == set(range(1, 15))  # every M of 1..K occurs
     assert max(len(draw_views(0, s, 0, 10, 5)[0]) for s in range(200)) == 5
     assert not torch.equal(draw_views(7, 3, 0, 300, 20)[0], draw_views(7, 4, 0, 300, 20)[0])
+    # a range of context sizes: every M in it occurs and no other; min_context 1 is the default draw
+    assert {len(draw_views(0, s, 0, 15, 6, min_context=4)[0]) for s in range(200)} == {4, 5, 6}
+    assert {len(draw_views(0, s, 0, 15, 3, min_context=3)[0]) for s in range(20)} == {3}
+    assert all(torch.equal(draw_views(0, s, 1, 15, 9, min_context=1)[0], draw_views(0, s, 1, 15, 9)[0])
+               for s in range(20))
 
 
 def test_batch_scenes_walks_a_permutation_per_epoch():
@@ -243,6 +248,8 @@ def test_train_batches_content(converted):
         assert torch.equal(batch["x"][n, :m], x[:m]) and torch.equal(batch["v"][n, :m], v[:m])
         assert torch.equal(batch["x_q"][n], x[m]) and torch.equal(batch["v_q"][n], v[m])
         assert not batch["x"][n, m:].any() and not batch["v"][n, m:].any()  # zero padding
+    exactly3 = TrainBatches(ds, batch_size=4, max_context=3, seed=3, min_context=3)[5]
+    assert exactly3["mask"].all() and exactly3["x"].shape[1] == 3
     assert batch["x"].is_contiguous()
     assert torch.equal(tb[5]["eps"], batch["eps"])
 

@@ -9,10 +9,10 @@ import render
 from test_evaluate import SIZE, make_checkpoint, make_data
 
 
-@pytest.fixture
-def setup(tmp_path):
+@pytest.fixture(params=["pool", "volume"])
+def setup(tmp_path, request):
     data = make_data(tmp_path / "test", scenes=2, views=6)
-    return tmp_path, str(make_checkpoint(tmp_path / "latest.pt")), str(data)
+    return tmp_path, str(make_checkpoint(tmp_path / "latest.pt", representation=request.param)), str(data)
 
 
 def test_camera_round_trips_yaw_and_pitch_and_looks_at_the_centre():

@@ -255,6 +255,10 @@ def test_bad_input_gets_one_clear_line(data, tmp_path, capsys):
          "cnn"),
         (["--train_data_dir", data[0], "--test_data_dir", data[1], "--image_size", "30"], "--image_size", "30"),
         (["--train_data_dir", data[0], "--test_data_dir", data[1], "--learning_rate", "1"], "--learning_rate", ""),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--fov", "200"], "--fov", "200"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--min_context", "4", "--max_context", "2"],
+         "--min_context 4", "--max_context 2"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--near", "4", "--far", "3"], "--near 4.0", "far"),
         (["--resume", "--log_dir", "nothing_here"], "--resume", "latest.pt"),
     ]
     # The command line itself for a few (exit status, no traceback from the interpreter); main() for the rest.
@@ -283,6 +287,13 @@ def test_engineering_flags_reach_the_model(data, tmp_path):
     cfg = ckpt["model_config"]
     assert cfg["checkpoint_activations"] is True and cfg["shared_core"] is True and cfg["representation"] == "tower"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_volume_representation_and_its_cameras_reach_the_model(data, tmp_path):
+    train.main(args(data, tmp_path, "volume", 2, "--representation", "volume", "--fov", "25", "--near", "3",
+                    "--far", "3.6"))
+    cfg = weights(tmp_path / "volume")["model_config"]
+    assert (cfg["representation"], cfg["fov"], cfg["near"], cfg["far"]) == ("volume", 25.0, 3.0, 3.6)
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_says_so(data, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,116 @@
+"""volume.py: its cameras agree with the renderer's pixels, and r behaves as a scene representation should."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from dataset import shepard_metzler as sm
+from gqn_dataset import pose7
+from model import GQN
+from volume import Volume, camera_frames, project
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def random_cameras(n, seed):
+    return pose7(torch.from_numpy(sm.random_cameras(np.random.default_rng(seed), n)))
+
+
+def test_camera_frames_are_orthonormal_and_look_at_the_centre():
+    v = random_cameras(50, 0)
+    o, d, right, up = camera_frames(v)
+    for a in (d, right, up):
+        torch.testing.assert_close(a.norm(dim=-1), torch.ones(50))
+    for a, b in ((d, right), (d, up), (right, up)):
+        torch.testing.assert_close((a * b).sum(-1), torch.zeros(50), atol=1e-6, rtol=0)
+    torch.testing.assert_close(o + sm.DISTANCE * d, torch.zeros(50, 3), atol=1e-5, rtol=0)
+    assert (up[:, 2] > 0).all()  # world z is image up
+
+
+def test_projection_lands_on_the_rendered_cube():
+    """A cube placed off-centre: its projected centre is its silhouette's centre in the renderer's images."""
+    rng = np.random.default_rng(1)
+    cams5 = sm.random_cameras(rng, 15)
+    v = pose7(torch.from_numpy(cams5))
+    for offset in ([2, -1, 1], [-2, 0, -2], [0, 2, 2]):
+        centre = np.array([offset], np.float64) * sm.CUBE
+        images = sm.render_views(centre, np.ones((1, 3)), cams5).max(-1)  # (15, 64, 64)
+        xy, seen = project(torch.tensor(centre, dtype=torch.float32)[None], v[None], math.tan(sm.FOV / 2))
+        assert seen.all()
+        for k, image in enumerate(images):
+            rows, cols = np.nonzero(image > 0)  # every face, lit or not
+            col = (xy[0, k, 0, 0].item() + 1) / 2 * 64  # grid_sample's [-1, 1] across the image's outer edges
+            row = (xy[0, k, 0, 1].item() + 1) / 2 * 64
+            assert abs(cols.mean() + 0.5 - col) < 1 and abs(rows.mean() + 0.5 - row) < 1
+
+
+def test_points_behind_the_camera_or_outside_the_image_are_not_seen():
+    v = random_cameras(1, 2)[None]  # (1, 1, 7)
+    o, d, _, _ = camera_frames(v[0, 0])
+    points = torch.stack([o - d, o + 10 * d, o + 3 * d + 5 * torch.tensor([0, 0, 1.0])])[None]
+    _, seen = project(points, v, math.tan(sm.FOV / 2))
+    assert seen[0, 0].tolist() == [False, True, False]
+
+
+def scenes(B=3, K=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, K, 3, size, size, generator=g)
+    v = random_cameras(B * K + B, seed).view(B, K + 1, 7)
+    return x, v[:, :K].contiguous(), v[:, K].contiguous()
+
+
+def test_r_shape_and_padded_views_do_not_count():
+    torch.manual_seed(0)
+    net = Volume(r_dim=16, image_size=16).eval()  # eval: the depths are fixed, not jittered
+    x, v, v_q = scenes()
+    r = net(x, v, None, v_q)
+    assert r.shape == (3, 16, 4, 4)
+    # the same scenes with two padded views of noise appended and masked out
+    pad_x = torch.cat([x, torch.rand(3, 2, 3, 16, 16)], 1)
+    pad_v = torch.cat([v, random_cameras(6, 9).view(3, 2, 7)], 1)
+    mask = torch.arange(6)[None].expand(3, 6) < 4
+    torch.testing.assert_close(net(pad_x, pad_v, mask, v_q), r, atol=1e-5, rtol=1e-5)
+
+
+def test_r_ignores_view_order_and_depends_on_the_query_camera():
+    torch.manual_seed(0)
+    net = Volume(r_dim=16, image_size=16).eval()
+    x, v, v_q = scenes()
+    r = net(x, v, None, v_q)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(net(x[:, perm], v[:, perm], None, v_q), r, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(net(x, v, None, v_q.roll(1, 0)), r, atol=1e-3)
+
+
+def test_bad_camera_settings_are_refused():
+    with pytest.raises(ValueError, match="fov"):
+        Volume(fov=0)
+    with pytest.raises(ValueError, match="near < far"):
+        Volume(near=4.0, far=3.0)
+
+
+def test_gqn_with_volume_trains_and_its_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = GQN("volume", L=2, r_dim=16, h_dim=8, z_dim=2, u_dim=8, image_size=16, fov=30.0, near=2.5, far=4.5)
+    x, v, v_q = scenes(B=4)
+    x_q = torch.rand(4, 3, 16, 16)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    losses = []
+    for _ in range(30):  # one batch, over and over: the loss must fall, through the representation too
+        loss = -model(x, v, v_q, x_q, 0.1).elbo.mean()
+        opt.zero_grad()
+        loss.backward()
+        assert model.representation.point[0].weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 500  # 2125 -> 997 nats when written
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 30}, [path])
+    again = build_model(load_checkpoint(path))
+    assert again.config["fov"] == 30.0 and again.config["near"] == 2.5 and again.config["far"] == 4.5
+    g = torch.Generator().manual_seed(0)
+    first = model.eval().generate(x, v, v_q, generator=g)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(again.eval().generate(x, v, v_q, generator=g), first)
