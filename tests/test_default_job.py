@@ -25,7 +25,7 @@ def test_python_train_py_with_no_data_then_evaluate(tmp_path):
     assert (run / "samples.png").stat().st_size > 0 and (run / "config.json").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
     ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
-    assert ckpt["step"] == 60 and ckpt["model_config"]["representation"] == "tower"
+    assert ckpt["step"] == 60 and ckpt["model_config"]["representation"] == "volume"
 
     data = tmp_path / "data" / "shepard_metzler_5_parts"
     out = tmp_path / "eval.json"
