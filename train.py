@@ -113,7 +113,7 @@ class Config:
 # Tuned on held-out RMSE (evaluate.py): the paper's representations (pool, tower, pyramid) must learn 3D geometry
 # from scratch and were still at 0.93x the mean image's RMSE after this budget; the volume representation reads the
 # context along the query rays with the cameras' geometry and gets under 0.8x. Training uses exactly the 3 context
-# views the test uses (1-14 views would cost 2-4x more per step here and did not help the tower). Small batches buy
+# views the test uses (1-14 views made a step 3.4x slower here and did not help the tower). Small batches buy
 # more steps; sigma anneals over the whole run, since a low sigma early makes the model lean on z before its prior
 # can predict it, and prior samples then miss the query view.
 CPU_PRESET = dict(
