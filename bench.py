@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+import cli
+from checkpoint import atomic_write
+from cli import UserError, nonneg_int, positive_int, str2bool
 from model import ELBO, GQN
 
 PRESETS = {
@@ -140,10 +143,6 @@ def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
 
 # ----------------------------------------------------------------------------------------- measuring
 
-class UserError(Exception):
-    """Bad input from the user: printed as one `error: ...` line by main(), exit status 1."""
-
-
 def _maxrss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -233,17 +232,9 @@ def fmt_bytes(n):
     return f"{n / 2 ** 20:.0f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
 
 
-def parse_bool(s):
-    if s.lower() in ("true", "1", "yes"):
-        return True
-    if s.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True/False/1/0, got {s!r}")
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configurations (default: cpu-check on the CPU, "
                    "paper on CUDA); the flags below override or, with --representation, replace it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -255,19 +246,20 @@ def main():
     p.add_argument("--channels_last", action="store_true",
                    help="channels_last (NHWC) weights and inputs, as train.py --channels_last")
     p.add_argument("--representation", choices=["pyramid", "tower", "pool"])
-    p.add_argument("--layers", type=int, help="L")
-    p.add_argument("--shared_core", type=parse_bool)
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--context", type=int, help="context views per scene")
-    p.add_argument("--image_size", type=int)
-    p.add_argument("--steps", type=int, help="timed steps per run (default 3 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 1 on CPU, 5 on CUDA; more with --compile)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each measurement, interleaved (default 2)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--layers", type=positive_int, help="L")
+    p.add_argument("--shared_core", type=str2bool)
+    p.add_argument("--batch_size", type=positive_int)
+    p.add_argument("--context", type=positive_int, help="context views per scene")
+    p.add_argument("--image_size", type=positive_int)
+    p.add_argument("--steps", type=positive_int, help="timed steps per run (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=nonneg_int,
+                   help="untimed steps first (default 1 on CPU, 5 on CUDA; more with --compile)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="runs of each measurement, interleaved (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args._worker:
         print(json.dumps(measure(json.loads(args._worker))))
         return
@@ -286,8 +278,6 @@ def main():
                          ("context", args.context), ("image_size", args.image_size)):
             if val is not None:
                 c[key] = val
-        if c["batch_size"] < 1 or c["context"] < 1 or c["L"] < 1:
-            raise UserError("--batch_size, --context and --layers must be at least 1")
     if args.compile_mode:
         args.compile = True
     cuda = device == "cuda"
@@ -339,15 +329,12 @@ def main():
                             ms=[r[path] for r in runs]))
     print("\n".join(rows))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, results=out), f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, json.dumps(dict(device=name, torch=torch.__version__, results=out), indent=1).encode())
+
+
+def main(argv=None):
+    cli.main(run, argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

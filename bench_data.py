@@ -9,14 +9,12 @@ of ../shared/fixtures into a temporary folder. One command, one table:
 The torch-gqn-style reader is what torch-gqn's GQNDataset does per scene: gzip, unpickle (torch.load of a
 pickled Scene), Pillow-decode all S frames. Timings run on one thread (torch.set_num_threads(1)).
 """
-import argparse
 import collections
 import gzip
 import io
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -25,9 +23,12 @@ import simplejpeg
 import torch
 from PIL import Image
 
+import cli
+from cameras import pose7
+from cli import UserError, positive_int
 from dataset.convert2torch import convert_shard
 from dataset.tfrecord import parse_example, read_records, write_records
-from gqn_dataset import GQNDataset, TrainBatches, pose7, write_shard
+from gqn_dataset import GQNDataset, TrainBatches, write_shard
 
 SM5 = "shepard_metzler_5_parts"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,17 +109,18 @@ def loader_rate(loader, scenes_per_batch):
     return n * scenes_per_batch / (time.perf_counter() - t)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenes", type=int, default=200, help="scenes in the benchmark data")
-    parser.add_argument("--batch", type=int, default=36, help="training batch size (the paper's 36)")
-    parser.add_argument("--steps", type=int, default=30, help="training batches timed per loader")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the N-worker rows")
-    parser.add_argument("--fixtures", default=os.path.join(os.path.dirname(ROOT), "shared", "fixtures"))
-    args = parser.parse_args()
+def run(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=positive_int, default=200, help="scenes in the benchmark data (default 200)")
+    parser.add_argument("--batch", type=positive_int, default=36, help="training batch size (the paper's 36)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="training batches timed per loader (default 30)")
+    parser.add_argument("--workers", type=positive_int, default=2,
+                        help="DataLoader workers for the N-worker rows (default 2)")
+    parser.add_argument("--fixtures", default=os.path.join(os.path.dirname(ROOT), "shared", "fixtures"),
+                        help="the fixtures folder (default ../shared/fixtures)")
+    args = parser.parse_args(argv)
     if not os.path.isdir(os.path.join(args.fixtures, "gqn-tfrecord")):
-        print(f"error: --fixtures {args.fixtures} does not hold gqn-tfrecord/", file=sys.stderr)
-        sys.exit(1)
+        raise UserError(f"--fixtures {args.fixtures} does not hold gqn-tfrecord/")
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -171,6 +173,10 @@ def main():
         else:
             ratio = f"{ours / theirs if faster_is_higher else theirs / ours:.1f}x"
         print(f"| {what:<56} | {f'{ours:.0f} {unit}':>13} | {theirs_s:>19} | {ratio:>8} |")
+
+
+def main(argv=None):
+    cli.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt.
     from checkpoint import load_checkpoint, build_model
     ckpt = load_checkpoint("runs/default/checkpoints/latest.pt")
     model = build_model(ckpt).eval()
+    model, ckpt = load_model("runs/default/checkpoints/latest.pt", device)   # the same, errors as one line
 """
 import io
 import os
@@ -20,8 +21,10 @@ import tempfile
 import numpy as np
 import torch
 
+from cli import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A file that is not a loadable GQN checkpoint; the message names it."""
 
 
@@ -79,6 +82,42 @@ def build_model(ckpt):
     model = GQN(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def load_model(path, device="cpu", flag="--checkpoint"):
+    """Rebuild the GQN a checkpoint holds -> (model in eval mode on device, checkpoint dict).
+
+    Errors name the flag that gave the path (CheckpointError: `--checkpoint PATH: ...`).
+    """
+    try:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag} {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # model_config or weights from another version
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{flag} {path}: weights do not fit its model_config ({first})") from None
+    return model.to(device).eval(), ckpt
+
+
+def input_size(ckpt, ds, folder, flag):
+    """Check that the checkpoint's model can read this data set; the model's image size (data resized to it)."""
+    cfg = ckpt["model_config"]
+    size = int(cfg.get("image_size", 64))
+    trained_on = int((ckpt.get("data") or {}).get("image_size", size))
+    v_dim = int(cfg.get("v_dim", 7))
+    channels = int(cfg.get("x_channels", 3))
+    if v_dim != 7:
+        raise UserError(f"{flag} {folder}: viewpoints are 7-d (x, y, z, sin/cos yaw, sin/cos pitch) but the "
+                        f"checkpoint's model takes {v_dim}-d viewpoints")
+    if channels != 3:
+        raise UserError(f"{flag} {folder}: images have 3 channels but the checkpoint's model takes {channels}")
+    # Resizing is only faithful when it repeats what training did; other sizes would score a model on
+    # inputs it never saw, so they are refused rather than silently interpolated.
+    if ds.image_size != size and ds.image_size != trained_on:
+        raise UserError(f"{flag} {folder}: images are {ds.image_size}x{ds.image_size} but the checkpoint's "
+                        f"model takes {size}x{size} (trained on {trained_on}x{trained_on} data)")
+    return size
 
 
 def rng_state():

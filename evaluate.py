@@ -19,107 +19,21 @@ training did (the checkpoint records the stored size it trained on); any other s
     python evaluate.py --checkpoint runs/default/checkpoints/latest.pt --test_data_dir data/shepard_metzler_5_parts/test
     python evaluate.py --checkpoint C --test_data_dir D --train_data_dir T --context 3 --json results.json
 """
-import argparse
 import json
-import math
 import os
-import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from gqn_dataset import DatasetError, open_split
+import cli
+from checkpoint import atomic_write, input_size, load_model
+from cli import UserError
+from gqn_dataset import FixedViews, fixed_views, open_split, resize
+from metrics import bits_per_dim, image_errors
+from pictures import novel_views, panels_grid
 
 SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the likelihood the scores refer to
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one `error: ...` line by main(), exit status 1."""
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def image_errors(pred, target):
-    """Per-image MAE and RMSE of pred against target, both float (B, C, H, W) on the 0-255 scale -> (B,), (B,)."""
-    diff = (pred.double() - target.double()).flatten(1)
-    return diff.abs().mean(1), diff.pow(2).mean(1).sqrt()
-
-
-def bits_per_dim(nats_per_image, dims):
-    """Negative ELBO in nats per image -> bits per dimension of the 8-bit image.
-
-    The Gaussian is a density on [0, 1]^D; discretised into 256 bins of width 1/256 its probabilities are
-    the density times 256^-D, hence the 8 extra bits per dimension (the usual convention for image models).
-    """
-    return nats_per_image / (dims * math.log(2)) + 8.0
-
-
-def resize(x, size):
-    """uint8/float images (..., C, H, W) -> float (..., C, size, size); area interpolation as training does."""
-    x = x.float()
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    lead = x.shape[:-3]
-    x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="area")
-    return x.reshape(*lead, *x.shape[-3:])
-
-
-# ----------------------------------------------------------------------------- checkpoint and data
-
-def load_model(path, device="cpu"):
-    """Rebuild the GQN a checkpoint holds -> (model in eval mode on device, checkpoint dict)."""
-    from checkpoint import CheckpointError, build_model, load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt)
-    except CheckpointError as e:
-        raise UserError(f"--checkpoint {e}") from None
-    except (TypeError, ValueError, RuntimeError) as e:  # model_config or weights from another version
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--checkpoint {path}: weights do not fit its model_config ({first})") from None
-    return model.to(device).eval(), ckpt
-
-
-def input_size(ckpt, ds, folder, flag):
-    """Check that the checkpoint's model can read this data; the model's image size (data resized to it)."""
-    cfg = ckpt["model_config"]
-    size = int(cfg.get("image_size", 64))
-    trained_on = int((ckpt.get("data") or {}).get("image_size", size))
-    v_dim = int(cfg.get("v_dim", 7))
-    channels = int(cfg.get("x_channels", 3))
-    if v_dim != 7:
-        raise UserError(f"{flag} {folder}: viewpoints are 7-d (x, y, z, sin/cos yaw, sin/cos pitch) but the "
-                        f"checkpoint's model takes {v_dim}-d viewpoints")
-    if channels != 3:
-        raise UserError(f"{flag} {folder}: images have 3 channels but the checkpoint's model takes {channels}")
-    # Resizing is only faithful when it repeats what training did; other sizes would score a model on
-    # inputs it never saw, so they are refused rather than silently interpolated.
-    if ds.image_size != size and ds.image_size != trained_on:
-        raise UserError(f"{flag} {folder}: images are {ds.image_size}x{ds.image_size} but the checkpoint's "
-                        f"model takes {size}x{size} (trained on {trained_on}x{trained_on} data)")
-    return size
-
-
-class QueryViews(torch.utils.data.Dataset):
-    """Scene i -> its fixed K context views and query view: x (K,3,H,W) uint8, v (K,7), x_q (3,H,W), v_q (7,)."""
-
-    def __init__(self, ds, context, seed, scenes=None):
-        self.ds, self.context, self.seed = ds, context, seed
-        self.scenes = range(len(ds)) if scenes is None else scenes
-
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, k):
-        from gqn_dataset import fixed_views
-
-        i = int(self.scenes[k])
-        ctx, q = fixed_views(self.seed, i, self.ds.views, self.context)
-        frames, cameras = self.ds.load(i, [int(j) for j in ctx] + [int(q)])
-        return frames[:-1], cameras[:-1], frames[-1], cameras[-1], i
 
 
 def posterior_noise(noise_shape, seed, scenes):
@@ -163,7 +77,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
                         f"(the data has {ds.views} views per scene and one is the query)")
     size = size or model.config["image_size"]
     scenes = range(min(max_scenes, len(ds)) if max_scenes > 0 else len(ds))
-    loader = torch.utils.data.DataLoader(QueryViews(ds, context, seed, scenes), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(FixedViews(ds, context, seed, scenes), batch_size=batch_size,
                                          num_workers=workers)
     g = torch.Generator(device=device)
     sums = {k: 0.0 for k in ("elbo", "kl", "nll", "mae", "rmse", "base_mae", "base_rmse")}
@@ -208,9 +122,6 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     Scalars eval/<metric> and images eval/novel_views/scene_<i> (context, a ring of new viewpoints, the
     scene's other views beside their truth) go to the tensorboardX `writer` at `step`; returns the scores.
     """
-    import render
-    from gqn_dataset import fixed_views
-
     size = size or model.config["image_size"]
     context = min(context, test_ds.views - 1)
     was_training = model.training
@@ -223,8 +134,8 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     for i in np.linspace(0, len(test_ds) - 1, min(image_scenes, len(test_ds))).round().astype(int).tolist():
         frames, cameras = test_ds[i]
         ctx, _ = fixed_views(seed, i, test_ds.views, context)
-        panels = render.novel_views(model, frames, cameras, ctx, 12, seed, size)
-        writer.add_image(f"eval/novel_views/scene_{i}", np.asarray(render.grid(panels, scale=2)), step,
+        panels = novel_views(model, frames, cameras, ctx, 12, seed, size)
+        writer.add_image(f"eval/novel_views/scene_{i}", np.asarray(panels_grid(panels, scale=2)), step,
                          dataformats="HWC")
     writer.flush()
     model.train(was_training)
@@ -233,8 +144,6 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
 
 def write_json(path, obj):
     """Atomic (checkpoint.atomic_write): a reader never sees half a file."""
-    from checkpoint import atomic_write
-
     try:
         atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
     except OSError as err:
@@ -256,44 +165,26 @@ def table(r):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (e.g. <run>/checkpoints/latest.pt)")
-    p.add_argument("--test_data_dir", required=True, help="converted test split folder")
-    p.add_argument("--train_data_dir", default=None,
-                   help="training split folder: also score the mean-training-image baseline")
-    p.add_argument("--baseline_scenes", type=int, default=2000,
-                   help="training scenes averaged for the mean image, spread over the split (0 = all)")
-    p.add_argument("--context", type=int, default=3, help="context views per scene (K)")
-    p.add_argument("--max_scenes", type=int, default=0, help="score only the first N test scenes (0 = all)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="chooses the views and the noise")
-    p.add_argument("--json", default=None, help="also write the results here (atomically)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding JPEGs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.workers < 0:
-        p.error(f"--workers {args.workers}: must be at least 0")
-    if args.max_scenes < 0:
-        p.error(f"--max_scenes {args.max_scenes}: must be at least 0 (0 = all)")
-    if args.baseline_scenes < 0:
-        p.error(f"--baseline_scenes {args.baseline_scenes}: must be at least 0 (0 = all)")
-    return args
-
-
-def open_device(name):
-    """torch.device(name), checked by allocating on it: a missing CUDA device is one clear line."""
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {name}: not available ({str(e).splitlines()[0]})") from None
-    return device
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--checkpoint", required=True, help="a train.py checkpoint (e.g. <run>/checkpoints/latest.pt)")
+    a("--test_data_dir", required=True, help="converted test split folder")
+    a("--train_data_dir", default=None, help="training split folder: also score the mean-training-image baseline")
+    a("--baseline_scenes", type=cli.nonneg_int, default=2000,
+      help="training scenes averaged for the mean image, spread over the split (0 = all; default 2000)")
+    a("--context", type=cli.positive_int, default=3, help="context views per scene (default 3)")
+    a("--max_scenes", type=cli.nonneg_int, default=0, help="score only the first N test scenes (default 0 = all)")
+    a("--batch_size", type=cli.positive_int, default=32, help="scenes per batch (default 32)")
+    a("--seed", type=cli.nonneg_int, default=0, help="chooses the views and the noise (default 0)")
+    a("--json", default=None, help="also write the results here (atomically)")
+    a("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers decoding JPEGs (default 0)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu, cuda or cuda:N (default: cuda when present)")
+    return p.parse_args(argv)
 
 
 def run(args):
-    device = open_device(args.device)
+    device = cli.open_device(args.device)
     if args.json and os.path.isdir(args.json):  # found out before the long run, not after it
         raise UserError(f"--json {args.json}: is a folder; give a file name")
     model, ckpt = load_model(args.checkpoint, device)
@@ -318,12 +209,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    return cli.main(lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Follows the data of Eslami et al. 2018 (supplementary section "Datasets" and the
 section "Training"): a scene is S views, each an image x^k and a viewpoint v^k; a training example is M context
 views (x, v), M drawn uniformly in 1..K per scene (K = MAX_CONTEXT: rooms 5, jaco 7, mazes 20, Shepard-Metzler
 15), and one other view of the same scene as the query (x_q, v_q). Viewpoints are 7-d, in the order of
-DeepMind's gqn-datasets data_reader.py: (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch).
+DeepMind's gqn-datasets data_reader.py: (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch) (cameras.py).
 
 Converted split folder: one `torch.save` file per source shard (`001-of-900.pt`), loadable with
 `torch.load(p, weights_only=True, mmap=True)`: {"format": "gqn-jpeg-v1", "dataset", "image_size", "views",
@@ -24,6 +24,10 @@ import zipfile
 import numpy as np
 import simplejpeg
 import torch
+import torch.nn.functional as F
+
+from cameras import pose7
+from cli import UserError
 
 FORMAT = "gqn-jpeg-v1"
 
@@ -49,29 +53,12 @@ DATASETS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A folder or file that is not GQN data this module can read; the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the converted format
-
-def pose7(cameras5):
-    """[..., 5] (x, y, z, yaw, pitch) -> [..., 7] (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch).
-
-    DeepMind's order (data_reader.py's _preprocess_cameras), computed in float32 as TensorFlow does.
-    numpy in -> float32 numpy out; tensor in -> float32 tensor out.
-    """
-    if cameras5.shape[-1] != 5:
-        raise ValueError(f"pose7 expects [..., 5] cameras, got shape {tuple(cameras5.shape)}")
-    if isinstance(cameras5, torch.Tensor):
-        c = cameras5.to(torch.float32)
-        yaw, pitch = c[..., 3:4], c[..., 4:5]
-        return torch.cat([c[..., :3], yaw.sin(), yaw.cos(), pitch.sin(), pitch.cos()], dim=-1)
-    c = np.asarray(cameras5, dtype=np.float32)
-    yaw, pitch = c[..., 3:4], c[..., 4:5]
-    return np.concatenate([c[..., :3], np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch)], axis=-1)
-
 
 def _umask():
     mask = os.umask(0)
@@ -430,6 +417,24 @@ def fixed_views(seed, scene, num_views, context):
     return torch.from_numpy(perm[:k]), int(perm[k])
 
 
+class FixedViews(torch.utils.data.Dataset):
+    """Evaluation views: item k -> scene i = scenes[k] with its fixed_views, as
+    (x uint8 [K, 3, H, W], v [K, 7], x_q uint8 [3, H, W], v_q [7], i)."""
+
+    def __init__(self, ds, context, seed, scenes=None):
+        self.ds, self.context, self.seed = ds, context, seed
+        self.scenes = range(len(ds)) if scenes is None else scenes
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, k):
+        i = int(self.scenes[k])
+        ctx, q = fixed_views(self.seed, i, self.ds.views, self.context)
+        frames, cameras = self.ds.load(i, [int(j) for j in ctx] + [int(q)])
+        return frames[:-1], cameras[:-1], frames[-1], cameras[-1], i
+
+
 def scene_noise(seed, step, scene, noise_shape):
     """Standard-normal float32 noise [*noise_shape] for one scene at one step (the posterior's eps)."""
     return _rng(seed, _EPS, step, scene).standard_normal(tuple(noise_shape), dtype=np.float32)
@@ -483,3 +488,25 @@ class TrainBatches(torch.utils.data.Dataset):
             batch["eps"] = torch.from_numpy(np.stack(
                 [scene_noise(self.seed, step, s, self.noise_shape) for s in scenes.tolist()]))
         return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's view of the data
+
+def resize(x, size):
+    """Images (..., C, H, W) -> float (..., C, size, size), area interpolation when the sizes differ.
+
+    Area interpolation averages whole pixels, as a camera of lower resolution would see the scene; training,
+    evaluation and rendering all resize this way, so a model sees at test time what it saw in training.
+    """
+    x = x.float()
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    lead = x.shape[:-3]
+    x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="area")
+    return x.reshape(*lead, *x.shape[-3:])
+
+
+def to_model(images, size, device):
+    """uint8 images (..., 3, H, W) -> float in [0, 1] on device at the model's size (resize)."""
+    return resize(images.to(device, non_blocking=True).float().div_(255), size)

@@ -26,20 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cameras import camera_frames
+
 # Sizes: the cheapest of the settings tried that scored best in the default run (README: the default run).
 SAMPLES = 16      # depths per ray: one per 0.45 cube side over the Shepard-Metzler depth range
 SUBCELLS = 2      # rays per side of each of r's cells: silhouettes at half the image's resolution
 FEATURES = 16     # channels of the per-view features and of the per-point feature f
 HIDDEN = 32       # width of the per-point MLP
-
-
-def camera_frames(v):
-    """DeepMind poses v (..., 7) -> camera origin, forward d, right and up unit vectors, each (..., 3)."""
-    sin_yaw, cos_yaw, sin_pitch, cos_pitch = v[..., 3], v[..., 4], v[..., 5], v[..., 6]
-    d = torch.stack([cos_pitch * cos_yaw, -cos_pitch * sin_yaw, sin_pitch], -1)
-    right = torch.stack([-sin_yaw, -cos_yaw, torch.zeros_like(sin_yaw)], -1)  # d x world z, normalised
-    up = torch.cross(right, d, dim=-1)
-    return v[..., :3], d, right, up
 
 
 def project(points, v, tan_half_fov):

@@ -22,13 +22,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.tfrecord import TFRecordError, parse_example, read_records  # noqa: E402
-from gqn_dataset import DATASETS, pose7, write_shard  # noqa: E402
+from cameras import pose7  # noqa: E402
+from cli import ArgumentParser, UserError, main as cli_main, positive_int  # noqa: E402
+from gqn_dataset import DATASETS, write_shard  # noqa: E402
 
 SPLITS = ("train", "test")
-
-
-class UserError(Exception):
-    """Bad input from the command line; main() prints it as one line and exits 1."""
 
 
 def convert_shard(src, dst, dataset):
@@ -152,37 +150,25 @@ def convert(src_root, dst_root, datasets=None, workers=1):
     return errors
 
 
-def _usage_error(message):
-    # argparse would print the usage block and exit 2; bad input here is one line and exit status 1.
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src_root", metavar="SRC_ROOT", help="folder holding <dataset>/<split>/*.tfrecord")
     parser.add_argument("dst_root", metavar="DST_ROOT", help="output folder (<dataset>/<split>/*.pt)")
     parser.add_argument("--datasets", nargs="+", metavar="NAME", help="only these data sets (default: all found)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes (default: "
-                        "all cores)")
-    parser.error = _usage_error
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="parallel processes (default: all cores)")
     args = parser.parse_args(argv)
-    try:
-        if args.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {args.workers}")
-        errors = convert(args.src_root, args.dst_root, args.datasets, args.workers)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; finished shards are kept, run again to continue", file=sys.stderr)
-        sys.exit(130)
+    errors = convert(args.src_root, args.dst_root, args.datasets, args.workers)
     if errors:
         print(f"{len(errors)} shard(s) failed:", file=sys.stderr)
         for e in errors:
             print(f"  {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv=None):
+    cli_main(run, argv, interrupted="interrupted; finished shards are kept, run again to continue")
 
 
 if __name__ == "__main__":

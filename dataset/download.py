@@ -7,7 +7,6 @@ Fetches `<base-url>/<NAME>/<train|test>/<file>` for the file names of data_reade
 as `<file>.part` and resumed with an HTTP Range request; a file gets its real name only when complete (atomic
 rename), so finished files are skipped on the next run. Ends by printing the convert2torch command.
 """
-import argparse
 import http.client
 import math
 import os
@@ -19,15 +18,12 @@ import urllib.request
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import ArgumentParser, UserError, main as cli_main  # noqa: E402
 from gqn_dataset import DATASETS  # noqa: E402
 
 BASE_URL = "https://storage.googleapis.com/gqn-dataset"
 CHUNK = 1 << 20
 RETRIES = 5
-
-
-class UserError(Exception):
-    """Bad input or a download that cannot go on; main() prints it as one line and exits 1."""
 
 
 def shard_names(name, split, fraction=1.0):
@@ -103,32 +99,22 @@ def download(name, dst, fraction=1.0, base_url=BASE_URL, splits=("train", "test"
     return len(jobs)
 
 
-def _usage_error(message):
-    # argparse would print the usage block and exit 2; bad input here is one line and exit status 1.
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(argv):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(sorted(DATASETS))}")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="fetch only the first fraction of each split's files (default 1: all)")
     parser.add_argument("--dst", default=os.path.join("data", "tfrecord"),
                         help="folder for <NAME>/<split>/*.tfrecord (default data/tfrecord)")
     parser.add_argument("--base-url", default=BASE_URL, help=f"bucket URL (default {BASE_URL})")
-    parser.error = _usage_error
     args = parser.parse_args(argv)
-    try:
-        n = download(args.name, args.dst, args.fraction, args.base_url)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; run again to resume", file=sys.stderr)
-        sys.exit(130)
+    n = download(args.name, args.dst, args.fraction, args.base_url)
     print(f"fetched {n} files into {os.path.join(args.dst, args.name)}; now convert them with:")
     print(f"python dataset/convert2torch.py {args.dst} data --datasets {args.name}")
+
+
+def main(argv=None):
+    cli_main(run, argv, interrupted="interrupted; run again to resume")
 
 
 if __name__ == "__main__":

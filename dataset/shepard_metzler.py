@@ -21,7 +21,6 @@ Side by side with the real frames (same cameras): the real object re-rendered ma
 Usage:
     python dataset/shepard_metzler.py --out data/shepard_metzler_7_parts --train_scenes 20000 --test_scenes 2000
 """
-import argparse
 import concurrent.futures
 import io
 import math
@@ -30,13 +29,16 @@ import os
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gqn_dataset import pose7, write_shard  # noqa: E402
+import cameras  # noqa: E402
+from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
+from gqn_dataset import write_shard  # noqa: E402
 
 IMAGE_SIZE = 64
 VIEWS = 15
@@ -54,10 +56,6 @@ AMBIENT, HEADLIGHT, SUN, WHITE = 0.33, 0.35, 0.59, 0.19
 LIGHT = np.array([0.63, 0.59, 0.51]) / np.linalg.norm([0.63, 0.59, 0.51])
 # Self-avoiding walk steps: the six face neighbours on the grid.
 STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
-
-
-class UserError(Exception):
-    """Bad input from the command line or caller; main() prints it as one line."""
 
 
 def dataset_name(parts):
@@ -93,17 +91,11 @@ def random_object(rng, parts):
     return centres, random_colours(rng, parts)
 
 
-def view_directions(yaw, pitch):
-    """DeepMind's viewing direction d = (cos p cos y, -cos p sin y, sin p), [..., 3]."""
-    cp = np.cos(pitch)
-    return np.stack([cp * np.cos(yaw), -cp * np.sin(yaw), np.sin(pitch)], axis=-1)
-
-
 def random_cameras(rng, views=VIEWS):
     """float32 [views, 5] (x, y, z, yaw, pitch): on the sphere of radius 10/3, looking at the origin."""
     yaw = rng.integers(0, YAW_STEPS, views) * (2 * math.pi / YAW_STEPS)
     pitch = rng.integers(PITCH_STEPS[0], PITCH_STEPS[1] + 1, views) * (math.pi / 100)
-    position = -DISTANCE * view_directions(yaw, pitch)
+    position = -DISTANCE * cameras.direction(yaw, pitch)
     return np.concatenate([position, yaw[:, None], pitch[:, None]], axis=1).astype(np.float32)
 
 
@@ -149,20 +141,17 @@ def _shadowed(o, rays, view, entry, axis, sign, lo, hi):
     return ((t_exit > np.maximum(t_enter, 0)) & (t_exit > 0)).any(0)
 
 
-def render_views(centres, colours, cameras, size=IMAGE_SIZE, supersample=SUPERSAMPLE):
-    """Ray-cast axis-aligned cubes of side CUBE: uint8 [V, size, size, 3] for cameras [V, 5] (x, y, z, yaw, pitch).
+def render_views(centres, colours, raw, size=IMAGE_SIZE, supersample=SUPERSAMPLE):
+    """Ray-cast axis-aligned cubes of side CUBE: uint8 [V, size, size, 3] for raw cameras [V, 5] (x, y, z, yaw, pitch).
 
     One ray per pixel, only for pixels inside some cube's projected bounding box, all views and cubes in one
     vectorised slab test; then supersample x supersample rays for pixels on an edge (antialiasing).
     """
     centres = np.asarray(centres, np.float64)
     colours = np.asarray(colours, np.float64)
-    yaw, pitch = cameras[:, 3].astype(np.float64), cameras[:, 4].astype(np.float64)
-    d = view_directions(yaw, pitch)                                         # (V, 3)
+    yaw, pitch = raw[:, 3].astype(np.float64), raw[:, 4].astype(np.float64)
+    d, right, up = cameras.axes(np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch))  # (V, 3) each
     o = -DISTANCE * d                                                       # looking at the object's centre
-    right = np.cross(d, [0.0, 0.0, 1.0])                                    # world z is image up
-    right /= np.linalg.norm(right, axis=1, keepdims=True)
-    up = np.cross(right, d)
     f = size / 2 / math.tan(FOV / 2)                                        # focal length in pixels
     V, C = len(d), len(centres)
     lo, hi = centres - CUBE / 2, centres + CUBE / 2
@@ -240,9 +229,9 @@ def render_scene(seed, split, index, parts=7, views=VIEWS):
     # Seeding per scene makes the output independent of shard size and worker count.
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     centres, colours = random_object(rng, parts)
-    cameras = random_cameras(rng, views)
-    images = render_views(centres, colours, cameras)
-    return [encode_jpeg(im) for im in images], cameras
+    raw = random_cameras(rng, views)
+    images = render_views(centres, colours, raw)
+    return [encode_jpeg(im) for im in images], raw
 
 
 def _render_chunk(args):
@@ -332,8 +321,8 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
                 pending += scenes
                 bar.update(len(scenes))
             frames = [f for f, _ in pending[:count]]
-            cameras = pose7(np.stack([c for _, c in pending[:count]]))
-            write_shard(path, frames, cameras, dataset_name(parts), IMAGE_SIZE)
+            poses = cameras.pose7(np.stack([c for _, c in pending[:count]]))
+            write_shard(path, frames, poses, dataset_name(parts), IMAGE_SIZE)
             pending = pending[count:]
             if i + 1 == len(shards) or shards[i + 1][0] != split:  # split complete: swap it in
                 folder = os.path.join(out, split)
@@ -349,36 +338,50 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
     return [os.path.join(out, s) for s, _ in splits]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Render Shepard-Metzler scenes (GQN's built-in data set) into "
+def render_once(out, train_scenes, test_scenes, parts, seed=0, workers=1):
+    """Render the data set into out/ unless a whole one is there already -> (train, test) folders.
+
+    train.py's default data: rendered into a side folder and renamed, so a run killed half-way never leaves half
+    a data set; an empty or half-filled `out` from elsewhere is set aside (out.old-<time>), not deleted.
+    """
+    splits = os.path.join(out, "train"), os.path.join(out, "test")
+    if all(os.path.isdir(s) and any(f.endswith(".pt") for f in os.listdir(s)) for s in splits):
+        print(f"Using the built-in data set in {out}/ (rendered before).")
+        return splits
+    print(f"Rendering the built-in data set once: {train_scenes} + {test_scenes} Shepard-Metzler scenes of {parts} "
+          f"cubes, {VIEWS} views each, into {out}/ (about a minute on 2 cores).")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    render_dataset(partial, train_scenes, test_scenes, parts=parts, seed=seed, workers=workers)
+    if os.path.exists(out):
+        os.replace(out, out + f".old-{int(time.time())}")
+    os.replace(partial, out)
+    return splits
+
+
+def run(argv):
+    p = ArgumentParser(description="Render Shepard-Metzler scenes (GQN's built-in data set) into "
                                             "OUT/train and OUT/test in the converted format.")
     p.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
-    p.add_argument("--train_scenes", type=int, required=True, help="number of training scenes")
-    p.add_argument("--test_scenes", type=int, required=True, help="number of test scenes")
-    p.add_argument("--parts", type=int, default=7, help="cubes per object (DeepMind: 5 or 7)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes")
-    p.add_argument("--scenes_per_shard", type=int, default=250, help="scenes per .pt file")
+    p.add_argument("--train_scenes", type=nonneg_int, required=True, help="number of training scenes")
+    p.add_argument("--test_scenes", type=nonneg_int, required=True, help="number of test scenes")
+    p.add_argument("--parts", type=positive_int, default=7, help="cubes per object (DeepMind: 5 or 7; default 7)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes (default 1)")
+    p.add_argument("--scenes_per_shard", type=positive_int, default=250, help="scenes per .pt file (default 250)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/train, OUT/test")
-
-    # argparse prints usage plus the message and exits 2; the project wants one line and exit 1.
-    def error(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-    p.error = error
     args = p.parse_args(argv)
     try:
         folders = render_dataset(args.out, args.train_scenes, args.test_scenes, parts=args.parts, seed=args.seed,
                                  workers=args.workers, scenes_per_shard=args.scenes_per_shard,
                                  overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
-        sys.exit(1)
+        raise UserError(f"{e.filename or args.out}: {e.strerror}") from None
     print("wrote " + ", ".join(folders))
+
+
+def main(argv=None):
+    cli_main(run, argv)
 
 
 if __name__ == "__main__":

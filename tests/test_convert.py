@@ -125,7 +125,7 @@ def test_datasets_filter(src, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,what", [(["{tmp}/nope", "{tmp}/dst"], "SRC_ROOT {tmp}/nope is not a folder"),
                                        (["{src}", "{tmp}/dst", "--datasets", "lego"], "unknown data set 'lego'"),
-                                       (["{src}", "{tmp}/dst", "--workers", "0"], "--workers must be at least 1"),
+                                       (["{src}", "{tmp}/dst", "--workers", "0"], "--workers: expected a positive integer, got '0'"),
                                        (["{src}/" + SM5, "{tmp}/dst"], "is a data set folder"),
                                        (["{src}", "{tmp}/dst", "--bogus"], "unrecognized arguments: --bogus")])
 def test_bad_command_lines(src, tmp_path, capsys, args, what):

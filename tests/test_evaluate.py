@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import evaluate
+import metrics
 from gqn_dataset import GQNDataset, write_shard
 from model import GQN
 
@@ -63,7 +65,7 @@ def run_main(argv):
 
 def test_image_errors_perfect_predictor_scores_zero():
     x = torch.rand(4, 3, 8, 8) * 255
-    mae, rmse = evaluate.image_errors(x, x.clone())
+    mae, rmse = metrics.image_errors(x, x.clone())
     assert mae.tolist() == [0.0] * 4 and rmse.tolist() == [0.0] * 4
 
 
@@ -71,15 +73,15 @@ def test_rmse_is_per_image_then_averaged():
     target = torch.zeros(2, 3, 4, 4)
     pred = target.clone()
     pred[1] += 4.0  # image 0 perfect, image 1 off by 4 everywhere
-    mae, rmse = evaluate.image_errors(pred, target)
+    mae, rmse = metrics.image_errors(pred, target)
     assert rmse.tolist() == [0.0, 4.0] and mae.tolist() == [0.0, 4.0]
     assert rmse.mean().item() == 2.0  # not sqrt(mean of all squared errors) = 2.83
 
 
 def test_bits_per_dim_of_a_uniform_density_is_eight():
     # A density of 1 on [0, 1]^D (0 nats) is the uniform distribution over the 256 grey levels.
-    assert evaluate.bits_per_dim(0.0, 3 * 64 * 64) == pytest.approx(8.0)
-    assert evaluate.bits_per_dim(3 * 64 * 64 * math.log(2), 3 * 64 * 64) == pytest.approx(9.0)
+    assert metrics.bits_per_dim(0.0, 3 * 64 * 64) == pytest.approx(8.0)
+    assert metrics.bits_per_dim(3 * 64 * 64 * math.log(2), 3 * 64 * 64) == pytest.approx(9.0)
 
 
 def test_mean_image_is_the_mean_of_every_view(tmp_path):
@@ -184,7 +186,7 @@ def test_end_of_training_report_reaches_tensorboard(setup):
     from tensorboardX import SummaryWriter
 
     tmp, ckpt, test, train = setup
-    model, _ = evaluate.load_model(ckpt)
+    model, _ = checkpoint.load_model(ckpt)
     writer = SummaryWriter(logdir=str(tmp / "tb"))
     r = evaluate.end_of_training(writer, 7, model, GQNDataset(train), GQNDataset(test), progress=False)
     writer.close()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cameras
 import gqn_dataset as gd
 from dataset.convert2torch import convert
 from gqn_dataset import DatasetError, GQNDataset, TrainBatches, batch_scenes, draw_views, fixed_views
@@ -87,10 +88,10 @@ def test_scenes_are_numbered_through_shards_in_name_order(converted, tmp_path):
 def test_pose7_is_deepmind_order():
     c5 = np.array([[1.0, 2.0, 3.0, 0.3, -0.2]], dtype=np.float32)
     want = [1, 2, 3, np.sin(0.3), np.cos(0.3), np.sin(-0.2), np.cos(-0.2)]
-    np.testing.assert_allclose(gd.pose7(c5)[0], want, rtol=1e-6)
-    np.testing.assert_allclose(gd.pose7(torch.from_numpy(c5)).numpy()[0], want, rtol=1e-6)
+    np.testing.assert_allclose(cameras.pose7(c5)[0], want, rtol=1e-6)
+    np.testing.assert_allclose(cameras.pose7(torch.from_numpy(c5)).numpy()[0], want, rtol=1e-6)
     with pytest.raises(ValueError):
-        gd.pose7(np.zeros((2, 7)))
+        cameras.pose7(np.zeros((2, 7)))
 
 
 # ---------------------------------------------------------------------------------------------- legacy folders

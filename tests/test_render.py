@@ -5,6 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+import cameras
+import pictures
 import render
 from test_evaluate import SIZE, make_checkpoint, make_data
 
@@ -17,8 +19,8 @@ def setup(tmp_path, request):
 
 def test_camera_round_trips_yaw_and_pitch_and_looks_at_the_centre():
     yaw, pitch = torch.tensor([0.3, -2.0, 3.0]), torch.tensor([0.5, -0.2, 1.1])
-    v = render.camera(10 / 3, yaw, pitch)
-    y, p = render.angles(v)
+    v = cameras.look_at(10 / 3, yaw, pitch)
+    y, p = cameras.angles(v)
     assert torch.allclose(y, yaw, atol=1e-6) and torch.allclose(p, pitch, atol=1e-6)
     assert torch.allclose(v[:, :3].norm(dim=-1), torch.full((3,), 10 / 3))
     # DeepMind's cameras sit at -dist * d: the view direction d points from the camera to the centre.
@@ -27,9 +29,9 @@ def test_camera_round_trips_yaw_and_pitch_and_looks_at_the_centre():
 
 
 def test_ring_keeps_the_scenes_distance_and_pitch_and_steps_evenly():
-    cams = render.camera(3.0, torch.tensor([0.1, 1.0, 2.0]), torch.tensor([0.2, 0.4, 0.3]))
-    r = render.ring(cams, 8)
-    y, p = render.angles(r)
+    cams = cameras.look_at(3.0, torch.tensor([0.1, 1.0, 2.0]), torch.tensor([0.2, 0.4, 0.3]))
+    r = cameras.ring(cams, 8)
+    y, p = cameras.angles(r)
     assert torch.allclose(r[:, :3].norm(dim=-1), torch.full((8,), 3.0), atol=1e-5)
     assert torch.allclose(p, torch.full((8,), 0.3), atol=1e-5)
     assert y[0].item() == pytest.approx(0.1, abs=1e-6)
@@ -44,7 +46,7 @@ def test_png_has_one_row_per_panel(setup):
                  "--views", "4", "--context", "2", "--scale", "1", "--device", "cpu"])
     im = Image.open(out)
     cols = max(2, 4, 6 - 2)
-    assert im.size == (render.LABEL + cols * (SIZE + render.GAP), 4 * (SIZE + render.GAP) + render.GAP)
+    assert im.size == (pictures.LABEL + cols * (SIZE + pictures.GAP), 4 * (SIZE + pictures.GAP) + pictures.GAP)
     assert [p.name for p in out.parent.iterdir()] == ["scene.png"]  # no temp file left
 
 
@@ -55,8 +57,8 @@ def test_gif_plays_the_ring_then_the_held_out_views(setup):
                  "--context", "3", "--scale", "2", "--device", "cpu"])
     im = Image.open(out)
     assert im.n_frames == 5 + (6 - 3)
-    tile, gap = 2 * SIZE, 2 * render.GAP
-    assert im.size == ((3 + 2) * (tile + gap) + 3 * gap, render.label_px(tile) + 6 + tile + gap)
+    tile, gap = 2 * SIZE, 2 * pictures.GAP
+    assert im.size == ((3 + 2) * (tile + gap) + 3 * gap, pictures.label_px(tile) + 6 + tile + gap)
 
 
 def test_same_seed_same_picture(setup):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dataset import shepard_metzler as sm
+import cameras
 import gqn_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ REAL_OBJECTS = [
 
 def cameras5(yaw, pitch):
     yaw, pitch = np.asarray(yaw, np.float64), np.asarray(pitch, np.float64)
-    position = -sm.DISTANCE * sm.view_directions(yaw, pitch)
+    position = -sm.DISTANCE * cameras.direction(yaw, pitch)
     return np.concatenate([position, yaw[:, None], pitch[:, None]], 1).astype(np.float32)
 
 
@@ -51,7 +52,7 @@ def test_camera_geometry_follows_deepmind():
     assert pitch.min() < -1.3 and pitch.max() > 1.45                          # covers the real range
     np.testing.assert_allclose(pitch / (math.pi / 100), np.round(pitch / (math.pi / 100)), atol=1e-4)
     np.testing.assert_allclose(yaw / (math.pi / 50), np.round(yaw / (math.pi / 50)), atol=1e-4)
-    v = gqn_dataset.pose7(cams)                                               # (x, y, z, sy, cy, sp, cp)
+    v = cameras.pose7(cams)                                               # (x, y, z, sy, cy, sp, cp)
     d = np.stack([v[:, 6] * v[:, 4], -v[:, 6] * v[:, 3], v[:, 5]], 1)        # view direction from the pose alone
     np.testing.assert_allclose(np.linalg.norm(v[:, :3], axis=1), 10 / 3, atol=1e-5)
     np.testing.assert_allclose(v[:, :3], -(10 / 3) * d, atol=1e-5)           # looks at the centre

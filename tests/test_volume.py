@@ -7,9 +7,9 @@ import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from dataset import shepard_metzler as sm
-from gqn_dataset import pose7
+from cameras import camera_frames, pose7
 from model import GQN
-from volume import Volume, camera_frames, project
+from volume import Volume, project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,85 @@
+"""DeepMind's camera convention, in one place: raw cameras, the 7-d pose v, camera frames, look-at cameras, rings.
+
+Eslami et al. 2018 condition on a viewpoint v^k per image. gqn-datasets stores five raw numbers per view,
+(x, y, z, yaw, pitch) in radians with world z up, and data_reader.py turns them into the 7-d pose the networks
+read, v = (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch) (torch-gqn puts cos first: not DeepMind's order).
+The camera at (x, y, z) looks along d = (cos p cos y, -cos p sin y, sin p); image right is d x z (normalised),
+image up is right x d, so world z is image up and the image is not mirrored. Shepard-Metzler cameras sit 10/3
+from the object's centre and look at it (placed at -(10/3) d) with a 20-degree field of view.
+
+Users: gqn_dataset.py and dataset/convert2torch.py (raw -> pose7), volume.py (camera_frames), the renderer in
+dataset/shepard_metzler.py (directions and frames, in float64 numpy), render.py (look_at, ring, angles).
+Every function takes numpy arrays or torch tensors and returns the same kind.
+"""
+import math
+
+import numpy as np
+import torch
+
+
+def _torch(a):
+    return isinstance(a, torch.Tensor)
+
+
+def _stack(parts, like):
+    return torch.stack(parts, -1) if _torch(like) else np.stack(parts, axis=-1)
+
+
+def direction(yaw, pitch):
+    """The view direction d (..., 3) of cameras with this yaw and pitch (radians, arrays of one shape)."""
+    m = torch if _torch(yaw) else np
+    return axes(m.sin(yaw), m.cos(yaw), m.sin(pitch), m.cos(pitch))[0]
+
+
+def pose7(raw):
+    """Raw cameras (..., 5) (x, y, z, yaw, pitch) -> the 7-d pose (..., 7) (x, y, z, sin/cos yaw, sin/cos pitch).
+
+    Computed in float32 as TensorFlow does in data_reader.py (the converted data holds these exact bits).
+    """
+    if raw.shape[-1] != 5:
+        raise ValueError(f"pose7 expects [..., 5] cameras, got shape {tuple(raw.shape)}")
+    if _torch(raw):
+        c = raw.to(torch.float32)
+        yaw, pitch = c[..., 3:4], c[..., 4:5]
+        return torch.cat([c[..., :3], yaw.sin(), yaw.cos(), pitch.sin(), pitch.cos()], dim=-1)
+    c = np.asarray(raw, dtype=np.float32)
+    yaw, pitch = c[..., 3:4], c[..., 4:5]
+    return np.concatenate([c[..., :3], np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch)], axis=-1)
+
+
+def axes(sin_yaw, cos_yaw, sin_pitch, cos_pitch):
+    """Forward d, right and up unit vectors (..., 3) of a camera, from its angles' sines and cosines."""
+    m = torch if _torch(sin_yaw) else np
+    d = _stack([cos_pitch * cos_yaw, -cos_pitch * sin_yaw, sin_pitch], sin_yaw)
+    right = _stack([-sin_yaw, -cos_yaw, m.zeros_like(sin_yaw)], sin_yaw)  # d x world z, normalised (for |pitch| < 90)
+    up = torch.cross(right, d, dim=-1) if _torch(d) else np.cross(right, d)
+    return d, right, up
+
+
+def camera_frames(v):
+    """7-d poses v (..., 7) -> camera origin, forward d, right and up unit vectors, each (..., 3)."""
+    return (v[..., :3], *axes(v[..., 3], v[..., 4], v[..., 5], v[..., 6]))
+
+
+def angles(v):
+    """7-d poses (..., 7) -> yaw, pitch (...) in radians."""
+    m = torch if _torch(v) else np
+    return m.arctan2(v[..., 3], v[..., 4]), m.arctan2(v[..., 5], v[..., 6])
+
+
+def look_at(distance, yaw, pitch):
+    """7-d poses (N, 7) of cameras looking at the origin from `distance`, as DeepMind's data places them."""
+    yaw, pitch = torch.as_tensor(yaw, dtype=torch.float32), torch.as_tensor(pitch, dtype=torch.float32)
+    pitch = pitch.expand_as(yaw)
+    return torch.cat([-distance * direction(yaw, pitch), torch.stack([yaw.sin(), yaw.cos(), pitch.sin(),
+                                                                      pitch.cos()], -1)], -1)
+
+
+def ring(v, n, yaw0=None, pitch=None):
+    """n poses evenly spaced in yaw around the scene whose views sit at v (S, 7): the views' mean distance and
+    pitch (or `pitch`), starting at the first view's yaw (or `yaw0`)."""
+    yaw, p = angles(v)
+    distance = v[:, :3].norm(dim=-1).mean()
+    yaw0 = yaw[0] if yaw0 is None else torch.as_tensor(yaw0)
+    pitch = p.mean() if pitch is None else torch.as_tensor(pitch, dtype=torch.float32)
+    return look_at(distance, yaw0 + torch.arange(n) * (2 * math.pi / n), pitch)
