@@ -14,7 +14,9 @@ from PIL import Image
 
 import train
 from conftest import ROOT
-from train import UserError, parse_args, resolve_dataset
+import config
+from cli import UserError
+from config import parse_args, resolve_dataset
 
 # A tiny GQN on 16x16 images (the 64x64 data resized): a step takes milliseconds.
 TINY = ["--layers", "2", "--r_dim", "8", "--h_dim", "8", "--u_dim", "8", "--z_dim", "2", "--image_size", "16",
@@ -196,8 +198,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, ca
 
 def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
-    monkeypatch.setitem(train.PRESETS, "cpu", {**train.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
+    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
+    monkeypatch.setitem(config.PRESETS, "cpu", {**config.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
                                                "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 2,
                                                "log_interval": 1, "save_interval": 2, "workers": 0})
     train.main([])

@@ -1,0 +1,270 @@
+"""A training run's configuration: the Config dataclass, the presets, the flags, the resume rules, data-set names.
+
+The `paper` preset is Eslami et al. 2018's configuration (supplementary "Training": pool representation,
+L = 12 unshared cores, batch 36, Adam, learning rate 5e-4 -> 5e-5 over 1.6M steps, pixel σ 2.0 -> 0.7 over
+200K, 2M steps); the `cpu` preset is the default job's, a GQN small enough for a 2-core CPU. `python train.py`
+without data folders takes `cpu`, with them `paper`; `--preset` picks either and any flag overrides it.
+torch-gqn's flags keep their names and meanings. `python train.py --help` shows both presets' defaults.
+"""
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from cli import ArgumentParser, UserError, nonneg_int, positive_float, positive_int, str2bool
+from gqn_dataset import MAX_CONTEXT
+
+WHOLE_RUN = 0  # --lr_n / --sigma_n 0: anneal over --gradient_steps, whatever the run's length
+
+
+@dataclass
+class Config:
+    """One run, fully resolved. The defaults are the paper's configuration (the 'paper' preset)."""
+    # Data (torch-gqn's flags)
+    train_data_dir: str = ""
+    test_data_dir: str = ""
+    dataset: str = ""                    # "" = the name the data records; sets K, the maximum context size
+    min_context: int = 1                 # context views per training scene: uniform in min_context..max_context
+    max_context: int = 0                 # 0 = K, the data set's (the paper draws 1..K)
+    # Model: GQN(representation, L, shared_core, ...) (model.py)
+    representation: str = "pool"
+    layers: int = 12                     # L, generation steps
+    shared_core: bool = False
+    r_dim: int = 256
+    h_dim: int = 128
+    z_dim: int = 3
+    u_dim: int = 128
+    image_size: int = 64                 # the model's; stored images of another size are resized (area)
+    fov: float = 20.0                    # representation "volume" only: the cameras' field of view in degrees,
+    near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
+    far: float = 3.97                    # Shepard-Metzler: cameras 10/3 from the object's centre)
+    # Optimisation (supplementary "Training"; scheduler.py)
+    gradient_steps: int = 2_000_000
+    batch_size: int = 36                 # global: split across DDP ranks / DataParallel devices
+    lr_i: float = 5e-4
+    lr_f: float = 5e-5
+    lr_n: float = 1.6e6                  # WHOLE_RUN: --gradient_steps
+    sigma_i: float = 2.0
+    sigma_f: float = 0.7
+    sigma_n: float = 2e5                 # WHOLE_RUN: --gradient_steps
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0               # max gradient norm; 0 = off (the paper does not clip)
+    # Run
+    seed: int = -1                       # -1 = draw one (recorded in config.json and the checkpoints)
+    root_log_dir: str = "runs"
+    log_dir: str = "default"
+    log_interval: int = 100
+    save_interval: int = 10_000
+    workers: int = 4
+    device_ids: list = field(default_factory=lambda: [0])
+    amp: str = "none"                    # "bf16": autocast to bfloat16 (loss in float32)
+    compile: bool = False
+    checkpoint_activations: bool = False
+    channels_last: bool = False          # NHWC activations and weights (GPUs' fast convolution layout)
+    preset: str = "paper"
+    resume: bool = False
+
+
+# >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>> CPU PRESET (the default job) >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>
+# `python train.py` without data folders: a GQN small enough for a 2-core CPU, trained on the built-in
+# Shepard-Metzler set. The schedules anneal over the whole run, whatever --gradient_steps says.
+# BUILTIN_DATA is rendered once into data/<name>; delete that folder after changing it.
+# Tuned on held-out RMSE (docs/default-run.md): the paper's representations (pool, tower, pyramid) must learn 3D
+# geometry from scratch and were still at 0.93x the mean image's RMSE after this budget; the volume representation
+# reads the context along the query rays with the cameras' geometry and gets under 0.8x. Training uses exactly the
+# 3 context views the test uses (1-14 views made a step 3.4x slower here and did not help the tower). Small batches
+# buy more steps; sigma anneals over the whole run, since a low sigma early makes the model lean on z before its
+# prior can predict it, and prior samples then miss the query view.
+CPU_PRESET = dict(
+    representation="volume", layers=4, r_dim=64, h_dim=32, z_dim=3, u_dim=32, image_size=32,
+    min_context=3, max_context=3,
+    gradient_steps=4000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=WHOLE_RUN, sigma_i=2.0, sigma_f=0.7,
+    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0,
+)
+BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)
+# <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<< end of CPU PRESET <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
+
+PRESETS = {"paper": {}, "cpu": CPU_PRESET}
+
+# What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
+# the model, the data set or the optimisation.
+RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "log_interval", "save_interval",
+                     "workers", "device_ids", "amp", "compile", "checkpoint_activations", "channels_last",
+                     "resume"}
+
+# ------------------------------------------------------------------------------------------------ flags
+# flag: (type, meaning). Every argparse default is None: the preset fills what is not given, and --resume can tell
+# what was given. The help adds each preset's default.
+FLAGS = {
+    "train_data_dir": (str, "training split folder (converted shards or torch-gqn N.pt[.gz] files); omit both "
+                            "data folders for the default job on the built-in data set"),
+    "test_data_dir": (str, "test split folder (fixed test batch: test ELBO and image grids)"),
+    "dataset": (str, "Room, Jaco, Labyrinth, Shepard-Metzler or a DeepMind name; sets K, the largest context"),
+    "min_context": (positive_int, "fewest context views per training scene"),
+    "max_context": (positive_int, "most context views per training scene"),
+    "gradient_steps": (positive_int, "number of gradient steps"),
+    "batch_size": (positive_int, "scenes per step, global over all devices and ranks"),
+    "lr_i": (positive_float, "initial learning rate"),
+    "lr_f": (positive_float, "final learning rate"),
+    "lr_n": (float, "steps over which the learning rate anneals (0: the whole run)"),
+    "sigma_i": (positive_float, "initial pixel sigma"),
+    "sigma_f": (positive_float, "final pixel sigma"),
+    "sigma_n": (float, "steps over which sigma anneals (0: the whole run)"),
+    "root_log_dir": (str, "root of run folders"),
+    "log_dir": (str, "run folder name under --root_log_dir"),
+    "log_interval": (positive_int, "steps between logs (TensorBoard, log line)"),
+    "save_interval": (positive_int, "steps between checkpoints (latest.pt and step_N.pt)"),
+    "workers": (nonneg_int, "data loading processes (0 = in the training process)"),
+    "device_ids": (nonneg_int, "CUDA devices; more than one: nn.DataParallel"),
+    "representation": (["pool", "tower", "pyramid", "volume"],
+                       "the paper's pool, tower or pyramid, or volume (volume.py: the context read along the "
+                       "query camera's rays)"),
+    "layers": (positive_int, "L, the number of generation steps"),
+    "shared_core": (str2bool, "share the cores' weights across the L steps: True/False"),
+    "r_dim": (positive_int, "channels of r"),
+    "h_dim": (positive_int, "channels of the cores' hidden state h"),
+    "z_dim": (positive_int, "channels of the latent z"),
+    "u_dim": (positive_int, "channels of the canvas u"),
+    "image_size": (positive_int, "the model's image size (stored images are resized to it, area)"),
+    "fov": (float, "volume: the cameras' field of view in degrees"),
+    "near": (float, "volume: nearest depth sampled along the query rays"),
+    "far": (float, "volume: farthest depth sampled along the query rays"),
+    "seed": (nonneg_int, "random seed"),
+    "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
+    "amp": (["none", "bf16"], "mixed precision: bf16 autocast, the loss in float32"),
+    "compile": (str2bool, "torch.compile the model"),
+    "checkpoint_activations": (str2bool, "recompute activations in the backward pass to save memory"),
+    "channels_last": (str2bool, "NHWC weights and activations; the same function, meant for GPUs (no faster on "
+                                "the CPU)"),
+}
+
+
+METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME"}
+
+
+def _shown(name, value):
+    """How a default reads in --help (sentinels in words)."""
+    words = {("lr_n", WHOLE_RUN): "the whole run", ("sigma_n", WHOLE_RUN): "the whole run", ("max_context", 0): "K",
+             ("dataset", ""): "what the data records", ("train_data_dir", ""): "none", ("test_data_dir", ""): "none",
+             ("seed", -1): "drawn and recorded"}
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return words.get((name, value), value)
+
+
+def default_help(name):
+    """'(default: X)' or '(paper: X; cpu: Y)' with the values each preset gives `name`."""
+    values = {p: getattr(dataclasses.replace(Config(), **PRESETS[p]), name) for p in PRESETS}
+    if len(set(map(repr, values.values()))) == 1:
+        return f"(default: {_shown(name, values['paper'])})"
+    return "(" + "; ".join(f"{p}: {_shown(name, v)}" for p, v in values.items()) + ")"
+
+
+def build_parser():
+    p = ArgumentParser(description="Train a Generative Query Network (Eslami et al. 2018). Presets: 'cpu' when no "
+                                   "data folders are given (the default job on the built-in data), 'paper' when "
+                                   "they are; any flag overrides the preset. Defaults below are per preset.")
+    for name, (kind, meaning) in FLAGS.items():
+        extra = dict(choices=kind) if isinstance(kind, list) else \
+            dict(type=kind, metavar=METAVARS.get(kind, "X") if not name.endswith("_dir") else "DIR")
+        if kind is str2bool and name != "shared_core":
+            extra["nargs"], extra["const"] = "?", True  # --compile alone means True
+        if name == "device_ids":
+            extra["nargs"] = "+"
+        p.add_argument(f"--{name}", help=f"{meaning} {default_help(name)}", **extra)
+    p.add_argument("--resume", type=str2bool, nargs="?", const=True, metavar="BOOL",
+                   help="continue the run in <root_log_dir>/<log_dir> from its latest.pt; only the data folders "
+                        "and how the run is carried out may change")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper or cpu (default: cpu without data folders, "
+                                                             "paper with them)")
+    return p
+
+
+def parse_args(argv=None):
+    """Command line -> (Config with preset and flags applied, dict of the flags given explicitly)."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "device_ids" in given:
+        given["device_ids"] = list(given["device_ids"])
+    for flag in ("grad_clip", "lr_n", "sigma_n"):
+        if flag in given and not (math.isfinite(given[flag]) and given[flag] >= 0):
+            raise UserError(f"--{flag} must be a non-negative number, got {given[flag]}")
+    has_data = bool(given.get("train_data_dir") or given.get("test_data_dir"))
+    preset = given.get("preset", "paper" if has_data or given.get("resume") else "cpu")
+    cfg = dataclasses.replace(Config(**{**PRESETS[preset], "preset": preset}), **given)
+    # Resolved here, so config.json and the checkpoints hold the schedule in steps and a resumed run follows it.
+    cfg.lr_n = cfg.lr_n or cfg.gradient_steps
+    cfg.sigma_n = cfg.sigma_n or cfg.gradient_steps
+    return cfg, given
+
+
+def check_config(cfg, world_size):
+    if cfg.batch_size % world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} does not split evenly over {world_size} processes")
+    if cfg.image_size % 4:
+        raise UserError(f"--image_size {cfg.image_size}: must be a multiple of 4 (the canvas is 4x the state)")
+    if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
+        raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
+    if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):
+        raise UserError(f"--near {cfg.near} and --far {cfg.far}: need 0 < near < far")
+    if cfg.max_context and cfg.min_context > cfg.max_context:
+        raise UserError(f"--min_context {cfg.min_context} is more than --max_context {cfg.max_context}")
+    if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
+        missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"
+        raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")
+
+
+def resumed(cfg, given, saved):
+    """The config a --resume continues with: the checkpoint's `saved` config (a dict), with the flags that may change
+    taken from the command line. A flag that would change the model, the data set or the optimisation is refused."""
+    old = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
+    old.adam_betas = tuple(old.adam_betas)
+    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k not in ("root_log_dir", "log_dir")
+               and v != getattr(old, k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--{k} {given[k]} differs from the run being resumed ({getattr(old, k)}); "
+                        f"only {', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
+    keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
+    return dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ data-set names
+
+# torch-gqn's --dataset names and the DeepMind data sets they stand for (same K within a family).
+TORCH_GQN_NAMES = {
+    "room": ("rooms_ring_camera", "rooms_free_camera_no_object_rotations",
+             "rooms_free_camera_with_object_rotations"),
+    "jaco": ("jaco",),
+    "labyrinth": ("mazes",),
+    "shepard-metzler": ("shepard_metzler_5_parts", "shepard_metzler_7_parts"),
+}
+
+
+def resolve_dataset(name, train, test, cfg):
+    """--dataset and the data's own name -> (DeepMind or torch-gqn name, K = the maximum context size)."""
+    if train.dataset and test.dataset and train.dataset != test.dataset:
+        raise UserError(f"--test_data_dir {cfg.test_data_dir} holds {test.dataset} but --train_data_dir "
+                        f"{cfg.train_data_dir} holds {train.dataset}")
+    if train.image_size != test.image_size:
+        raise UserError(f"--test_data_dir {cfg.test_data_dir} has {test.image_size}x{test.image_size} images but "
+                        f"--train_data_dir {cfg.train_data_dir} has {train.image_size}x{train.image_size}")
+    recorded = train.dataset or test.dataset
+    known = ", ".join(["Room", "Jaco", "Labyrinth", "Shepard-Metzler"] + sorted(MAX_CONTEXT))
+    if not name:
+        if not recorded:
+            raise UserError(f"--dataset is needed: {cfg.train_data_dir} does not record which data set it holds "
+                            f"(pass one of {known})")
+        name = recorded
+    family = TORCH_GQN_NAMES.get(name.lower()) or ((name,) if name in MAX_CONTEXT else None)
+    if family is None and re.fullmatch(r"shepard_metzler_\d+_parts", name):  # the renderer's other sizes
+        family = (name,)
+    if family is None:
+        raise UserError(f"--dataset {name}: unknown (one of {known})")
+    if recorded and recorded not in family and not (name.lower() == "shepard-metzler" and
+                                                    re.fullmatch(r"shepard_metzler_\d+_parts", recorded)):
+        raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
+    return (recorded or name), MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"])
