@@ -73,6 +73,34 @@ def test_presets():
     assert parse_args(["--layers", "3"])[0].layers == 3  # flags override the preset
 
 
+def test_cpu_schedules_follow_gradient_steps_and_paper_schedules_keep_the_papers_steps():
+    from scheduler import learning_rate, pixel_sigma
+
+    short, _ = parse_args(["--gradient_steps", "300"])  # the cpu preset: annealed over the run, whatever its length
+    assert (short.lr_n, short.sigma_n) == (300, 300)
+    assert pixel_sigma(300, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.7)
+    assert learning_rate(300, short.lr_i, short.lr_f, short.lr_n) == pytest.approx(1e-4)
+    assert parse_args([])[0].sigma_n == 4000
+    paper, _ = parse_args(["--train_data_dir", "a", "--test_data_dir", "b", "--gradient_steps", "300"])
+    assert (paper.lr_n, paper.sigma_n) == (1.6e6, 2e5)
+    own, _ = parse_args(["--gradient_steps", "300", "--sigma_n", "100", "--lr_i", "3e-3", "--sigma_f", "0.5"])
+    assert (own.sigma_n, own.lr_n, own.lr_i, own.sigma_f) == (100, 300, 3e-3, 0.5)
+    with pytest.raises(UserError, match="--sigma_n must be a non-negative number"):
+        parse_args(["--sigma_n", "-1"])
+    with pytest.raises(UserError, match="--lr_i: expected a positive number"):
+        parse_args(["--lr_i", "0"])
+
+
+def test_help_shows_the_defaults_each_preset_applies(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--layers N L, the number of generation steps (paper: 12; cpu: 4)" in text
+    assert "(paper: pool; cpu: volume)" in text and "(paper: 2000000; cpu: 4000)" in text
+    assert "--sigma_n X steps over which sigma anneals (0: the whole run) (paper: 200000; cpu: the whole run)" in text
+
+
 class FakeData:
     def __init__(self, dataset, image_size=64):
         self.dataset, self.image_size = dataset, image_size

@@ -1,0 +1,83 @@
+"""One error contract for every command, and a module graph without cycles."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+# Each command with its required arguments, so that the flag under test is the one at fault.
+COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data_dir", "d"],
+            "render.py": ["--checkpoint", "c.pt", "--data_dir", "d", "--out", "x.png"], "bench.py": [],
+            "bench_data.py": [], "dataset/convert2torch.py": ["src", "dst"], "dataset/download.py": ["jaco"],
+            "dataset/shepard_metzler.py": ["--out", "o", "--train_scenes", "1", "--test_scenes", "1"]}
+
+
+def run(script, *argv, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_one_line(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Traceback" not in r.stderr + r.stdout and "usage:" not in r.stderr
+
+
+@pytest.mark.parametrize("script", COMMANDS)
+def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script, tmp_path):
+    required = COMMANDS[script]
+    assert_one_line(run(script, *required, "--no_such_flag", "1", cwd=tmp_path), "--no_such_flag")
+    # --work is a prefix of --workers (or of nothing): argparse would take it as --workers unless told not to
+    assert_one_line(run(script, *required, "--work", "1", cwd=tmp_path), "--work")
+
+
+@pytest.mark.parametrize("script,argv,words", [
+    ("train.py", ["--batch_size", "0"], ["--batch_size: expected a positive integer, got '0'"]),
+    ("evaluate.py", ["--checkpoint", "c.pt", "--test_data_dir", "d", "--batch_size", "0"], ["--batch_size"]),
+    ("render.py", ["--checkpoint", "c.pt", "--data_dir", "d", "--out", "x.jpg"], ["--out x.jpg", ".png or .gif"]),
+    ("bench.py", ["--layers", "0"], ["--layers"]),
+    ("dataset/shepard_metzler.py", ["--out", "o", "--train_scenes", "-1", "--test_scenes", "1"], ["--train_scenes"]),
+    ("dataset/download.py", [], ["NAME"]),
+])
+def test_bad_values_and_missing_arguments_get_one_line(script, argv, words, tmp_path):
+    assert_one_line(run(script, *argv, cwd=tmp_path), *words)
+
+
+def project_imports():
+    """module -> the project's modules it imports (anywhere in the file, lazily or not)."""
+    files = {f[:-3]: f for f in os.listdir(ROOT) if f.endswith(".py")}
+    files.update({f"dataset.{f[:-3]}": os.path.join("dataset", f) for f in os.listdir(os.path.join(ROOT, "dataset"))
+                  if f.endswith(".py") and f != "__init__.py"})
+    graph = {}
+    for name, path in files.items():
+        with open(os.path.join(ROOT, path)) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for n in names:
+                for candidate in (n, f"dataset.{n}"):  # scripts in dataset/ import their neighbours bare
+                    if candidate in files and candidate != name:
+                        found.add(candidate)
+                        break
+        graph[name] = found
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = project_imports()
+    assert {"cli", "config", "distributed", "cameras", "pictures", "metrics"} <= set(graph)
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert cycles == [], f"import cycles through {cycles}"
+    assert graph["cli"] == set()  # the bottom: every module may import it
+    assert "render" not in graph["evaluate"] and "evaluate" not in graph["render"]
