@@ -245,12 +245,14 @@ def run(argv=None):
     p.add_argument("--checkpoint_activations", action="store_true", help="recompute generation steps in backward")
     p.add_argument("--channels_last", action="store_true",
                    help="channels_last (NHWC) weights and inputs, as train.py --channels_last")
-    p.add_argument("--representation", choices=["pyramid", "tower", "pool"])
-    p.add_argument("--layers", type=positive_int, help="L")
-    p.add_argument("--shared_core", type=str2bool)
-    p.add_argument("--batch_size", type=positive_int)
+    p.add_argument("--representation", choices=["pyramid", "tower", "pool"],
+                   help="time one configuration of this representation instead of the preset's (the paper's sizes: "
+                        "L=12 unshared, batch 36, 5 views, 64 px, unless the flags below say otherwise)")
+    p.add_argument("--layers", type=positive_int, help="L, generation steps (overrides the preset's)")
+    p.add_argument("--shared_core", type=str2bool, help="True/False/1/0: one core for all L steps (overrides)")
+    p.add_argument("--batch_size", type=positive_int, help="scenes per step (overrides the preset's)")
     p.add_argument("--context", type=positive_int, help="context views per scene")
-    p.add_argument("--image_size", type=positive_int)
+    p.add_argument("--image_size", type=positive_int, help="image size in pixels (overrides the preset's)")
     p.add_argument("--steps", type=positive_int, help="timed steps per run (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=nonneg_int,
                    help="untimed steps first (default 1 on CPU, 5 on CUDA; more with --compile)")

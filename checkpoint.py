@@ -16,6 +16,7 @@ Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt.
 import io
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -53,6 +54,39 @@ def atomic_write(path, data):
         raise
 
 
+def numbered(folder):
+    """The numbered checkpoints of a checkpoints folder, oldest first -> [(step, path)]."""
+    if not os.path.isdir(folder):
+        return []
+    steps = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder)
+             if (m := re.fullmatch(r"step_(\d+)\.pt", n))]
+    return sorted(steps)
+
+
+def keep_newest(folder, keep):
+    """Delete all but the `keep` newest numbered checkpoints (keep < 0: keep all). latest.pt is never touched."""
+    if keep >= 0:
+        for _, path in numbered(folder)[:max(0, len(numbered(folder)) - keep)]:
+            os.unlink(path)
+
+
+def newest_loadable(folder):
+    """The newest numbered checkpoint of the folder that loads, or None (a damaged latest.pt's way back)."""
+    for _, path in reversed(numbered(folder)):
+        try:
+            load_checkpoint(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def way_back(path, advice):
+    """For a checkpoint that does not load: "; the newest loadable one beside it is X: <advice(X)>", or ""."""
+    back = newest_loadable(os.path.dirname(os.path.abspath(path))) if os.path.isfile(path) else None
+    return f"; the newest loadable checkpoint beside it is {back}: {advice(back)}" if back else ""
+
+
 def save_checkpoint(ckpt, paths):
     """Serialise once, write atomically to every path (latest.pt and, every save_interval, a numbered one)."""
     buf = io.BytesIO()
@@ -69,7 +103,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or foreign file: name the file, not where torch failed
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint, damaged or not one ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "step"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a GQN checkpoint (no 'model', 'model_config' and 'step')")
     return ckpt
@@ -93,7 +127,7 @@ def load_model(path, device="cpu", flag="--checkpoint"):
         ckpt = load_checkpoint(path)
         model = build_model(ckpt)
     except CheckpointError as e:
-        raise CheckpointError(f"{flag} {e}") from None
+        raise CheckpointError(f"{flag} {e}{way_back(path, lambda back: f'pass {flag} {back}')}") from None
     except (TypeError, ValueError, RuntimeError) as e:  # model_config or weights from another version
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{flag} {path}: weights do not fit its model_config ({first})") from None

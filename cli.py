@@ -15,6 +15,14 @@ class UserError(Exception):
     """Bad input (flag, file, folder, run state): printed as one `error: ...` line, exit status 1."""
 
 
+class Interrupted(Exception):
+    """A signal stopped the command: `message` says what was kept and how to go on; exit status `code`."""
+
+    def __init__(self, message, code=130):
+        super().__init__(message)
+        self.code = code
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's rules: flags spelled out in full, errors as UserError (one line, exit 1)."""
 
@@ -22,13 +30,25 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        # An unknown flag is the error to report, before any "required" one it may have been meant to be.
+        argv = sys.argv[1:] if args is None else list(args)
+        known = {o for a in self._actions for o in a.option_strings}
+        for token in argv:
+            if token == "--":
+                break
+            if token.startswith("--") and token.split("=", 1)[0] not in known:
+                self.error(f"unrecognized arguments: {token.split('=', 1)[0]}")
+        return super().parse_args(argv, namespace)
+
     def error(self, message):
         # "argument --flag: expected ..." -> "--flag: expected ...": the line names the flag first, as every error does
         raise UserError(message[len("argument "):] if message.startswith("argument --") else message)
 
 
 def main(run, argv=None, interrupted="interrupted"):
-    """run(argv) with the contract: UserError -> `error: ...` on stderr, exit 1; Ctrl-C -> `interrupted`, exit 130.
+    """run(argv) with the contract: UserError -> `error: ...` on stderr, exit 1; Ctrl-C -> `interrupted`, exit 130
+    (or the command's own Interrupted: its message and status).
 
     Under torchrun every rank reaches the same error (distributed.agreed); only rank 0 prints it.
     """
@@ -39,6 +59,10 @@ def main(run, argv=None, interrupted="interrupted"):
         if speaks:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        if speaks:
+            print(f"\n{e}", file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         if speaks:
             print(f"\n{interrupted}", file=sys.stderr)

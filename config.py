@@ -6,6 +6,7 @@ L = 12 unshared cores, batch 36, Adam, learning rate 5e-4 -> 5e-5 over 1.6M step
 without data folders takes `cpu`, with them `paper`; `--preset` picks either and any flag overrides it.
 torch-gqn's flags keep their names and meanings. `python train.py --help` shows both presets' defaults.
 """
+import argparse
 import dataclasses
 import math
 import re
@@ -56,6 +57,7 @@ class Config:
     log_dir: str = "default"
     log_interval: int = 100
     save_interval: int = 10_000
+    keep_checkpoints: int = -1           # numbered checkpoints kept besides latest.pt, the newest; -1 = all
     workers: int = 4
     device_ids: list = field(default_factory=lambda: [0])
     amp: str = "none"                    # "bf16": autocast to bfloat16 (loss in float32)
@@ -63,7 +65,7 @@ class Config:
     checkpoint_activations: bool = False
     channels_last: bool = False          # NHWC activations and weights (GPUs' fast convolution layout)
     preset: str = "paper"
-    resume: bool = False
+    resume: object = False               # True: continue the run; "auto": continue it if there is one, else start
 
 
 # >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>> CPU PRESET (the default job) >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>
@@ -90,10 +92,25 @@ PRESETS = {"paper": {}, "cpu": CPU_PRESET}
 # What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
 # the model, the data set or the optimisation.
 RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "log_interval", "save_interval",
-                     "workers", "device_ids", "amp", "compile", "checkpoint_activations", "channels_last",
-                     "resume"}
+                     "keep_checkpoints", "workers", "device_ids", "amp", "compile", "checkpoint_activations",
+                     "channels_last", "resume"}
 
 # ------------------------------------------------------------------------------------------------ flags
+
+def count_or_all(s):
+    """--keep_checkpoints: a non-negative number, or `all` (-1)."""
+    return -1 if str(s).strip().lower() == "all" else nonneg_int(s)
+
+
+def resume_mode(s):
+    """--resume: True/False/1/0, or `auto` (continue the run if the folder holds one, else start it)."""
+    if str(s).strip().lower() == "auto":
+        return "auto"
+    try:
+        return str2bool(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True/False/1/0 or auto, got {s!r}") from None
+
 # flag: (type, meaning). Every argparse default is None: the preset fills what is not given, and --resume can tell
 # what was given. The help adds each preset's default.
 FLAGS = {
@@ -115,13 +132,15 @@ FLAGS = {
     "log_dir": (str, "run folder name under --root_log_dir"),
     "log_interval": (positive_int, "steps between logs (TensorBoard, log line)"),
     "save_interval": (positive_int, "steps between checkpoints (latest.pt and step_N.pt)"),
+    "keep_checkpoints": (count_or_all, "numbered checkpoints (step_N.pt) to keep besides latest.pt, the newest: a "
+                                       "number or all"),
     "workers": (nonneg_int, "data loading processes (0 = in the training process)"),
     "device_ids": (nonneg_int, "CUDA devices; more than one: nn.DataParallel"),
     "representation": (["pool", "tower", "pyramid", "volume"],
                        "the paper's pool, tower or pyramid, or volume (volume.py: the context read along the "
                        "query camera's rays)"),
     "layers": (positive_int, "L, the number of generation steps"),
-    "shared_core": (str2bool, "share the cores' weights across the L steps: True/False"),
+    "shared_core": (str2bool, "share the cores' weights across the L steps: True/False/1/0"),
     "r_dim": (positive_int, "channels of r"),
     "h_dim": (positive_int, "channels of the cores' hidden state h"),
     "z_dim": (positive_int, "channels of the latent z"),
@@ -140,14 +159,14 @@ FLAGS = {
 }
 
 
-METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME"}
+METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME", count_or_all: "N"}
 
 
 def _shown(name, value):
     """How a default reads in --help (sentinels in words)."""
     words = {("lr_n", WHOLE_RUN): "the whole run", ("sigma_n", WHOLE_RUN): "the whole run", ("max_context", 0): "K",
              ("dataset", ""): "what the data records", ("train_data_dir", ""): "none", ("test_data_dir", ""): "none",
-             ("seed", -1): "drawn and recorded"}
+             ("seed", -1): "drawn and recorded", ("keep_checkpoints", -1): "all"}
     if isinstance(value, list):
         return " ".join(map(str, value))
     if isinstance(value, float):
@@ -175,9 +194,10 @@ def build_parser():
         if name == "device_ids":
             extra["nargs"] = "+"
         p.add_argument(f"--{name}", help=f"{meaning} {default_help(name)}", **extra)
-    p.add_argument("--resume", type=str2bool, nargs="?", const=True, metavar="BOOL",
-                   help="continue the run in <root_log_dir>/<log_dir> from its latest.pt; only the data folders "
-                        "and how the run is carried out may change")
+    p.add_argument("--resume", type=resume_mode, nargs="?", const=True, metavar="auto",
+                   help="continue the run in <root_log_dir>/<log_dir> from its latest.pt (only the data folders "
+                        "and how the run is carried out may change); auto: continue it if the folder holds one, "
+                        "else start it (for jobs that are requeued or restarted with the same command)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper or cpu (default: cpu without data folders, "
                                                              "paper with them)")
     return p
@@ -193,7 +213,7 @@ def parse_args(argv=None):
         if flag in given and not (math.isfinite(given[flag]) and given[flag] >= 0):
             raise UserError(f"--{flag} must be a non-negative number, got {given[flag]}")
     has_data = bool(given.get("train_data_dir") or given.get("test_data_dir"))
-    preset = given.get("preset", "paper" if has_data or given.get("resume") else "cpu")
+    preset = given.get("preset", "paper" if has_data else "cpu")
     cfg = dataclasses.replace(Config(**{**PRESETS[preset], "preset": preset}), **given)
     # Resolved here, so config.json and the checkpoints hold the schedule in steps and a resumed run follows it.
     cfg.lr_n = cfg.lr_n or cfg.gradient_steps
@@ -219,17 +239,26 @@ def check_config(cfg, world_size):
 
 def resumed(cfg, given, saved):
     """The config a --resume continues with: the checkpoint's `saved` config (a dict), with the flags that may change
-    taken from the command line. A flag that would change the model, the data set or the optimisation is refused."""
+    taken from the command line. A flag that would change the model, the data set or the optimisation is refused;
+    one that names the saved value in another form (Room for rooms_ring_camera, 0 for 0.0) is the same flag."""
     old = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
     old.adam_betas = tuple(old.adam_betas)
-    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k not in ("root_log_dir", "log_dir")
-               and v != getattr(old, k)]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--{k} {given[k]} differs from the run being resumed ({getattr(old, k)}); "
-                        f"only {', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
+    for k, v in given.items():
+        if k not in RESUME_MAY_CHANGE | {"root_log_dir", "log_dir"} and not same_value(k, v, old):
+            raise UserError(f"--{k} {v} differs from the run being resumed ({getattr(old, k)}); only "
+                            f"{', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
     keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
-    return dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=True)
+    return dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
+
+
+def same_value(flag, value, old):
+    """Whether --flag value (already parsed: booleans and numbers in any spelling are values) means what `old` has."""
+    saved = getattr(old, flag)
+    if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
+        return value == saved or stands_for(value, saved)
+    if flag in ("lr_n", "sigma_n") and value == WHOLE_RUN:  # resolved to the run's length when it started
+        return saved == old.gradient_steps
+    return value == saved
 
 
 # ------------------------------------------------------------------------------------------------ data-set names
@@ -242,6 +271,23 @@ TORCH_GQN_NAMES = {
     "labyrinth": ("mazes",),
     "shepard-metzler": ("shepard_metzler_5_parts", "shepard_metzler_7_parts"),
 }
+
+
+SHEPARD_METZLER = r"shepard_metzler_\d+_parts"  # DeepMind's two sizes and the renderer's others
+
+
+def dataset_family(name):
+    """The data-set names --dataset `name` stands for (torch-gqn's names stand for several DeepMind ones), or ()."""
+    family = TORCH_GQN_NAMES.get(name.lower()) or ((name,) if name in MAX_CONTEXT else ())
+    if not family and re.fullmatch(SHEPARD_METZLER, name):
+        family = (name,)
+    return family
+
+
+def stands_for(name, dataset):
+    """Whether --dataset `name` names the data set `dataset` (Shepard-Metzler: objects of any number of parts)."""
+    return dataset in dataset_family(name) or (name.lower() == "shepard-metzler"
+                                               and bool(re.fullmatch(SHEPARD_METZLER, dataset)))
 
 
 def resolve_dataset(name, train, test, cfg):
@@ -259,12 +305,9 @@ def resolve_dataset(name, train, test, cfg):
             raise UserError(f"--dataset is needed: {cfg.train_data_dir} does not record which data set it holds "
                             f"(pass one of {known})")
         name = recorded
-    family = TORCH_GQN_NAMES.get(name.lower()) or ((name,) if name in MAX_CONTEXT else None)
-    if family is None and re.fullmatch(r"shepard_metzler_\d+_parts", name):  # the renderer's other sizes
-        family = (name,)
-    if family is None:
+    family = dataset_family(name)
+    if not family:
         raise UserError(f"--dataset {name}: unknown (one of {known})")
-    if recorded and recorded not in family and not (name.lower() == "shepard-metzler" and
-                                                    re.fullmatch(r"shepard_metzler_\d+_parts", recorded)):
+    if recorded and not stands_for(name, recorded):
         raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
     return (recorded or name), MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"])

@@ -12,6 +12,7 @@ import datetime
 import os
 import re
 import signal
+import threading
 
 import torch
 
@@ -42,37 +43,28 @@ class Dist:
             backend = "nccl"
         else:
             backend = "gloo"
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        # torchrun's store outlives a restart of the workers (--max-restarts): keys of the attempt before, such as a
+        # dead rank's address, would be read as this attempt's. A prefix per attempt keeps them apart.
+        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        store = dist.PrefixStore(f"gqn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=TIMEOUT)
         # For the end of the run only: the other ranks wait there while rank 0 scores the whole test split, which
         # may outlast TIMEOUT; a rank that dies meanwhile still ends the job (torchrun stops every rank).
         self.end_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         self.started = True
         return self
 
-    def __exit__(self, *exc):
-        if self.started:
+    def __exit__(self, kind, value, tb):
+        if self.started and kind is None:  # a failing rank leaves without a teardown that could wait on a dead peer
             import torch.distributed as dist
 
             dist.destroy_process_group()
-            self.started = False
+        self.started = False
 
     def log(self, *args, **kwargs):
         """print on rank 0 only."""
         if self.master:
             print(*args, **kwargs)
-
-    def exit_on_sigterm(self, folder):
-        """Under torchrun: SIGTERM (torchrun stopping the survivors when one rank fails) says so and exits at once."""
-        if not self.on:
-            return
-
-        def on_sigterm(signum, frame):
-            if self.master:  # os.write: the handler may interrupt a print (tqdm's) on the same buffered stream
-                os.write(2, f"\nerror: rank 0 stopped by SIGTERM (torchrun stops every rank when one fails or the job "
-                            f"is interrupted: see its summary); checkpoints in {folder} are kept\n".encode())
-            os._exit(143)  # no clean-up that could wait on the dead rank
-
-        signal.signal(signal.SIGTERM, on_sigterm)
 
     def barrier(self):
         if self.started:
@@ -136,6 +128,84 @@ class Dist:
         first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip() or type(e).__name__).splitlines()[0])[:160]
         return UserError(f"rank {self.rank}: lost contact with the other processes (a rank died or the network "
                          f"failed: {first}); checkpoints up to {kept} are kept")
+
+
+class Stop:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster preempting the job, torchrun stopping its workers).
+
+    While `training` is set, the first signal only asks for a stop (`requested`): the loop finishes the step in
+    flight, writes latest.pt and exits. Otherwise it interrupts the main thread (KeyboardInterrupt, whose message
+    says what is saved), or under torchrun (`at_once`) ends the process with that message: torchrun is stopping
+    every worker, and a teardown could wait on a dead one. A watcher thread hears every signal even while the main thread is blocked in C++ (a
+    collective whose peer died): it ends the process at once on a second signal, and when the first one has not
+    been acted on within `grace()` seconds.
+    """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, grace, give_up, at_once=False):
+        self.grace, self.give_up = grace, give_up  # () -> seconds; (signal name, why) -> the line printed on exit
+        self.at_once = at_once
+        self.training, self.requested, self.acted = False, None, threading.Event()
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._wakeup = signal.set_wakeup_fd(write)  # the C-level handler writes each signal's number here
+        self._pipe = read, write
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._wakeup)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
+        self._watcher.join(5)
+
+    def _handler(self, signum, frame):
+        if not self.training:
+            self.acted.set()
+            if self.at_once:
+                self._exit(signal.Signals(signum).name, "outside the training loop")
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.requested = self.requested or signal.Signals(signum).name
+
+    def _watch(self):
+        heard = 0
+        while True:
+            try:
+                data = os.read(self._pipe[0], 16)
+            except OSError:
+                data = b""
+            if not data:  # __exit__ closed the other end
+                os.close(self._pipe[0])
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                heard += 1
+                name = signal.Signals(signum).name
+                if heard == 1:
+                    grace = self.grace()
+                    threading.Thread(target=self._wait_then_exit, args=(name, grace), daemon=True).start()
+                else:
+                    self._exit(name, f"a second {name}")
+
+    def _wait_then_exit(self, name, grace):
+        if not self.acted.wait(grace):
+            self._exit(name, f"{name} not acted on within {grace:.0f} s")
+
+    def _exit(self, name, why):
+        os.write(2, f"\n{self.give_up(name, why)}\n".encode())  # os.write: no lock a blocked thread may hold
+        os._exit(128 + signal.Signals[name].value)
+
+
+def worker_ignores_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the training process, which stops them when it is done."""
+    for s in Stop.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def is_comm_error(e):

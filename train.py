@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 import secrets
+import signal
+import sys
 import textwrap
 import time
 from contextlib import nullcontext
@@ -35,10 +37,10 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
-from checkpoint import (atomic_write, checkpoint_paths, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
-                        set_rng_state)
+from checkpoint import (atomic_write, checkpoint_paths, keep_newest, load_checkpoint, numbered, rng_state,  # noqa: E402
+                        save_checkpoint, set_rng_state, way_back)
 from cli import UserError  # noqa: E402
-from distributed import Dist, cpu_has_bf16, pick_device  # noqa: E402
+from distributed import Dist, Stop, cpu_has_bf16, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
 from pictures import save_samples, tensorboard_grid  # noqa: E402
@@ -81,22 +83,29 @@ def builtin_data(dist):
 
 
 def open_run(cfg, given, dist):
-    """A fresh run folder, or the run to resume (rank 0 reads latest.pt and sends it to every rank) -> cfg, ckpt."""
+    """A fresh run folder, or the run to resume (rank 0 reads latest.pt and sends it to every rank) -> cfg, ckpt.
+
+    --resume auto continues the folder's run if it holds one and starts one if not, so that a requeued job or a
+    torchrun restart can repeat its command line. A damaged latest.pt is never trusted nor silently replaced.
+    """
     run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
-    _, latest, _ = checkpoint_paths(run_dir)
+    folder, latest, _ = checkpoint_paths(run_dir)
 
     def read():
-        if not cfg.resume:
-            if os.path.exists(latest):
-                raise UserError(f"--log_dir {run_dir} already holds a run (checkpoints/latest.pt): pass --resume "
-                                f"to continue it, or another --log_dir")
+        holds_run = os.path.exists(latest) or bool(numbered(folder))
+        if not cfg.resume or (cfg.resume == "auto" and not holds_run):
+            if holds_run:
+                raise UserError(f"--log_dir {run_dir} already holds a run ({folder}): pass --resume to continue "
+                                f"that run with its own settings, or another --log_dir to start a new one")
             return None
         if not os.path.exists(latest):
-            raise UserError(f"--resume: {latest} does not exist (no run to continue in {run_dir})")
+            raise UserError(f"--resume: {latest} does not exist (no run to continue in {run_dir})"
+                            + way_back(latest, lambda back: f"copy it to latest.pt (cp {back} {latest})"))
         try:
             return load_checkpoint(latest)
         except UserError as e:
-            raise UserError(f"--resume: {e}") from None
+            raise UserError(f"--resume: {e}" + way_back(latest, lambda back: f"copy it over latest.pt (cp {back} "
+                                                                              f"{latest}) and run again")) from None
 
     ckpt = dist.broadcast(dist.agreed(read if dist.master else lambda: None))
     return (cfg, None) if ckpt is None else (config.resumed(cfg, given, ckpt["config"]), ckpt)
@@ -121,7 +130,6 @@ def model_and_optimizer(cfg, ckpt, device, dist):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
     model.to(device)
     if cfg.channels_last:
@@ -147,17 +155,34 @@ def model_and_optimizer(cfg, ckpt, device, dist):
 
 
 def train(cfg, given):
+    """One run; SIGINT/SIGTERM stop it in a state the same command with --resume continues exactly."""
+    latest = checkpoint_paths(os.path.join(cfg.root_log_dir, cfg.log_dir))[1]
+    saved, step_s = [None], [1.0]  # the step latest.pt holds (None: nothing saved yet); seconds a step takes
     with Dist() as dist:
-        run(cfg, given, dist)
+        def continue_with():
+            if saved[0] is None:
+                return "nothing was saved: run the same command again"
+            return f"{latest} holds step {saved[0]}: continue with the same command and --resume (or --resume auto)"
+
+        def give_up(name, why):  # the last word of a process that cannot stop at a step's end
+            return f"error: rank {dist.rank} stopped by {name} ({why}; blocked in a collective?); {continue_with()}"
+
+        with Stop(lambda: 10 + 3 * step_s[0], give_up, at_once=dist.started) as stop:
+            try:
+                run(cfg, given, dist, stop, saved, step_s)
+            except KeyboardInterrupt as e:
+                name = str(e) or "SIGINT"
+                raise cli.Interrupted(f"interrupted by {name} {'before' if saved[0] is None else 'at'} "
+                                      f"{'the first checkpoint' if saved[0] is None else f'step {saved[0]}'}: "
+                                      f"{continue_with()}", 128 + signal.Signals[name].value) from None
 
 
-def run(cfg, given, dist):
+def run(cfg, given, dist, stop, saved, step_s):
     log = dist.log
-    default_job = not cfg.train_data_dir and not cfg.test_data_dir and not cfg.resume
+    cfg, ckpt = open_run(cfg, given, dist)
+    default_job = ckpt is None and not cfg.train_data_dir and not cfg.test_data_dir
     run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
     ckpt_dir, latest, _ = checkpoint_paths(run_dir)
-    dist.exit_on_sigterm(ckpt_dir)
-    cfg, ckpt = open_run(cfg, given, dist)
     dist.agreed(lambda: config.check_config(cfg, dist.world_size))
     if cfg.seed < 0:
         cfg.seed = dist.broadcast(secrets.randbelow(2**31))
@@ -175,6 +200,8 @@ def run(cfg, given, dist):
 
     train_ds, test_ds, (dataset, max_context) = dist.agreed(open_data)
     cfg.dataset = dataset  # resolved, so config.json and the checkpoints say what was trained on
+    # absolute, so that --resume finds the data from any working directory
+    cfg.train_data_dir, cfg.test_data_dir = os.path.abspath(cfg.train_data_dir), os.path.abspath(cfg.test_data_dir)
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
     if dist.master:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -185,6 +212,9 @@ def run(cfg, given, dist):
         atomic_write(os.path.join(run_dir, "config.json"), (json.dumps(resolved, indent=2) + "\n").encode())
 
     model, wrapped, optimizer, start = model_and_optimizer(cfg, ckpt, device, dist)
+    saved[0] = None if ckpt is None else start
+    if ckpt is not None:
+        log(f"Resuming {run_dir} at step {start} ({latest})")
     if device.type == "cpu" and not dist.on and len(cfg.device_ids) > 1 and "device_ids" in given:
         log("note: no CUDA device, so --device_ids is ignored and training runs on the CPU")
     log(f"GQN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, representation "
@@ -193,8 +223,6 @@ def run(cfg, given, dist):
         f"{'' if train_ds.image_size == cfg.image_size else f' resized to {cfg.image_size}px'}, K={max_context}, "
         f"{cfg.min_context}-{min(cfg.max_context or max_context, train_ds.views - 1)} context views a scene); "
         f"device {device}{f' x {dist.world_size} processes' if dist.started else ''}")
-
-    saved = [start]  # the step latest.pt holds
 
     def save(step, numbered):
         if dist.master:
@@ -205,6 +233,7 @@ def run(cfg, given, dist):
                              "max_context": int(max_context)},
                     "rng": rng_state()}
             save_checkpoint(ckpt, [latest] + ([checkpoint_paths(run_dir, step)[2]] if numbered else []))
+            keep_newest(ckpt_dir, cfg.keep_checkpoints)
         saved[0] = step
 
     if ckpt is None:
@@ -224,14 +253,15 @@ def run(cfg, given, dist):
     if dist.master:
         from tensorboardX import SummaryWriter
 
-        # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it resumed from.
-        writer = SummaryWriter(logdir=run_dir, purge_step=start + 1 if start > 0 else None)
+        # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it starts from.
+        writer = SummaryWriter(logdir=run_dir, purge_step=start + 1)
 
     batches = TrainBatches(train_ds, cfg.batch_size, cfg.max_context or max_context, cfg.seed,
                            noise_shape=model.noise_shape, rank=dist.rank, world_size=dist.world_size,
                            min_context=cfg.min_context)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, total),
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=worker_ignores_signals)
     # bf16 autocast (or nothing), built once; the loss itself is always taken in float32.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
     if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
@@ -244,8 +274,13 @@ def run(cfg, given, dist):
     acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
     n_acc, t0, last_step = 0, time.perf_counter(), start
     model.train()
+    stream = iter(loader)  # draws the loader's base seed from the global RNG, as at the start of a fresh run
+    if ckpt is not None:  # and from here on the RNG continues where the interrupted run left it (volume's depths)
+        set_rng_state(ckpt["rng"])
+    stop.training, stopped = True, False
     try:
-        for step, batch in enumerate(loader, start):
+        for step, batch in enumerate(stream, start):
+            t_step = time.perf_counter()
             lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n)
             sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n)
             for group in optimizer.param_groups:
@@ -265,9 +300,11 @@ def run(cfg, given, dist):
             # The mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks, which makes the
             # gradient of the mean over all B scenes, as one process computes it.
             loss = -elbo.mean()
-            stats = dist.all_reduce(torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum()])
-                                    .detach().double())
-            values = stats.cpu()
+            # Summed over ranks with a stop flag, so that every rank stops after the same step.
+            stats = dist.all_reduce(torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum(),
+                                                 elbo.new_tensor(float(stop.requested is not None))]).detach().double())
+            stats = stats.cpu()
+            values, stopped = stats[:3], bool(stats[3] > 0)
             if not torch.isfinite(values).all():  # same verdict on every rank: all stop before any update
                 raise NonFiniteLoss(f"step {step}: the loss is not finite (ELBO {values[0] / cfg.batch_size:.4g}, "
                                     f"KL {values[1] / cfg.batch_size:.4g}, NLL {values[2] / cfg.batch_size:.4g})")
@@ -291,14 +328,21 @@ def run(cfg, given, dist):
                 n_acc, t0, last_step = 0, time.perf_counter(), done
             if done % cfg.save_interval == 0 or done == total:
                 save(done, done % cfg.save_interval == 0)
+            step_s[0] = time.perf_counter() - t_step
+            if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
+                stop.acted.set()
+                break
     except NonFiniteLoss as e:
         bar.close()
         raise UserError(f"{e}; stopped without updating the weights. The last good checkpoint is kept: {latest} "
                         f"(step {saved[0]})") from None
     except Exception as e:
         raise dist.lost_contact(e, latest) or e
+    finally:
+        stop.training = False
     bar.close()
-
+    if stop.acted.is_set():
+        stopped_at(dist, writer, save, saved, done, latest, stop.requested or "SIGTERM")  # a peer's signal
     if dist.master:
         model.eval()
         n = min(IMAGE_SCENES, t)
@@ -318,6 +362,22 @@ def run(cfg, given, dist):
         log(f"Done: {total} steps. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
             f"ground truth next to generated views: {samples}")
     dist.finish()
+
+
+def stopped_at(dist, writer, save, saved, step, latest, name):
+    """After SIGINT/SIGTERM: rank 0 writes latest.pt from its own state (no collective: a peer may be gone), says
+    where the run stopped, and every rank exits."""
+    if dist.master:
+        if saved[0] != step:
+            save(step, False)
+        writer.close()
+        print(f"stopped by {name} at step {step}: {latest} holds it; continue with the same command and --resume "
+              f"(or --resume auto)", file=sys.stderr, flush=True)
+    code = 128 + signal.Signals[name].value
+    if dist.started:  # no teardown that could wait on a peer
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @torch.no_grad()
@@ -365,8 +425,7 @@ def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, mea
 
 
 def main(argv=None):
-    cli.main(lambda argv: train(*config.parse_args(argv)), argv,
-             interrupted="interrupted: checkpoints/latest.pt holds the last saved step; continue with --resume")
+    cli.main(lambda argv: train(*config.parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Download one of DeepMind's gqn-datasets (the data of Eslami et al. 2018, supplementary "Datasets") over HTTPS.
 
-    python dataset/download.py NAME [--fraction F] [--dst DIR] [--base-url URL]
+    python dataset/download.py NAME [--fraction F] [--dst DIR] [--base_url URL]
 
-Fetches `<base-url>/<NAME>/<train|test>/<file>` for the file names of data_reader.py (`001-of-900.tfrecord`,
+Fetches `<base_url>/<NAME>/<train|test>/<file>` for the file names of data_reader.py (`001-of-900.tfrecord`,
 ...), or only the first fraction F of each split's files, into `DIR/<NAME>/<split>/`. Partial downloads are kept
 as `<file>.part` and resumed with an HTTP Range request; a file gets its real name only when complete (atomic
 rename), so finished files are skipped on the next run. Ends by printing the convert2torch command.
@@ -106,7 +106,7 @@ def run(argv):
                         help="fetch only the first fraction of each split's files (default 1: all)")
     parser.add_argument("--dst", default=os.path.join("data", "tfrecord"),
                         help="folder for <NAME>/<split>/*.tfrecord (default data/tfrecord)")
-    parser.add_argument("--base-url", default=BASE_URL, help=f"bucket URL (default {BASE_URL})")
+    parser.add_argument("--base_url", "--base-url", default=BASE_URL, help=f"bucket URL (default {BASE_URL}; --base-url also works)")
     args = parser.parse_args(argv)
     n = download(args.name, args.dst, args.fraction, args.base_url)
     print(f"fetched {n} files into {os.path.join(args.dst, args.name)}; now convert them with:")

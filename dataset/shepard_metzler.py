@@ -349,7 +349,7 @@ def render_once(out, train_scenes, test_scenes, parts, seed=0, workers=1):
         print(f"Using the built-in data set in {out}/ (rendered before).")
         return splits
     print(f"Rendering the built-in data set once: {train_scenes} + {test_scenes} Shepard-Metzler scenes of {parts} "
-          f"cubes, {VIEWS} views each, into {out}/ (about a minute on 2 cores).")
+          f"cubes, {VIEWS} views each, into {out}/ (about 30 s on 2 cores).")
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     render_dataset(partial, train_scenes, test_scenes, parts=parts, seed=seed, workers=workers)

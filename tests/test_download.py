@@ -71,14 +71,14 @@ def test_shard_names_follow_data_reader():
 
 def test_download_fraction_then_skip(bucket, fixtures_dir, tmp_path, capsys):
     handler, url = bucket
-    download.main([SM5, "--fraction", "0.001", "--dst", str(tmp_path), "--base-url", url])
+    download.main([SM5, "--fraction", "0.001", "--dst", str(tmp_path), "--base_url", url])
     out = capsys.readouterr().out
     for split, name in (("train", "001-of-900.tfrecord"), ("test", "001-of-100.tfrecord")):
         assert (tmp_path / SM5 / split / name).read_bytes() == _fixture(fixtures_dir, split, name)
     assert [p for p, _ in handler.requests] == [f"/{SM5}/train/001-of-900.tfrecord", f"/{SM5}/test/001-of-100.tfrecord"]
     assert f"python dataset/convert2torch.py {tmp_path} data --datasets {SM5}" in out
     assert not list(tmp_path.rglob("*.part"))
-    download.main([SM5, "--fraction", "0.001", "--dst", str(tmp_path), "--base-url", url])
+    download.main([SM5, "--fraction", "0.001", "--dst", str(tmp_path), "--base_url", url])
     assert len(handler.requests) == 2  # finished files are not fetched again
 
 
@@ -114,12 +114,12 @@ def test_server_without_range_support(bucket, fixtures_dir, tmp_path):
 def test_errors_are_one_line(bucket, tmp_path, capsys):
     _, url = bucket
     with pytest.raises(SystemExit) as e:
-        download.main([SM5, "--fraction", "0.01", "--dst", str(tmp_path), "--base-url", url])
+        download.main([SM5, "--fraction", "0.01", "--dst", str(tmp_path), "--base_url", url])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err[-1] == f"error: {url}/{SM5}/train/002-of-900.tfrecord: HTTP 404 Not Found"
     assert (tmp_path / SM5 / "train" / "001-of-900.tfrecord").exists()  # what did arrive is kept
     for args, what in (([" lego"], "unknown data set ' lego'"), ([SM5, "--fraction", "0"], "--fraction must be")):
         with pytest.raises(SystemExit) as e:
-            download.main(args + ["--dst", str(tmp_path), "--base-url", url])
+            download.main(args + ["--dst", str(tmp_path), "--base_url", url])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and what in err[0]

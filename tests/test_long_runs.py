@@ -1,0 +1,270 @@
+"""Long runs: --resume compares meanings, --resume auto, preemption (SIGTERM/SIGINT) loses no step, torchrun's elastic
+restarts, runs that move and fit on disk, damaged checkpoints, interruptions that say what is true."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import config
+import evaluate
+import train
+from conftest import ROOT
+from test_ddp import children, env_of, torchrun
+from test_train import args, data, weights  # noqa: F401  (data: the session's tiny rendered set)
+
+
+def same_weights(a, b, atol=1e-5):
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=atol, rtol=0)
+
+
+def start(argv, cwd):
+    """train.py in a process group of its own, as a shell starts a job: Ctrl-C reaches it and its workers."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, proc, seconds=120):
+    deadline = time.time() + seconds
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(path), f"{path} never appeared"
+
+
+def one_error(capsys, argv):
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------------------ --resume
+
+def test_resume_compares_meanings_not_spellings(data, tmp_path, capsys):
+    first = args(data, tmp_path, "run", 3, "--dataset", "Shepard-Metzler", "--shared_core", "False", "--lr_i", "5e-4")
+    train.main(first)
+    assert weights(tmp_path / "run")["config"]["dataset"] == "shepard_metzler_3_parts"
+    # the same command line, other spellings of the same values, and more steps
+    again = args(data, tmp_path, "run", 6, "--dataset", "shepard-metzler", "--shared_core", "0", "--lr_i", "0.00050",
+                 "--resume")
+    train.main(again)
+    assert "Resuming" in capsys.readouterr().out and weights(tmp_path / "run")["step"] == 6
+    err = one_error(capsys, args(data, tmp_path, "run", 9, "--dataset", "Jaco", "--resume"))
+    assert "--dataset Jaco differs from the run being resumed (shepard_metzler_3_parts)" in err
+
+
+def test_resume_is_exact_for_the_volume_representation(data, tmp_path):
+    """volume draws its depth jitter from the global RNG (the cpu preset's model): the resumed run draws what the
+    uninterrupted one draws."""
+    volume = ["--representation", "volume", "--min_context", "3", "--max_context", "3"]
+    train.main(args(data, tmp_path, "whole", 6, *volume))
+    train.main(args(data, tmp_path, "parts", 3, *volume))
+    train.main(args(data, tmp_path, "parts", 6, *volume, "--resume"))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_auto_starts_a_run_then_continues_it(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "whole", 6))
+    train.main(args(data, tmp_path, "auto", 3, "--resume", "auto"))  # nothing there: starts
+    assert "Resuming" not in capsys.readouterr().out
+    train.main(args(data, tmp_path, "auto", 6, "--resume", "auto"))  # a run there: continues it
+    assert f"Resuming {tmp_path / 'auto'} at step 3" in capsys.readouterr().out
+    same_weights(weights(tmp_path / "whole"), weights(tmp_path / "auto"))
+    err = one_error(capsys, args(data, tmp_path, "x", 3, "--resume", "sometimes"))
+    assert "--resume: expected True/False/1/0 or auto" in err
+
+
+def test_keep_checkpoints_keeps_the_newest(data, tmp_path):
+    train.main(args(data, tmp_path, "run", 12, "--keep_checkpoints", "2"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest.pt", "step_00000009.pt",
+                                                                      "step_00000012.pt"]
+    train.main(args(data, tmp_path, "none", 6, "--keep_checkpoints", "0"))
+    assert os.listdir(tmp_path / "none" / "checkpoints") == ["latest.pt"]
+
+
+def test_a_damaged_latest_is_named_with_the_way_back(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "run", 6))
+    folder = tmp_path / "run" / "checkpoints"
+    latest = folder / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a disk that filled up mid-copy
+    for resume in ("True", "auto"):  # never a silent fresh start over a damaged run
+        err = one_error(capsys, args(data, tmp_path, "run", 9, "--resume", resume))
+        assert str(latest) in err and "not a loadable checkpoint" in err
+        assert f"cp {folder / 'step_00000006.pt'} {latest}" in err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(latest), "--test_data_dir", data[1], "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert f"--checkpoint {latest}: not a loadable checkpoint" in err[0]
+    assert f"pass --checkpoint {folder / 'step_00000006.pt'}" in err[0]
+
+
+def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
+    monkeypatch.setitem(config.PRESETS, "cpu", {**config.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
+                                                "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 4,
+                                                "log_interval": 2, "save_interval": 2, "workers": 0})
+    train.main(["--gradient_steps", "2"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train.main(["--root_log_dir", str(tmp_path / "runs"), "--resume", "--gradient_steps", "4"])
+    assert "Resuming" in capsys.readouterr().out and weights(tmp_path / "runs" / "default")["step"] == 4
+
+
+def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    import dataset.shepard_metzler as sm
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(sm, "render_dataset", ctrl_c)  # Ctrl-C while the built-in data is rendered
+    with pytest.raises(SystemExit) as e:
+        train.main([])
+    assert e.value.code == 130
+    assert "interrupted by SIGINT before the first checkpoint: nothing was saved: run the same command again" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data" / "shepard_metzler_3_parts").exists()
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")])
+def test_preemption_loses_no_step(data, tmp_path, sig, workers):
+    """SIGTERM (a cluster) or SIGINT (Ctrl-C, DataLoader workers running): the step in flight ends, latest.pt holds
+    it, and the same command with --resume auto ends where an uninterrupted run does."""
+    run = args(data, tmp_path, "run", 300, "--save_interval", "100", "--log_interval", "50", "--workers", workers,
+               "--resume", "auto")
+    proc = start(run, tmp_path)
+    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
+    time.sleep(3)  # well inside the run, between checkpoints
+    sent = time.time()
+    os.killpg(proc.pid, sig)  # the whole group, DataLoader workers included, as Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10 and proc.returncode == 128 + sig
+    lines = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1, err[-2000:]
+    step = weights(tmp_path / "run")["step"]
+    assert lines[0].startswith(f"stopped by {sig.name} at step {step}:") and 0 < step < 300
+    assert "--resume" in lines[0] and "Traceback" not in err
+    train.main(run)
+    train.main(args(data, tmp_path, "whole", 300, "--save_interval", "100", "--log_interval", "50"))
+    same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_tensorboard_drops_what_was_logged_after_the_checkpoint_resumed(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = args(data, tmp_path, "run", 100_000, "--save_interval", "100000", "--log_interval", "3")
+    proc = start(run, tmp_path)
+    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
+    time.sleep(3)
+    proc.kill()  # SIGKILL: latest.pt holds step 0, TensorBoard holds steps 3, 6, ...
+    proc.wait()
+    assert weights(tmp_path / "run")["step"] == 0
+    train.main(args(data, tmp_path, "run", 9, "--save_interval", "100000", "--log_interval", "3", "--resume"))
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/elbo")] == [3, 6, 9]
+
+
+@pytest.mark.slow
+def test_a_second_signal_ends_the_process_at_once(data, tmp_path):
+    proc = start(args(data, tmp_path, "run", 100_000, "--save_interval", "100000"), tmp_path)
+    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 143
+    torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)  # still loadable
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+def rank(proc, r, ready):
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(ready):
+            pid = next((c for c in children(proc.pid) if env_of(c).get(b"RANK") == str(r).encode()), None)
+            if pid:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"rank {r} not found")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(data, tmp_path):
+    steps = args(data, tmp_path, "run", 60, "--save_interval", "6", "--log_interval", "6", "--resume", "auto")
+    cmd, env = torchrun(steps, rdzv=True)  # c10d rendezvous: each restart gets a fresh round (a static one hangs)
+    cmd.insert(cmd.index("--nproc_per_node"), "--max-restarts")
+    cmd.insert(cmd.index("--nproc_per_node"), "1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        os.kill(rank(proc, 1, tmp_path / "run" / "checkpoints" / "step_00000012.pt"), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Resuming" in out and out.count("Done: 60 steps") == 1
+    train.main(args(data, tmp_path, "whole", 60, "--save_interval", "6", "--log_interval", "6"))
+    same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tmp_path):
+    run = args(data, tmp_path, "run", 200, "--save_interval", "100", "--log_interval", "50", "--resume", "auto")
+    cmd, env = torchrun(run)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+    out, _ = proc.communicate(timeout=90)
+    step = weights(tmp_path / "run")["step"]
+    assert f"stopped by SIGTERM at step {step}:" in out and 0 < step < 200, out[-3000:]
+    cmd, env = torchrun(run)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr[-3000:]
+    train.main(args(data, tmp_path, "whole", 200, "--save_interval", "100", "--log_interval", "50"))
+    same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-4)
+
+    # Rank 1 frozen: rank 0 waits in a collective that never returns; SIGTERM still ends it within its grace.
+    cmd, env = torchrun(args(data, tmp_path, "frozen", 100_000, "--save_interval", "100000"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        one = rank(proc, 1, tmp_path / "frozen" / "checkpoints" / "latest.pt")
+        zero = rank(proc, 0, tmp_path / "frozen" / "checkpoints" / "latest.pt")
+        time.sleep(2)
+        os.kill(one, signal.SIGSTOP)
+        time.sleep(1)
+        sent = time.time()
+        os.kill(zero, signal.SIGTERM)
+        deadline = time.time() + 60
+        while time.time() < deadline and os.path.exists(f"/proc/{zero}") and \
+                open(f"/proc/{zero}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.1)
+        assert time.time() - sent < 30, "rank 0 did not end"
+    finally:
+        os.kill(one, signal.SIGCONT)
+        os.kill(one, signal.SIGKILL)
+        proc.kill()
+        out, _ = proc.communicate(timeout=60)
+    assert "rank 0 stopped by SIGTERM" in out and "blocked" in out
