@@ -9,12 +9,11 @@ import time
 import pytest
 import torch
 
-import config
 import evaluate
 import train
 from conftest import ROOT
 from test_ddp import children, env_of, torchrun
-from test_train import args, data, weights  # noqa: F401  (data: the session's tiny rendered set)
+from test_train import args, data, tiny_default_job, weights  # noqa: F401  (data: the session's tiny rendered set)
 
 
 def same_weights(a, b, atol=1e-5):
@@ -110,12 +109,8 @@ def test_a_damaged_latest_is_named_with_the_way_back(data, tmp_path, capsys):
 
 
 def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
-    monkeypatch.setitem(config.PRESETS, "cpu", {**config.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
-                                                "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 4,
-                                                "log_interval": 2, "save_interval": 2, "workers": 0})
-    train.main(["--gradient_steps", "2"])
+    tiny_default_job(monkeypatch, tmp_path)
+    train.main([])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -126,8 +121,7 @@ def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsy
 def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     import dataset.shepard_metzler as sm
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
+    tiny_default_job(monkeypatch, tmp_path)
 
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt("SIGINT")

@@ -224,12 +224,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, ca
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def tiny_default_job(monkeypatch, folder):
+    """`python train.py` in `folder` with the built-in data and the cpu preset cut to a few scenes and a tiny GQN."""
+    monkeypatch.chdir(folder)
     monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
     monkeypatch.setitem(config.PRESETS, "cpu", {**config.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
                                                "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 2,
                                                "log_interval": 1, "save_interval": 2, "workers": 0})
+
+
+def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
+    tiny_default_job(monkeypatch, tmp_path)
     train.main([])
     out = capsys.readouterr().out
     assert "default job" in out and "Rendering the built-in data set" in out
