@@ -78,6 +78,42 @@ def test_rmse_is_per_image_then_averaged():
     assert rmse.mean().item() == 2.0  # not sqrt(mean of all squared errors) = 2.83
 
 
+def test_psnr_and_ssim_are_torchmetrics_own_per_image():
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    torch.manual_seed(0)
+    target = torch.rand(3, 3, SIZE, SIZE)
+    noisy = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    got = metrics.image_scores(noisy * 255, target * 255)
+    for i in range(3):  # each image on its own, images in [0, 1]
+        mse = (noisy[i].double() - target[i].double()).pow(2).mean().item()
+        assert got["psnr"][i].item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+        assert got["psnr"][i].item() == pytest.approx(
+            peak_signal_noise_ratio(noisy[i:i + 1], target[i:i + 1], data_range=1.0).item(), rel=1e-5)
+        assert got["ssim"][i].item() == pytest.approx(
+            structural_similarity_index_measure(noisy[i:i + 1], target[i:i + 1], data_range=1.0).item(), abs=1e-5)
+    assert 0 < got["ssim"].min() < got["ssim"].max() < 1
+    # A perfect image: PSNR inf (no epsilon), SSIM 1, MAE and RMSE 0.
+    same = metrics.image_scores(target * 255, target * 255)
+    assert same["psnr"].tolist() == [math.inf] * 3 and same["ssim"].tolist() == pytest.approx([1.0] * 3)
+    assert same["rmse"].tolist() == [0.0] * 3
+
+
+def test_best_of_picks_each_images_lowest_rmse_draw():
+    torch.manual_seed(0)
+    target = torch.rand(4, 3, SIZE, SIZE) * 255
+    draws = target + torch.randn(5, 4, 1, 1, 1) * 40 * torch.rand(5, 4, 3, SIZE, SIZE)  # (N, B, 3, H, W)
+    best = metrics.best_of(draws, target)
+    each = torch.stack([metrics.image_errors(d, target)[1] for d in draws])  # (N, B)
+    assert (best["rmse"][None] <= each).all()
+    assert torch.equal(best["rmse"], each.min(0).values)
+    chosen = each.argmin(0)
+    assert len(set(chosen.tolist())) > 1  # the best draw differs between images
+    for b, n in enumerate(chosen.tolist()):
+        alone = metrics.image_scores(draws[n, b:b + 1], target[b:b + 1])
+        assert all(best[k][b] == alone[k][0] for k in ("mae", "psnr", "ssim"))
+
+
 def test_bits_per_dim_of_a_uniform_density_is_eight():
     # A density of 1 on [0, 1]^D (0 nats) is the uniform distribution over the 256 grey levels.
     assert metrics.bits_per_dim(0.0, 3 * 64 * 64) == pytest.approx(8.0)
