@@ -8,7 +8,8 @@ image up is right x d, so world z is image up and the image is not mirrored. She
 from the object's centre and look at it (placed at -(10/3) d) with a 20-degree field of view.
 
 Users: gqn_dataset.py and dataset/convert2torch.py (raw -> pose7), volume.py (camera_frames), the renderer in
-dataset/shepard_metzler.py (directions and frames, in float64 numpy), render.py (look_at, ring, angles).
+dataset/shepard_metzler.py (directions and frames, in float64 numpy), render.py and hubconf.py (look_at,
+pose_from_to, ring, angles).
 Every function takes numpy arrays or torch tensors and returns the same kind.
 """
 import math
@@ -73,6 +74,15 @@ def look_at(distance, yaw, pitch):
     pitch = pitch.expand_as(yaw)
     return torch.cat([-distance * direction(yaw, pitch), torch.stack([yaw.sin(), yaw.cos(), pitch.sin(),
                                                                       pitch.cos()], -1)], -1)
+
+
+def pose_from_to(position, target=(0.0, 0.0, 0.0)):
+    """7-d poses (N, 7) of cameras at `position` (N, 3) looking at `target` (3,) or (N, 3), world z up."""
+    position = torch.as_tensor(position, dtype=torch.float32).reshape(-1, 3)
+    d = torch.as_tensor(target, dtype=torch.float32) - position
+    d = d / d.norm(dim=-1, keepdim=True)
+    yaw, pitch = torch.atan2(-d[:, 1], d[:, 0]), torch.asin(d[:, 2].clamp(-1, 1))  # inverts direction()
+    return torch.cat([position, torch.stack([yaw.sin(), yaw.cos(), pitch.sin(), pitch.cos()], -1)], -1)
 
 
 def ring(v, n, yaw0=None, pitch=None):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cli import UserError
+from model import GQN
 
 
 class CheckpointError(UserError, ValueError):
@@ -111,8 +112,6 @@ def load_checkpoint(path, map_location="cpu"):
 
 def build_model(ckpt):
     """The GQN a checkpoint holds, weights loaded (on the CPU, in training mode: call .to()/.eval() as needed)."""
-    from model import GQN
-
     model = GQN(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model

@@ -1,9 +1,10 @@
 """Pictures of what a GQN sees and renders: one labelled image grid, and the pictures built from it.
 
-- `grid`: rows of tiles with optional row labels and column headings; every picture here is one (the
-  TensorBoard grids, samples.png, render.py's PNG and each frame of its GIF).
+- `grid`: rows of tiles with optional row labels and column headings; every picture here is one (TensorBoard's
+  test views, samples.png, render.py's PNG and each frame of its GIF).
 - `novel_views`: a trained model's generation core (Eslami et al. 2018, figure S2, z from the prior) rendering
-  one scene from a ring of new cameras and from the scene's own held-out cameras, as in the paper's figures.
+  one scene from a ring of new cameras, the scene's own held-out cameras or cameras of the user's choosing, as in
+  the paper's figures; several samples of z per view and their per-pixel spread show what the model is unsure of.
 - `save_samples`, `save_panels`: samples.png at the end of training; render.py's .png grid or .gif animation.
 
 Written atomically (checkpoint.atomic_write). Images are float (3, H, W) in [0, 1] throughout.
@@ -23,6 +24,7 @@ GAP = 2  # pixels between tiles (before scale)
 LABEL = 72  # width of the row-label column (before scale)
 BACKGROUND = (255, 255, 255)
 BLANK = (200, 200, 200)  # a tile with nothing to show (a novel view has no ground truth)
+SPREAD_WHITE = 0.25  # a standard deviation over samples drawn white (half the largest one in [0, 1])
 
 
 def to_pil(img, scale=1):
@@ -73,10 +75,14 @@ def grid(rows, scale=1, headings=None, split=None):
     return im
 
 
-def tensorboard_grid(images, per_row=8):
-    """(N, 3, H, W) in [0, 1] -> HWC uint8 array of `per_row` tiles a row on white (writer.add_image, "HWC")."""
-    images = list(images)
-    return np.asarray(grid([("", images[i:i + per_row]) for i in range(0, len(images), per_row)]))
+def test_views_grid(x, truth, reconstruction, generations):
+    """TensorBoard's test picture, a row a scene: its context views x (B, K, 3, H, W), the true query view, the
+    reconstruction (z from the posterior) and generations (N, B, 3, H, W) (z from the prior: what the model is unsure
+    of differs between them), tiles of at least 96 px -> HWC uint8 array (writer.add_image, dataformats "HWC")."""
+    k = x.shape[1]
+    rows = [("", [*x[b], truth[b], reconstruction[b], *generations[:, b]]) for b in range(len(truth))]
+    headings = [(0, "context"), (k, "truth"), (k + 1, "posterior"), (k + 2, "prior samples")]
+    return np.asarray(grid(rows, max(1, 96 // x.shape[-1]), headings, split=k - 1))
 
 
 def png_bytes(im):
@@ -97,47 +103,74 @@ def save_samples(path, context, truth, generated):
 # ------------------------------------------------------------------------------------------------ novel views
 
 @torch.no_grad()
-def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, pitch=None, batch_size=32):
-    """One scene's panels as float (N, 3, H, W) in [0, 1].
-
-    frames uint8 (S, 3, H, W) and cameras (S, 7): all of the scene's views; context: indices of the K
-    views the model sees. Returns dict(context, ring, truth, model): the context views, the model's views
-    around a ring of new cameras (cameras.ring: the scene's distance and pitch, or `pitch`, starting at the
-    first context view's yaw), and the scene's other views with the model's views from the same cameras.
-    """
+def sample_views(model, x, v, v_q, samples=1, seed=0, batch_size=32):
+    """One scene's context x (K, 3, H, W) in [0, 1] and poses v (K, 7), query poses v_q (Q, 7) -> `samples` draws of z
+    from the prior per view: (samples, Q, 3, H, W) in [0, 1], on the CPU. The same seed gives the same pictures."""
     device = next(model.parameters()).device
-    size = size or model.config["image_size"]
-    context = [int(i) for i in context]
-    held = [i for i in range(frames.shape[0]) if i not in context]
-    x = resize(frames[context], size) / 255  # (K, 3, H, W)
-    v = cameras[context]
-    v_q = torch.cat([ring(cameras, n_ring, yaw0=angles(v[0])[0], pitch=pitch), cameras[held]])
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for chunk in v_q.split(batch_size):
-        b = chunk.shape[0]
-        out.append(model.generate(x.expand(b, *x.shape).to(device), v.expand(b, *v.shape).to(device),
-                                  chunk.to(device), generator=g).clamp(0, 1).cpu())
-    out = torch.cat(out)
-    return {"context": x, "ring": out[:n_ring], "truth": resize(frames[held], size) / 255,
-            "model": out[n_ring:]}
+    for _ in range(samples):
+        views = []
+        for chunk in v_q.split(batch_size):
+            b = chunk.shape[0]
+            views.append(model.generate(x.expand(b, *x.shape).to(device), v.expand(b, *v.shape).to(device),
+                                        chunk.to(device), generator=g).clamp(0, 1).cpu())
+        out.append(torch.cat(views))
+    return torch.stack(out)
+
+
+def spread(samples):
+    """(N, Q, 3, H, W) samples -> (Q, 3, H, W) grey image of their per-pixel standard deviation, mean over colours,
+    SPREAD_WHITE and above drawn white: where the model is unsure what it sees."""
+    return (samples.std(0, correction=0).mean(1, keepdim=True) / SPREAD_WHITE).clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+@torch.no_grad()
+def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, pitch=None, batch_size=32,
+                samples=1, queries=None):
+    """One scene's panels, images float in [0, 1].
+
+    frames uint8 (S, 3, H, W) and cameras (S, 7): all of the scene's views; context: indices of the K views the
+    model sees. Returns dict(context (K, 3, H, W), ring, model (samples, Q, 3, H, W), truth (Q, 3, H, W)): the
+    model's views around a ring of new cameras (cameras.ring: the scene's distance and pitch, or `pitch`, starting at
+    the first context view's yaw), and the scene's other views with the model's views from the same cameras. With
+    `queries` (Q, 7), the model's views from those poses instead (in "ring"; no truth, no held-out views).
+    """
+    size = size or model.config["image_size"]
+    context = [int(i) for i in context]
+    held = [i for i in range(frames.shape[0]) if i not in context] if queries is None else []
+    x = resize(frames[context], size) / 255  # (K, 3, H, W)
+    v = cameras[context]
+    new = ring(cameras, n_ring, yaw0=angles(v[0])[0], pitch=pitch) if queries is None else queries
+    out = sample_views(model, x, v, torch.cat([new, cameras[held]]), samples, seed, batch_size)
+    return {"context": x, "ring": out[:, :len(new)], "truth": resize(frames[held], size) / 255,
+            "model": out[:, len(new):]}
+
+
+def sample_rows(name, views):
+    """Grid rows of (samples, Q, 3, H, W) views: one row if one sample; else a row a sample and their spread."""
+    if len(views) == 1:
+        return [(name, list(views[0]))]
+    name = name.split()[0]  # "novel 2" fits the label column where "novel views 2" may not
+    return [(f"{name} {k + 1}", list(views[k])) for k in range(len(views))] + [(f"{name} spread", list(spread(views)))]
 
 
 def panels_grid(panels, scale=1):
-    """The PNG of novel_views: labelled rows context, novel views, truth, model."""
-    rows = [("context", panels["context"]), ("novel views", panels["ring"]),
-            ("truth", panels["truth"]), ("model", panels["model"])]
-    return grid([(name, list(imgs)) for name, imgs in rows if len(imgs)], scale)
+    """The PNG of novel_views: labelled rows context, novel views (each sample and their spread), truth, model."""
+    rows = [("context", list(panels["context"]))] + sample_rows("novel views", panels["ring"])
+    if len(panels["truth"]):
+        rows += [("truth", list(panels["truth"]))] + sample_rows("model", panels["model"])
+    return grid([(name, imgs) for name, imgs in rows if len(imgs)], scale)
 
 
 def panels_frames(panels, scale=2):
     """The GIF's frames: the ring, then the held-out views; each [context | model | truth] -> list of PIL images."""
     k = len(panels["context"])
-    truth = [None] * len(panels["ring"]) + list(panels["truth"])
+    truth = [None] * panels["ring"].shape[1] + list(panels["truth"])
     return [grid([("", [*panels["context"], pred, truth[i]])], scale,
                  [(0, "context"), (k, "model"), (k + 1, "truth" if truth[i] is not None else "(novel)")],
                  split=k - 1)
-            for i, pred in enumerate(list(panels["ring"]) + list(panels["model"]))]
+            for i, pred in enumerate(list(panels["ring"][0]) + list(panels["model"][0]))]
 
 
 def save_panels(path, panels, scale):
@@ -146,7 +179,7 @@ def save_panels(path, panels, scale):
         atomic_write(path, png_bytes(panels_grid(panels, scale)))
         return
     frames = panels_frames(panels, scale)
-    n_ring = len(panels["ring"])
+    n_ring = panels["ring"].shape[1]
     # Hold the held-out views longer than the ring: they are the ones to compare with the truth.
     durations = [150] * n_ring + [600] * (len(frames) - n_ring)
     buf = io.BytesIO()

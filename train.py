@@ -43,11 +43,12 @@ from cli import UserError  # noqa: E402
 from distributed import Dist, Stop, cpu_has_bf16, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
-from pictures import save_samples, tensorboard_grid  # noqa: E402
+from pictures import save_samples, test_views_grid  # noqa: E402
 from scheduler import learning_rate, pixel_sigma  # noqa: E402
 
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
 IMAGE_SCENES = 8
+PRIOR_SAMPLES = 3     # generations per test scene in TensorBoard: where they differ, the model is unsure
 TEST_CONTEXT = 3      # context views per test scene, as torch-gqn's test batch
 
 
@@ -414,9 +415,9 @@ def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, mea
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
             torch.manual_seed(cfg.seed)
             rec = model.reconstruct(x, v, v_q, x_q)
-            gen = model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed))
-        for tag, img in (("ground_truth", x_q), ("reconstruction", rec), ("generation", gen)):
-            writer.add_image(f"test/{tag}", tensorboard_grid(img), step, dataformats="HWC")
+            gen = torch.stack([model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed + k))
+                               for k in range(PRIOR_SAMPLES)])
+        writer.add_image("test/views", test_views_grid(x, x_q, rec.float(), gen.float()), step, dataformats="HWC")
         writer.flush()
         bar.write(f"step {step:>7d} | ELBO {elbo:9.1f} KL {kl:7.2f} NLL {nll:9.1f} (sigma floor {floor:7.1f}) | "
                   f"test ELBO {test_means[0]:9.1f} | {bits_per_dim(-elbo, dims):.3f} bits/dim | sigma {sigma:.3f} "

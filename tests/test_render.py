@@ -8,6 +8,7 @@ from PIL import Image
 import cameras
 import pictures
 import render
+from checkpoint import load_model
 from test_evaluate import SIZE, make_checkpoint, make_data
 
 
@@ -81,3 +82,48 @@ def test_bad_input_gets_one_line(setup, capsys):
     with pytest.raises(SystemExit) as e:
         render.main(["--checkpoint", str(other), "--data_dir", data, "--out", str(tmp / "x.png")])
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error: --data_dir")
+
+
+def test_cameras_of_the_users_choosing_with_samples_and_their_spread(setup, capsys):
+    tmp, ckpt, data = setup
+    poses = tmp / "poses.txt"
+    poses.write_text("# x y z yaw pitch\n0 -3 0.5 1.57 0.1\n3, 0, 0, 3.14, 0\n")
+    for argv, cols in ((["--yaw", "0", "90", "180", "270", "--pitch", "20", "--distance", "3"], 4),
+                       (["--poses", str(poses)], 2)):
+        out = tmp / "mine.png"
+        render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), "--context_views", "0", "4",
+                     "--samples", "3", "--scale", "1", "--device", "cpu", *argv])
+        assert "context views [0, 4]" in capsys.readouterr().out
+        im = Image.open(out)
+        # rows: context, 3 samples, their spread; as many columns as cameras (or the 2 context views)
+        assert im.size == (pictures.LABEL + max(2, cols) * (SIZE + pictures.GAP), 5 * (SIZE + pictures.GAP) +
+                           pictures.GAP)
+
+
+def test_samples_differ_and_the_spread_is_their_standard_deviation(tmp_path):
+    model, _ = load_model(make_checkpoint(tmp_path / "c.pt"))
+    x, v = torch.rand(2, 3, SIZE, SIZE), cameras.look_at(3.0, torch.tensor([0.0, 1.5]), torch.tensor(0.2))
+    v_q = cameras.look_at(3.0, torch.tensor([0.7, 2.5, 4.0]), torch.tensor(0.3))
+    views = pictures.sample_views(model, x, v, v_q, samples=4, seed=5)
+    assert views.shape == (4, 3, 3, SIZE, SIZE)
+    assert torch.equal(views, pictures.sample_views(model, x, v, v_q, samples=4, seed=5))  # the same seed
+    assert not torch.equal(views[0], views[1])  # z drawn anew for each sample
+    sd = pictures.spread(views)
+    want = (views.std(0, correction=0).mean(1) / pictures.SPREAD_WHITE).clamp(0, 1)
+    assert torch.allclose(sd[:, 0], want) and torch.equal(sd[:, 0], sd[:, 2])
+    assert torch.equal(pictures.spread(views[:1].expand(4, -1, -1, -1, -1)), torch.zeros_like(sd))
+
+
+def test_bad_cameras_get_one_line(setup, capsys):
+    tmp, ckpt, data = setup
+    (tmp / "bad.txt").write_text("1 2 3\n")
+    for argv, words in ((["--poses", str(tmp / "bad.txt")], "line 1: expected 7 or 5 finite numbers"),
+                        (["--poses", str(tmp / "none.txt")], "cannot read"),
+                        (["--yaw", "10", "--poses", str(tmp / "bad.txt")], "give one of them"),
+                        (["--context_views", "0", "0"], "distinct views of 0..5"),
+                        (["--context_views", "9"], "distinct views of 0..5")):
+        with pytest.raises(SystemExit) as e:
+            render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(tmp / "x.png"), "--device", "cpu",
+                         *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and words in err[0], err

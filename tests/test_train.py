@@ -157,11 +157,13 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
     assert elbo == pytest.approx(-(kl + nll), rel=1e-5)
     floor = 16 * 16 * 3 * (np.log(acc.Scalars("schedule/sigma")[0].value) + 0.5 * np.log(2 * np.pi))
     assert acc.Scalars("train/nll_minus_sigma_floor")[0].value == pytest.approx(nll - floor, rel=1e-4)
-    for tag in ["test/ground_truth", "test/reconstruction", "test/generation"]:
-        events = acc.Images(tag)
-        assert [e.step for e in events] == [3, 6], tag
-        with Image.open(io.BytesIO(events[-1].encoded_image_string)) as im:
-            assert im.size == (4 * 18 + 2, 18 + 2)  # the 4 test scenes in a row, 16px tiles, 2px white gaps
+    events = acc.Images("test/views")
+    assert [e.step for e in events] == [3, 6]
+    with Image.open(io.BytesIO(events[-1].encoded_image_string)) as im:
+        # a row for each of the 4 test scenes: 3 context views, truth, reconstruction, 3 prior samples; 96 px tiles
+        # (16 px x 6) with 12 px gaps, a wider one after the context, a line of headings on top
+        tile, gap = 96, 12
+        assert im.size == (gap + 8 * (tile + gap) + 2 * gap, 16 + 6 + 4 * (tile + gap))
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
