@@ -1,26 +1,42 @@
-"""Evaluate a trained GQN over a whole test split (Eslami et al. 2018).
+"""Evaluate a trained GQN over a whole test split (Eslami et al. 2018), for one or several context sizes.
 
 Reports what the paper trains for, the negative ELBO (eq. S9's terms: KL and the Gaussian NLL of the query
 image, in nats per image at the final pixel sigma of 0.7), and what it is judged by, the quality of the
 generated query view: the image predicted for v_q with z drawn from the prior (figure S2's generation
-core), taken as the observation mean clamped to [0, 1], compared with the true x_q on the 0-255 scale.
-MAE is the mean absolute error over all pixels; RMSE is the per-image RMSE averaged over images, as in
-ViewFormer's and STR-GQN's tables. With --train_data_dir it also scores the trivial baseline that predicts
-the mean training image for every query.
+core), taken as the observation mean clamped to [0, 1], compared with the true x_q. The image scores
+(metrics.image_scores) are per image, then averaged over images: MAE and RMSE on the 0-255 scale, as in
+ViewFormer's and STR-GQN's tables; PSNR (dB) and SSIM from torchmetrics on images in [0, 1] (data_range 1.0;
+a perfect image's PSNR is inf, written to JSON as Infinity). With --train_data_dir it also scores the trivial
+baseline that predicts the mean training image for every query (mean_image_*, rmse_ratio).
+
+--samples N draws N views from the prior per query: mae/rmse/psnr/ssim stay the first draw's (the one
+--samples 1 makes); mean_of_samples_* score the pixel-wise mean of the N draws and best_of_samples_* each
+image's draw with the lowest RMSE (the best-of-N of the GQN literature).
 
 Views are deterministic (gqn_dataset.fixed_views): each scene gets the same K context views and query view
-for a given --seed, and the ELBO's posterior noise is a function of (seed, scene) alone. The prior samples
-of the generated views are drawn per batch from a seeded generator, so the image scores repeat exactly for
-the same --seed and --batch_size.
+for a given --seed, and the ELBO's posterior noise is a function of (seed, scene) alone. The query view
+depends on K (the view after a scene's first K of one fixed permutation), so each context size, its
+mean-image scores included, reports exactly what `--context K` alone does. Draw i of a batch comes from a
+generator seeded by (seed, batch, i), so the image scores repeat exactly for the same --seed and --batch_size.
+
+The JSON (--json) and main()'s return value, with one context size: one flat dict, the run (checkpoint, step,
+dataset, test_data_dir, train_data_dir), then scenes, context, seed, sigma, image_size, samples, elbo, kl,
+nll, bits_per_dim, mae, rmse, psnr, ssim, [mean_of_samples_* and best_of_samples_* of the four when samples
+> 1], [mean_image_* of the four and rmse_ratio with --train_data_dir]. With several context sizes: the run,
+scenes, seed, sigma, image_size, samples, "contexts": [1, 2, ...], and "by_context": {"1": {...}, ...} with
+each size's other fields. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
 
 Images stored at another size than the model's are resized with area interpolation only when that is what
 training did (the checkpoint records the stored size it trained on); any other size mismatch is an error.
 
     python evaluate.py --checkpoint runs/default/checkpoints/latest.pt --test_data_dir data/shepard_metzler_5_parts/test
-    python evaluate.py --checkpoint C --test_data_dir D --train_data_dir T --context 3 --json results.json
+    python evaluate.py --checkpoint C --test_data_dir D --train_data_dir T --context 1 2 3 5 --samples 4 \
+        --plot context.png --json results.json
 """
+import io
 import json
 import os
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -30,10 +46,13 @@ import cli
 from checkpoint import atomic_write, input_size, load_model
 from cli import UserError
 from gqn_dataset import FixedViews, fixed_views, open_split, resize
-from metrics import bits_per_dim, image_errors
+from metrics import best_of, bits_per_dim, image_scores
 from pictures import novel_views, panels_grid
 
 SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the likelihood the scores refer to
+SCORES = (("rmse", "RMSE (0-255)", ".3f"), ("mae", "MAE (0-255)", ".3f"), ("psnr", "PSNR (dB)", ".2f"),
+          ("ssim", "SSIM", ".4f"))  # metrics.image_scores: (key, name, format)
+SHARED = ("scenes", "seed", "sigma", "image_size", "samples")  # a multi-context JSON's fields common to every size
 
 
 def posterior_noise(noise_shape, seed, scenes):
@@ -65,53 +84,63 @@ def mean_image(ds, size, max_scenes=2000, workers=0, progress=True):
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=None, baseline=None,
-             workers=0, progress=True, max_scenes=0):
-    """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring).
-
-    baseline: optional mean training image (3, H, W) on the 0-255 scale, scored on the same query views.
-    """
+def check_context(context, ds):
     if not 1 <= context <= ds.views - 1:
         raise UserError(f"--context {context}: must be between 1 and {ds.views - 1} "
                         f"(the data has {ds.views} views per scene and one is the query)")
+
+
+def sample_seed(seed, batch, i):
+    """Seed of the generator for draw i of a batch: a function of (seed, batch, i); draw 0's is (seed, batch)'s."""
+    return (i * 1_000_003 + seed) * 1_000_003 + batch
+
+
+@torch.no_grad()
+def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=None, baseline=None,
+             workers=0, progress=True, max_scenes=0, samples=1):
+    """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring).
+
+    baseline: optional mean training image (3, H, W) on the 0-255 scale, scored on the same query views.
+    samples: views drawn from the prior per query (mean-of-N and best-of-N scores when > 1).
+    """
+    check_context(context, ds)
     size = size or model.config["image_size"]
     scenes = range(min(max_scenes, len(ds)) if max_scenes > 0 else len(ds))
     loader = torch.utils.data.DataLoader(FixedViews(ds, context, seed, scenes), batch_size=batch_size,
                                          num_workers=workers)
     g = torch.Generator(device=device)
-    sums = {k: 0.0 for k in ("elbo", "kl", "nll", "mae", "rmse", "base_mae", "base_rmse")}
-    n = 0
-    for batch, (x, v, x_q, v_q, scenes) in enumerate(tqdm(loader, desc="evaluate", unit="batch",
-                                                           disable=not progress)):
+    sums, n = defaultdict(float), 0
+
+    def add(prefix, scores):
+        for k, per_image in scores.items():
+            sums[prefix + k] += per_image.double().sum().item()
+
+    for batch, (x, v, x_q, v_q, scenes) in enumerate(tqdm(loader, desc=f"evaluate {context} context views",
+                                                           unit="batch", disable=not progress)):
         x = (resize(x, size) / 255).to(device)  # (B, K, 3, H, W) in [0, 1]
         x_q255 = resize(x_q, size)  # (B, 3, H, W) on 0-255
         v, v_q = v.to(device), v_q.to(device)
         eps = posterior_noise(model.noise_shape, seed, scenes).to(device)
         out = model(x, v, v_q, (x_q255 / 255).to(device), SIGMA, eps=eps)
-        g.manual_seed(seed * 1_000_003 + batch)
-        pred = model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu() * 255
-        mae, rmse = image_errors(pred, x_q255)
-        sums["elbo"] += out.elbo.double().sum().item()
-        sums["kl"] += out.kl.double().sum().item()
-        sums["nll"] += out.nll.double().sum().item()
-        sums["mae"] += mae.sum().item()
-        sums["rmse"] += rmse.sum().item()
+        add("", {"elbo": out.elbo, "kl": out.kl, "nll": out.nll})
+        draws = []
+        for i in range(samples):
+            g.manual_seed(sample_seed(seed, batch, i))
+            draws.append(model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu() * 255)
+        draws = torch.stack(draws)  # (N, B, 3, H, W) on 0-255
+        add("", image_scores(draws[0], x_q255))
+        if samples > 1:
+            add("mean_of_samples_", image_scores(draws.mean(0), x_q255))
+            add("best_of_samples_", best_of(draws, x_q255))
         if baseline is not None:
-            mae, rmse = image_errors(baseline.expand_as(x_q255), x_q255)
-            sums["base_mae"] += mae.sum().item()
-            sums["base_rmse"] += rmse.sum().item()
+            add("mean_image_", image_scores(baseline.expand_as(x_q255), x_q255))
         n += x.shape[0]
     m = {k: s / n for k, s in sums.items()}
-    result = {
-        "scenes": n, "context": context, "seed": seed, "sigma": SIGMA, "image_size": size,
-        "elbo": m["elbo"], "kl": m["kl"], "nll": m["nll"],
-        "bits_per_dim": bits_per_dim(-m["elbo"], 3 * size * size),
-        "mae": m["mae"], "rmse": m["rmse"],
-    }
+    elbo = {k: m.pop(k) for k in ("elbo", "kl", "nll")}
+    result = {"scenes": n, "context": context, "seed": seed, "sigma": SIGMA, "image_size": size, "samples": samples,
+              **elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], 3 * size * size), **m}  # then the image scores
     if baseline is not None:
-        result.update(mean_image_mae=m["base_mae"], mean_image_rmse=m["base_rmse"],
-                      rmse_ratio=m["rmse"] / m["base_rmse"] if m["base_rmse"] > 0 else float("nan"))
+        result["rmse_ratio"] = m["rmse"] / m["mean_image_rmse"] if m["mean_image_rmse"] > 0 else float("nan")
     return result
 
 
@@ -128,8 +157,8 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     model.eval()
     baseline = mean_image(train_ds, size, baseline_scenes, progress=progress)
     r = evaluate(model, test_ds, context, seed, 32, device, size, baseline, progress=progress)
-    for k in ("elbo", "kl", "nll", "bits_per_dim", "mae", "rmse", "mean_image_mae", "mean_image_rmse",
-              "rmse_ratio"):
+    for k in ("elbo", "kl", "nll", "bits_per_dim", "mae", "rmse", "psnr", "ssim", "mean_image_mae",
+              "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio"):
         writer.add_scalar(f"eval/{k}", r[k], step)
     for i in np.linspace(0, len(test_ds) - 1, min(image_scenes, len(test_ds))).round().astype(int).tolist():
         frames, cameras = test_ds[i]
@@ -142,26 +171,69 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     return r
 
 
-def write_json(path, obj):
+# ----------------------------------------------------------------------------- output
+
+def by_context(results):
+    """evaluate()'s dicts, one per context size -> the JSON layout of the module docstring."""
+    if len(results) == 1:
+        return results[0]
+    shared = {k: results[0][k] for k in SHARED}
+    return {**shared, "contexts": [r["context"] for r in results],
+            "by_context": {str(r["context"]): {k: v for k, v in r.items() if k not in SHARED} for r in results}}
+
+
+def predictions(samples):
+    """(key prefix, label) of each scored prediction: one draw, mean and best of N draws, the mean image."""
+    return [("", "one draw" if samples > 1 else "generated view"), ("mean_of_samples_", f"mean of {samples} draws"),
+            ("best_of_samples_", f"best of {samples} draws"), ("mean_image_", "mean training image")]
+
+
+def table(results):
+    """The scores as text, a column per context size."""
+    r0 = results[0]
+    lines = [(f"ELBO (nats/image, sigma {r0['sigma']})", "elbo", ".2f"), ("KL (nats/image)", "kl", ".2f"),
+             ("NLL (nats/image)", "nll", ".2f"), ("bits/dim", "bits_per_dim", ".4f")]
+    lines += [(f"{what}: {name}", prefix + key, fmt) for prefix, what in predictions(r0["samples"])
+              for key, name, fmt in SCORES]
+    lines.append(("RMSE / mean-image RMSE", "rmse_ratio", ".3f"))
+    rows = [("context views", [r["context"] for r in results])]
+    rows += [(label, [format(r[key], fmt) for r in results]) for label, key, fmt in lines if key in r0]
+    w = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{w}}" + "".join(f"  {v:>9}" for v in values) for label, values in rows)
+
+
+# The lines of predictions(), in order: markers that stay apart where the lines coincide.
+STYLES = (dict(marker="o", ms=8), dict(marker="s", ms=5, ls=":"), dict(marker="^", ms=5, ls="-."),
+          dict(color="grey", ls="--"))
+
+
+def plot(path, results, title):
+    """RMSE, MAE, PSNR and SSIM against the number of context views, a panel each, as a PNG (Agg) at path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ks = [r["context"] for r in results]
+    fig = Figure(figsize=(9, 6.5), dpi=100, layout="constrained")
+    for ax, (key, name, _) in zip(fig.subplots(2, 2).flat, SCORES):
+        for (prefix, what), style in zip(predictions(results[0]["samples"]), STYLES):
+            if prefix + key in results[0]:
+                ax.plot(ks, [r[prefix + key] for r in results], label=what, **style)
+        better = "higher" if key in ("psnr", "ssim") else "lower"
+        ax.set(xlabel="context views", ylabel=f"{name}, {better} is better", xticks=ks)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    write_out("--plot", path, buf.getvalue())
+
+
+def write_out(flag, path, data):
     """Atomic (checkpoint.atomic_write): a reader never sees half a file."""
     try:
-        atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+        atomic_write(path, data)
     except OSError as err:
-        raise UserError(f"--json {path}: cannot write ({err.strerror or err})") from None
-
-
-def table(r):
-    rows = [("scenes", f"{r['scenes']}"), ("context views", f"{r['context']}"),
-            (f"ELBO (nats/image, sigma {r['sigma']})", f"{r['elbo']:.2f}"),
-            ("KL (nats/image)", f"{r['kl']:.2f}"), ("NLL (nats/image)", f"{r['nll']:.2f}"),
-            ("bits/dim", f"{r['bits_per_dim']:.4f}"),
-            ("MAE (0-255)", f"{r['mae']:.3f}"), ("RMSE (0-255)", f"{r['rmse']:.3f}")]
-    if "mean_image_rmse" in r:
-        rows += [("mean-image MAE (0-255)", f"{r['mean_image_mae']:.3f}"),
-                 ("mean-image RMSE (0-255)", f"{r['mean_image_rmse']:.3f}"),
-                 ("RMSE / mean-image RMSE", f"{r['rmse_ratio']:.3f}")]
-    w = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{w}}  {v:>12}" for k, v in rows)
+        raise UserError(f"{flag} {path}: cannot write ({err.strerror or err})") from None
 
 
 def parse_args(argv=None):
@@ -172,11 +244,15 @@ def parse_args(argv=None):
     a("--train_data_dir", default=None, help="training split folder: also score the mean-training-image baseline")
     a("--baseline_scenes", type=cli.nonneg_int, default=2000,
       help="training scenes averaged for the mean image, spread over the split (0 = all; default 2000)")
-    a("--context", type=cli.positive_int, default=3, help="context views per scene (default 3)")
+    a("--context", type=cli.positive_int, nargs="+", default=[3],
+      help="context views per scene; several sizes (e.g. 1 2 3 5) are scored in one run (default 3)")
+    a("--samples", type=cli.positive_int, default=1,
+      help="views drawn from the prior per query: also score their mean and the best of them (default 1)")
     a("--max_scenes", type=cli.nonneg_int, default=0, help="score only the first N test scenes (default 0 = all)")
     a("--batch_size", type=cli.positive_int, default=32, help="scenes per batch (default 32)")
     a("--seed", type=cli.nonneg_int, default=0, help="chooses the views and the noise (default 0)")
     a("--json", default=None, help="also write the results here (atomically)")
+    a("--plot", default=None, help="FILE.png: draw the scores against the number of context views")
     a("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers decoding JPEGs (default 0)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
       help="cpu, cuda or cuda:N (default: cuda when present)")
@@ -185,25 +261,35 @@ def parse_args(argv=None):
 
 def run(args):
     device = cli.open_device(args.device)
-    if args.json and os.path.isdir(args.json):  # found out before the long run, not after it
-        raise UserError(f"--json {args.json}: is a folder; give a file name")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and os.path.isdir(path):  # found out before the long run, not after it
+            raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserError(f"--plot {args.plot}: must end in .png")
     model, ckpt = load_model(args.checkpoint, device)
     ds = open_split(args.test_data_dir, "--test_data_dir")
     size = input_size(ckpt, ds, args.test_data_dir, "--test_data_dir")
+    contexts = sorted(set(args.context))
+    for k in contexts:
+        check_context(k, ds)
     baseline = None
     if args.train_data_dir:
         train = open_split(args.train_data_dir, "--train_data_dir")
         input_size(ckpt, train, args.train_data_dir, "--train_data_dir")
         baseline = mean_image(train, size, args.baseline_scenes, args.workers)
-    r = evaluate(model, ds, args.context, args.seed, args.batch_size, device, size, baseline, args.workers,
-                 max_scenes=args.max_scenes)
+    results = [evaluate(model, ds, k, args.seed, args.batch_size, device, size, baseline, args.workers,
+                        max_scenes=args.max_scenes, samples=args.samples) for k in contexts]
     r = {"checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
          "dataset": ds.dataset, "test_data_dir": os.path.abspath(args.test_data_dir),
-         "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None, **r}
-    print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}")
-    print(table(r))
+         "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None,
+         **by_context(results)}
+    print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}: {r['scenes']} scenes, seed {args.seed}")
+    print(table(results))
+    if args.plot:
+        plot(args.plot, results, f"{ds.dataset}, step {r['step']}: {r['scenes']} test scenes, seed {args.seed}")
+        print(f"wrote {args.plot}")
     if args.json:
-        write_json(args.json, r)
+        write_out("--json", args.json, (json.dumps(r, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return r
 

@@ -160,6 +160,47 @@ def test_results_repeat_exactly_and_elbo_does_not_depend_on_batch_size(setup):
     assert e["scenes"] == 2
 
 
+def test_several_context_sizes_samples_and_plot(setup):
+    tmp, ckpt, test, train = setup
+    argv = ["--checkpoint", ckpt, "--test_data_dir", test, "--train_data_dir", train, "--batch_size", "2",
+            "--context", "3", "1", "2", "--samples", "4", "--plot", str(tmp / "p.png"), "--json", str(tmp / "r.json")]
+    r = run_main(argv)
+    assert json.loads((tmp / "r.json").read_text()) == r
+    assert r["contexts"] == [1, 2, 3] and set(r["by_context"]) == {"1", "2", "3"}
+    assert r["scenes"] == 5 and r["samples"] == 4 and r["step"] == 7 and "rmse" not in r
+    for k, c in r["by_context"].items():
+        assert c["context"] == int(k) and c["kl"] >= 0
+        for prefix in ("", "mean_of_samples_", "best_of_samples_", "mean_image_"):
+            assert 0 < c[prefix + "mae"] <= c[prefix + "rmse"] < 255
+            assert 0 < c[prefix + "psnr"] < 60 and -1 < c[prefix + "ssim"] < 1
+        assert c["best_of_samples_rmse"] <= c["rmse"]  # per image, the best draw is no worse than draw 0
+    with Image.open(tmp / "p.png") as im:
+        assert im.format == "PNG" and 600 <= im.width <= 2000 and 400 <= im.height <= 2000
+    assert run_main(argv) == r  # the same seed repeats every score
+    # Each size reports what it reports alone; draw 0 is --samples 1's draw.
+    alone = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--train_data_dir", train,
+                      "--batch_size", "2", "--context", "2"])
+    assert alone["samples"] == 1 and "best_of_samples_rmse" not in alone
+    two = r["by_context"]["2"]
+    assert {"mae", "rmse", "psnr", "ssim", "elbo", "mean_image_ssim", "rmse_ratio"} <= set(two) & set(alone)
+    assert all(two[k] == alone[k] for k in two if k in alone)
+
+
+def test_samples_1_scores_the_draw_evaluate_always_made(setup):
+    """Draw 0 of batch b comes from a generator seeded with seed * 1000003 + b, as before --samples existed;
+    every image score is per image, then averaged over images."""
+    tmp, ckpt, test, _ = setup
+    r = run_main(["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "5", "--seed", "2"])
+    model, _ = checkpoint.load_model(ckpt)
+    x, v, x_q, v_q, _ = next(iter(torch.utils.data.DataLoader(
+        evaluate.FixedViews(GQNDataset(test), 3, 2), batch_size=5)))
+    with torch.no_grad():
+        pred = model.generate(x / 255, v, v_q, generator=torch.Generator().manual_seed(2 * 1_000_003)) * 255
+    scores = metrics.image_scores(pred.clamp(0, 255), x_q.float())
+    for k in ("mae", "rmse", "psnr", "ssim"):  # per image, then averaged over images
+        assert r[k] == pytest.approx(scores[k].mean().item(), rel=1e-6)
+
+
 def test_volume_checkpoint_scores_repeat_in_any_batching(tmp_path):
     """The volume representation samples fixed depths in evaluation: scores repeat and ignore the batching."""
     test = make_data(tmp_path / "test", scenes=5)
@@ -215,6 +256,20 @@ def test_bad_input_gets_one_line(setup, capsys):
     assert err.startswith("error: --context 6")
     err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--batch_size", "0"])
     assert "--batch_size" in err
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--context", "2", "0"])
+    assert err == "error: --context: expected a positive integer, got '0'"
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--context", "1", "6"])
+    assert err.startswith("error: --context 6")
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--samples", "0"])
+    assert err == "error: --samples: expected a positive integer, got '0'"
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--plot", str(tmp / "p.jpg")])
+    assert err == f"error: --plot {tmp / 'p.jpg'}: must end in .png"
+    (tmp / "dir.png").mkdir()
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--plot", str(tmp / "dir.png")])
+    assert err.startswith(f"error: --plot {tmp / 'dir.png'}: is a folder")
+    (tmp / "file").write_text("")
+    err = one_error(capsys, ["--checkpoint", ckpt, "--test_data_dir", test, "--plot", str(tmp / "file" / "p.png")])
+    assert err.startswith(f"error: --plot {tmp / 'file' / 'p.png'}: cannot write")
 
 
 def test_end_of_training_report_reaches_tensorboard(setup):
@@ -229,6 +284,7 @@ def test_end_of_training_report_reaches_tensorboard(setup):
     assert r["scenes"] == 5 and "rmse_ratio" in r
     events = EventAccumulator(str(tmp / "tb"), size_guidance={"images": 0})
     events.Reload()
-    assert {"eval/rmse", "eval/mean_image_rmse", "eval/rmse_ratio", "eval/elbo"} <= set(events.Tags()["scalars"])
+    assert {"eval/rmse", "eval/mean_image_rmse", "eval/rmse_ratio", "eval/elbo", "eval/psnr", "eval/ssim",
+            "eval/mean_image_psnr", "eval/mean_image_ssim"} <= set(events.Tags()["scalars"])
     assert events.Scalars("eval/rmse")[0].value == pytest.approx(r["rmse"], rel=1e-5)
     assert events.Tags()["images"] == ["eval/novel_views/scene_0", "eval/novel_views/scene_4"]
