@@ -6,7 +6,8 @@ stored as a dict of plain types and tensors that loads with `torch.load(path, we
     {"model": state_dict (no `module.`/`_orig_mod.` prefixes), "model_config": GQN kwargs, "optimizer": Adam's
      state_dict, "step": completed gradient steps, "config": the run's resolved config (plain types),
      "data": {"dataset", "image_size", "max_context"}, "rng": {"torch", "cuda", "numpy", "python"}}
-Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt.
+Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt; what a run folder offers --resume
+(run_to_resume), keeping the newest numbered ones, and the way back from a damaged latest.pt.
 
     from checkpoint import load_checkpoint, build_model
     ckpt = load_checkpoint("runs/default/checkpoints/latest.pt")
@@ -86,6 +87,29 @@ def way_back(path, advice):
     """For a checkpoint that does not load: "; the newest loadable one beside it is X: <advice(X)>", or ""."""
     back = newest_loadable(os.path.dirname(os.path.abspath(path))) if os.path.isfile(path) else None
     return f"; the newest loadable checkpoint beside it is {back}: {advice(back)}" if back else ""
+
+
+def run_to_resume(run_dir, resume):
+    """What a run folder offers --resume (False, True or "auto") -> the checkpoint to continue, or None to start.
+
+    "auto" continues the folder's run if it holds one and starts one if not, so that a requeued job or a torchrun
+    restart can repeat its command line. A damaged latest.pt is never trusted nor silently replaced.
+    """
+    folder, latest, _ = checkpoint_paths(run_dir)
+    holds_run = os.path.exists(latest) or bool(numbered(folder))
+    if not resume or (resume == "auto" and not holds_run):
+        if holds_run:
+            raise UserError(f"--log_dir {run_dir} already holds a run ({folder}): pass --resume to continue that run "
+                            f"with its own settings, or another --log_dir to start a new one")
+        return None
+    if not os.path.exists(latest):
+        raise UserError(f"--resume: {latest} does not exist (no run to continue in {run_dir})"
+                        + way_back(latest, lambda back: f"copy it to latest.pt (cp {back} {latest})"))
+    try:
+        return load_checkpoint(latest)
+    except CheckpointError as e:
+        raise UserError(f"--resume: {e}" + way_back(latest, lambda back: f"copy it over latest.pt (cp {back} {latest}) "
+                                                                          f"and run again")) from None
 
 
 def save_checkpoint(ckpt, paths):

@@ -3,7 +3,7 @@
 One train.py serves `python train.py` and `torchrun ... train.py`: `Dist` reads RANK/WORLD_SIZE/LOCAL_RANK, starts
 NCCL on CUDA and gloo on the CPU, and gives the few collectives the loop needs (sums of metrics, broadcasting the
 resumed checkpoint, agreeing on an error so that every rank stops together). Rank-0-only work is gated on
-`Dist.master`.
+`Dist.master`. `Stop` turns SIGTERM/SIGINT into a stop at the end of the step in flight, in every process.
 
     torchrun --nproc_per_node 4 train.py --train_data_dir D/train --test_data_dir D/test        # one node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT train.py ...
@@ -136,9 +136,9 @@ class Stop:
     While `training` is set, the first signal only asks for a stop (`requested`): the loop finishes the step in
     flight, writes latest.pt and exits. Otherwise it interrupts the main thread (KeyboardInterrupt, whose message
     says what is saved), or under torchrun (`at_once`) ends the process with that message: torchrun is stopping
-    every worker, and a teardown could wait on a dead one. A watcher thread hears every signal even while the main thread is blocked in C++ (a
-    collective whose peer died): it ends the process at once on a second signal, and when the first one has not
-    been acted on within `grace()` seconds.
+    every worker, and a teardown could wait on a dead one. A watcher thread hears every signal even while the main
+    thread is blocked in C++ (a collective whose peer died): it ends the process at once on a second signal, and
+    when the first one has not been acted on within `grace()` seconds.
     """
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
-from checkpoint import (atomic_write, checkpoint_paths, keep_newest, load_checkpoint, numbered, rng_state,  # noqa: E402
-                        save_checkpoint, set_rng_state, way_back)
+from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
+                        save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
 from distributed import Dist, Stop, cpu_has_bf16, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
@@ -84,31 +84,9 @@ def builtin_data(dist):
 
 
 def open_run(cfg, given, dist):
-    """A fresh run folder, or the run to resume (rank 0 reads latest.pt and sends it to every rank) -> cfg, ckpt.
-
-    --resume auto continues the folder's run if it holds one and starts one if not, so that a requeued job or a
-    torchrun restart can repeat its command line. A damaged latest.pt is never trusted nor silently replaced.
-    """
+    """A fresh run folder, or the run to resume (rank 0 reads latest.pt and sends it to every rank) -> cfg, ckpt."""
     run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
-    folder, latest, _ = checkpoint_paths(run_dir)
-
-    def read():
-        holds_run = os.path.exists(latest) or bool(numbered(folder))
-        if not cfg.resume or (cfg.resume == "auto" and not holds_run):
-            if holds_run:
-                raise UserError(f"--log_dir {run_dir} already holds a run ({folder}): pass --resume to continue "
-                                f"that run with its own settings, or another --log_dir to start a new one")
-            return None
-        if not os.path.exists(latest):
-            raise UserError(f"--resume: {latest} does not exist (no run to continue in {run_dir})"
-                            + way_back(latest, lambda back: f"copy it to latest.pt (cp {back} {latest})"))
-        try:
-            return load_checkpoint(latest)
-        except UserError as e:
-            raise UserError(f"--resume: {e}" + way_back(latest, lambda back: f"copy it over latest.pt (cp {back} "
-                                                                              f"{latest}) and run again")) from None
-
-    ckpt = dist.broadcast(dist.agreed(read if dist.master else lambda: None))
+    ckpt = dist.broadcast(dist.agreed((lambda: run_to_resume(run_dir, cfg.resume)) if dist.master else lambda: None))
     return (cfg, None) if ckpt is None else (config.resumed(cfg, given, ckpt["config"]), ckpt)
 
 

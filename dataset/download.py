@@ -106,7 +106,8 @@ def run(argv):
                         help="fetch only the first fraction of each split's files (default 1: all)")
     parser.add_argument("--dst", default=os.path.join("data", "tfrecord"),
                         help="folder for <NAME>/<split>/*.tfrecord (default data/tfrecord)")
-    parser.add_argument("--base_url", "--base-url", default=BASE_URL, help=f"bucket URL (default {BASE_URL}; --base-url also works)")
+    parser.add_argument("--base_url", "--base-url", default=BASE_URL,
+                        help=f"bucket URL (default {BASE_URL}; --base-url also works)")
     args = parser.parse_args(argv)
     n = download(args.name, args.dst, args.fraction, args.base_url)
     print(f"fetched {n} files into {os.path.join(args.dst, args.name)}; now convert them with:")

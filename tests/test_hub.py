@@ -1,5 +1,5 @@
-"""hubconf.py: torch.hub.load(..., source="local") gives a ready model from any working directory, and its render
-helper takes context views of any size and a camera as a pose, a position and a point to look at, or yaw/pitch/distance."""
+"""hubconf.py: torch.hub.load(..., source="local") gives a ready model from any working directory; its render helper
+takes context views of any size and a camera as a pose, a position and a point to look at, or yaw/pitch/distance."""
 import json
 import os
 import subprocess
