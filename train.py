@@ -150,7 +150,7 @@ def train(cfg, given):
             try:
                 run(cfg, given, dist, stop, saved, step_s)
             except KeyboardInterrupt as e:
-                name = str(e) or "SIGINT"
+                name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"  # Stop names the signal
                 raise cli.Interrupted(f"interrupted by {name} {'before' if saved[0] is None else 'at'} "
                                       f"{'the first checkpoint' if saved[0] is None else f'step {saved[0]}'}: "
                                       f"{continue_with()}", 128 + signal.Signals[name].value) from None
