@@ -67,9 +67,9 @@ def numbered(folder):
 
 def keep_newest(folder, keep):
     """Delete all but the `keep` newest numbered checkpoints (keep < 0: keep all). latest.pt is never touched."""
-    if keep >= 0:
-        for _, path in numbered(folder)[:max(0, len(numbered(folder)) - keep)]:
-            os.unlink(path)
+    steps = numbered(folder)
+    for _, path in steps[:max(0, len(steps) - keep)] if keep >= 0 else []:
+        os.unlink(path)
 
 
 def newest_loadable(folder):

@@ -111,6 +111,7 @@ def resume_mode(s):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected True/False/1/0 or auto, got {s!r}") from None
 
+
 # flag: (type, meaning). Every argparse default is None: the preset fills what is not given, and --resume can tell
 # what was given. The help adds each preset's default.
 FLAGS = {
