@@ -8,13 +8,17 @@ DeepMind's gqn-datasets data_reader.py: (x, y, z, sin yaw, cos yaw, sin pitch, c
 
 Converted split folder: one `torch.save` file per source shard (`001-of-900.pt`), loadable with
 `torch.load(p, weights_only=True, mmap=True)`: {"format": "gqn-jpeg-v1", "dataset", "image_size", "views",
-"jpeg": uint8 [all JPEG bytes], "offsets": int64 [N*S+1], "cameras": float32 [N, S, 7]}. The JPEGs are
+"jpeg": uint8 [all JPEG bytes], "offsets": int64 [N*S+1], "cameras": float32 [N, S, 7]}, and, when the camera
+model is known, the optional float keys "fov" (field of view in degrees, horizontal = vertical: images are
+square), "near" and "far" (the depth range the scenes occupy, along the camera's axis, in scene units). Shards
+written before these keys existed, DeepMind's and torch-gqn's data have none (GQNDataset gives None). The JPEGs are
 DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the views asked for are read.
 """
 import bisect
 import functools
 import gzip
 import io
+import math
 import os
 import pickle
 import re
@@ -30,6 +34,8 @@ from cameras import pose7
 from cli import UserError
 
 FORMAT = "gqn-jpeg-v1"
+CAMERA_KEYS = ("fov", "near", "far")  # optional shard keys: the camera model, when known
+JPEG_QUALITY = 95  # frames this project encodes: quality and 4:2:0 chroma subsampling as in DeepMind's frames
 
 # Maximum number of context views per data set (K of the paper's training procedure).
 MAX_CONTEXT = {"shepard_metzler_5_parts": 15, "shepard_metzler_7_parts": 15, "rooms_ring_camera": 5,
@@ -66,10 +72,27 @@ def _umask():
     return mask
 
 
-def write_shard(path, frames, cameras, dataset, image_size):
+def camera_model(fov=None, near=None, far=None):
+    """The optional camera keys of a shard -> {"fov", "near", "far"}: those given, as floats, checked.
+
+    fov: degrees in (0, 180), of square images; near, far: depths along the camera's axis, 0 < near < far.
+    """
+    out = {k: float(v) for k, v in (("fov", fov), ("near", near), ("far", far)) if v is not None}
+    for k, v in out.items():
+        if not (math.isfinite(v) and v > 0):
+            raise DatasetError(f"{k} {v}: must be a positive number")
+    if out.get("fov", 1) >= 180:
+        raise DatasetError(f"fov {out['fov']}: must be below 180 degrees")
+    if out.get("near", 0) >= out.get("far", math.inf):
+        raise DatasetError(f"near {out['near']}, far {out['far']}: need near < far")
+    return out
+
+
+def write_shard(path, frames, cameras, dataset, image_size, camera=None):
     """Write one converted shard atomically (temp file in the same folder, then os.replace).
 
-    frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7].
+    frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7];
+    camera: None or a dict with any of "fov", "near", "far" (camera_model), stored as top-level floats.
     """
     n = len(frames)
     cameras = np.ascontiguousarray(cameras, dtype=np.float32)
@@ -86,6 +109,10 @@ def write_shard(path, frames, cameras, dataset, image_size):
     jpeg = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
     obj = {"format": FORMAT, "dataset": str(dataset), "image_size": int(image_size), "views": int(s),
            "jpeg": jpeg, "offsets": torch.from_numpy(offsets), "cameras": torch.from_numpy(cameras)}
+    unknown = set(camera or {}) - set(CAMERA_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: camera keys {sorted(unknown)}: only {', '.join(CAMERA_KEYS)}")
+    obj.update(camera_model(**(camera or {})))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Same folder, so os.replace is an atomic rename: a killed run leaves no half-written shard under the real name.
@@ -99,6 +126,15 @@ def write_shard(path, frames, cameras, dataset, image_size):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def encode_jpeg(image):
+    """uint8 [H, W, 3] -> JPEG bytes at JPEG_QUALITY with 4:2:0 chroma subsampling, as in DeepMind's frames."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,6 +264,7 @@ class GQNDataset(torch.utils.data.Dataset):
     """One split folder of scenes: converted shards (`*.pt`) or a torch-gqn folder (`N.pt` / `N.pt.gz`).
 
     ds[i] -> (frames uint8 [S, 3, H, W], cameras float32 [S, 7]); ds.load(i, views) decodes only those views.
+    ds.fov, ds.near, ds.far: the camera model the data records (float, or None when not recorded).
     """
 
     def __init__(self, root):
@@ -271,19 +308,25 @@ class GQNDataset(torch.utils.data.Dataset):
                 n, s = obj["cameras"].shape[:2]
                 if head[0] != FORMAT or obj["offsets"].numel() != n * s + 1 or s != head[3]:
                     raise ValueError("inconsistent header")
+                camera = tuple(None if obj.get(k) is None else float(obj[k]) for k in CAMERA_KEYS)
             except Exception as e:
                 raise DatasetError(f"{path}: not a converted GQN shard ({e})") from None
             if i == 0:
                 _, self.dataset, self.image_size, self.views = head
+                self.fov, self.near, self.far = camera
             elif head[1:] != (self.dataset, self.image_size, self.views):
                 raise DatasetError(f"{path}: holds {head[1]} {head[2]}px x {head[3]} views, unlike "
                                    f"{self._paths[0]} ({self.dataset} {self.image_size}px x {self.views} views)")
+            elif camera != (self.fov, self.near, self.far):
+                raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {self._paths[0]} "
+                                   f"{(self.fov, self.near, self.far)}")
             self._shards[i] = self._arrays(obj)  # mmap'd, so this holds no file handle and reads no JPEG bytes
             counts.append(int(n))
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
 
     def _init_legacy(self, files):
         self.format = "legacy"
+        self.fov = self.near = self.far = None  # torch-gqn's files record no camera model
         self._paths = [os.path.join(self.root, n) for n in files]
         self._starts = list(range(len(files) + 1))
         frames, _ = load_legacy_scene(self._paths[0])
@@ -326,26 +369,43 @@ class GQNDataset(torch.utils.data.Dataset):
         cameras = self._load_into(i, views, list(out))
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(cameras)
 
-    def _load_into(self, i, views, outs):
-        """Decode views of scene i into outs (list of [H, W, 3] uint8 arrays) -> cameras float32 [V, 7]."""
+    def encoded(self, i):
+        """Scene i as stored -> (list of S JPEG bytes, cameras float32 [S, 7]), nothing decoded."""
+        k, local = self._locate(i)
+        if self.format == "legacy":
+            frames, cameras5 = load_legacy_scene(self._paths[k])
+            return frames, pose7(cameras5)
+        jpeg, offsets, cameras = self._shard(k)
+        base = local * self.views
+        return [bytes(jpeg[offsets[base + j]:offsets[base + j + 1]]) for j in range(self.views)], cameras[local]
+
+    def _locate(self, i):
+        """Scene i -> (shard or file index, scene index within it)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"scene {i} out of range for {n} scenes in {self.root}")
         i = int(i) % n
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def _shard(self, k):
+        shard = self._shards.get(k)
+        if shard is None:
+            shard = self._shards[k] = self._arrays(torch.load(self._paths[k], weights_only=True, mmap=True))
+        return shard
+
+    def _load_into(self, i, views, outs):
+        """Decode views of scene i into outs (list of [H, W, 3] uint8 arrays) -> cameras float32 [V, 7]."""
+        k, local = self._locate(i)
         for j in views:
             if not 0 <= j < self.views:
                 raise IndexError(f"view {j} out of range for {self.views} views")
-        k = bisect.bisect_right(self._starts, i) - 1
-        local = i - self._starts[k]
         if self.format == "legacy":
             frames, cameras5 = load_legacy_scene(self._paths[k])
             for j, out in zip(views, outs):
                 _decode_into(frames[j], out, self._paths[k])
             return pose7(cameras5[views])
-        shard = self._shards.get(k)
-        if shard is None:
-            shard = self._shards[k] = self._arrays(torch.load(self._paths[k], weights_only=True, mmap=True))
-        jpeg, offsets, cameras = shard
+        jpeg, offsets, cameras = self._shard(k)
         base = local * self.views
         for j, out in zip(views, outs):
             _decode_into(jpeg[offsets[base + j]:offsets[base + j + 1]], out, self._paths[k])

@@ -15,14 +15,14 @@ recovered by matching silhouettes over all 15 views (both scenes agree on every 
 - shading (least squares on the real frames' face colours): a light fixed in the world from about (1, 1, 1)
   lights +x/+y/+z faces, adds a little white to them and casts shadows; a camera headlight and an ambient term
   light every face; colours are saturated random hues;
-- JPEG quality 95 with 4:2:0 chroma subsampling (the real frames' quantisation tables).
+- JPEG quality 95 with 4:2:0 chroma subsampling (the real frames' quantisation tables; gqn_dataset.encode_jpeg).
 Side by side with the real frames (same cameras): the real object re-rendered matches them closely.
+The shards record this camera model (camera_model): fov 20 degrees, depths 10/3 -+ 0.63 (volume.py reads them).
 
 Usage:
     python dataset/shepard_metzler.py --out data/shepard_metzler_7_parts --train_scenes 20000 --test_scenes 2000
 """
 import concurrent.futures
-import io
 import math
 import multiprocessing
 import os
@@ -32,13 +32,12 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cameras  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
-from gqn_dataset import write_shard  # noqa: E402
+from gqn_dataset import encode_jpeg, write_shard  # noqa: E402
 
 IMAGE_SIZE = 64
 VIEWS = 15
@@ -48,7 +47,6 @@ CUBE = math.tan(FOV / 2)       # cube side in world units: fitted to the real fr
 PITCH_STEPS = (-43, 48)        # pitch = k * pi/100, k uniform in this range (inclusive)
 YAW_STEPS = 100                # yaw = k * 2pi/100, k uniform in [0, 100)
 SUPERSAMPLE = 2                # antialiasing: 2x2 rays a pixel on edges, averaged
-JPEG_QUALITY = 95
 MAX_PARTS = 20                 # beyond this the object no longer fits the frame
 # Shading, least-squares fit to the real frames' face colours (Lambertian terms, clipped to [0, 1]):
 # colour * (AMBIENT + HEADLIGHT * n.v + SUN * max(n.l, 0)) + WHITE * max(n.l, 0)
@@ -56,6 +54,16 @@ AMBIENT, HEADLIGHT, SUN, WHITE = 0.33, 0.35, 0.59, 0.19
 LIGHT = np.array([0.63, 0.59, 0.51]) / np.linalg.norm([0.63, 0.59, 0.51])
 # Self-avoiding walk steps: the six face neighbours on the grid.
 STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+
+
+def camera_model(parts):
+    """The camera model the shards record (gqn_dataset.camera_model): FOV, and the depths the object can occupy.
+
+    An object of P cubes lies within CUBE/2 * sqrt(P^2 + 2) of its centre (the half-diagonal of P cubes in a row,
+    the longest bounding box); with P at least 7, DeepMind's larger data set, both data sets get 10/3 -+ 0.63.
+    """
+    radius = CUBE / 2 * math.sqrt(max(parts, 7) ** 2 + 2)
+    return dict(fov=math.degrees(FOV), near=DISTANCE - radius, far=DISTANCE + radius)
 
 
 def dataset_name(parts):
@@ -217,13 +225,6 @@ def render_views(centres, colours, raw, size=IMAGE_SIZE, supersample=SUPERSAMPLE
     return (image * 255 + 0.5).astype(np.uint8)
 
 
-def encode_jpeg(image):
-    """uint8 [H, W, 3] -> JPEG bytes, quality and chroma subsampling as in DeepMind's frames."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
-    return buf.getvalue()
-
-
 def render_scene(seed, split, index, parts=7, views=VIEWS):
     """One scene, a pure function of (seed, split, index): (list of `views` JPEG bytes, cameras float32 [views, 5])."""
     # Seeding per scene makes the output independent of shard size and worker count.
@@ -322,7 +323,7 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
                 bar.update(len(scenes))
             frames = [f for f, _ in pending[:count]]
             poses = cameras.pose7(np.stack([c for _, c in pending[:count]]))
-            write_shard(path, frames, poses, dataset_name(parts), IMAGE_SIZE)
+            write_shard(path, frames, poses, dataset_name(parts), IMAGE_SIZE, camera_model(parts))
             pending = pending[count:]
             if i + 1 == len(shards) or shards[i + 1][0] != split:  # split complete: swap it in
                 folder = os.path.join(out, split)
