@@ -7,10 +7,14 @@ The camera at (x, y, z) looks along d = (cos p cos y, -cos p sin y, sin p); imag
 image up is right x d, so world z is image up and the image is not mirrored. Shepard-Metzler cameras sit 10/3
 from the object's centre and look at it (placed at -(10/3) d) with a 20-degree field of view.
 
+Other software's cameras: a 4x4 camera-to-world matrix in the OpenGL convention (NeRF, instant-ngp, nerfstudio:
+columns image right, image up, -forward, position) converts to raw cameras and back (from_matrix, matrix); the
+raw cameras cannot express a camera rotated about its own axis (roll), so from_matrix returns the roll it drops.
+
 Users: gqn_dataset.py and dataset/convert2torch.py (raw -> pose7), volume.py (camera_frames), the renderer in
 dataset/shepard_metzler.py (directions and frames, in float64 numpy), render.py and hubconf.py (look_at,
-pose_from_to, ring, angles).
-Every function takes numpy arrays or torch tensors and returns the same kind.
+pose_from_to, ring, angles), dataset/import_scenes.py and export_scenes.py (matrices, look_point).
+Every function takes numpy arrays or torch tensors and returns the same kind, except the last three (numpy).
 """
 import math
 
@@ -93,3 +97,51 @@ def ring(v, n, yaw0=None, pitch=None):
     yaw0 = yaw[0] if yaw0 is None else torch.as_tensor(yaw0)
     pitch = p.mean() if pitch is None else torch.as_tensor(pitch, dtype=torch.float32)
     return look_at(distance, yaw0 + torch.arange(n) * (2 * math.pi / n), pitch)
+
+
+# World y up (as glTF and many renderers) -> DeepMind's world z up: (x, y, z) -> (x, -z, y), a proper rotation.
+Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+
+
+def matrix(raw, up="z"):
+    """Raw cameras (..., 5) -> camera-to-world matrices (..., 4, 4), OpenGL convention, world `up` "z" or "y"."""
+    raw = np.asarray(raw, dtype=np.float64)
+    yaw, pitch = raw[..., 3], raw[..., 4]
+    d, right, up_ = axes(np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch))
+    m = np.zeros(raw.shape[:-1] + (4, 4))
+    m[..., :3, 0], m[..., :3, 1], m[..., :3, 2], m[..., :3, 3] = right, up_, -d, raw[..., :3]
+    m[..., 3, 3] = 1
+    if up == "y":
+        m[..., :3, :] = Y_UP.T @ m[..., :3, :]
+    return m
+
+
+def from_matrix(m, up="z"):
+    """Camera-to-world matrices (..., 4, 4) or (..., 3, 4), OpenGL convention, world `up` "z" or "y" ->
+    (raw cameras (..., 5) float64, roll (...) in radians).
+
+    roll is the angle about the view direction from DeepMind's camera (image right = d x world z) to this one;
+    the raw cameras drop it. A camera looking straight up or down takes its yaw from its image right instead.
+    """
+    m = np.asarray(m, dtype=np.float64)[..., :3, :]
+    if up == "y":
+        m = Y_UP @ m
+    right = m[..., 0] / np.linalg.norm(m[..., 0], axis=-1, keepdims=True)
+    d = -m[..., 2] / np.linalg.norm(m[..., 2], axis=-1, keepdims=True)
+    pitch = np.arcsin(np.clip(d[..., 2], -1, 1))
+    vertical = np.hypot(d[..., 0], d[..., 1]) < 1e-9
+    yaw = np.where(vertical, np.arctan2(-right[..., 0], -right[..., 1]), np.arctan2(-d[..., 1], d[..., 0]))
+    _, right0, up0 = axes(np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch))
+    roll = np.arctan2((right * up0).sum(-1), (right * right0).sum(-1))
+    return np.concatenate([m[..., 3], yaw[..., None], pitch[..., None]], axis=-1), roll
+
+
+def look_point(origins, directions):
+    """The point nearest (least squares) to the viewing axes of cameras at origins (V, 3) looking along unit
+    directions (V, 3) -> (3,), or None when the axes are nearly parallel and meet nowhere in particular."""
+    o, d = np.asarray(origins, np.float64), np.asarray(directions, np.float64)
+    p = np.eye(3) - d[:, :, None] * d[:, None, :]                           # (V, 3, 3) projections across each axis
+    a, b = p.sum(0), np.einsum("vij,vj->i", p, o)
+    if np.linalg.eigvalsh(a)[0] < 1e-4 * len(o):                          # all axes within about 1 degree
+        return None
+    return np.linalg.solve(a, b)
