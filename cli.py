@@ -1,10 +1,11 @@
 """The project's one error contract and command-line policy, shared by every command.
 
-train.py, evaluate.py, render.py, bench.py, bench_data.py and dataset/{convert2torch,download,shepard_metzler}.py
-all parse flags with `ArgumentParser` (no abbreviated flags; a bad flag or value is one `error: ...` line and
-exit status 1, never argparse's usage block and status 2) and run through `main`, which turns a `UserError`
-(bad input: a flag, file or folder at fault, named in the message) into that line. DatasetError and
-CheckpointError are UserErrors. This module imports nothing of the project's, so any module may import it.
+train.py, evaluate.py, render.py, bench.py, bench_data.py and dataset/{convert2torch,download,shepard_metzler,
+import_scenes,export_scenes}.py all parse flags with `ArgumentParser` (no abbreviated flags; a bad flag or value
+is one `error: ...` line and exit status 1, never argparse's usage block and status 2) and run through `main`,
+which turns a `UserError` (bad input: a flag, file or folder at fault, named in the message) into that line.
+DatasetError and CheckpointError are UserErrors. This module imports nothing of the project's, so any module may
+import it.
 """
 import argparse
 import os
@@ -100,14 +101,22 @@ def nonneg_int(s):
     return _integer(s, 0, "a non-negative integer")
 
 
-def positive_float(s):
+def _number(s, lowest_ok, what):
     try:
         x = float(s)
     except ValueError:
         x = float("nan")
-    if not (x > 0 and x != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not ((x >= 0 if lowest_ok else x > 0) and x != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
     return x
+
+
+def positive_float(s):
+    return _number(s, False, "a positive number")
+
+
+def nonneg_float(s):
+    return _number(s, True, "a non-negative number")
 
 
 def open_device(name, flag="--device"):

@@ -1,1 +1,1 @@
-"""Data tools: TFRecord conversion, download, and the built-in Shepard-Metzler renderer."""
+"""Data tools: TFRecord conversion, download, the built-in Shepard-Metzler renderer, importing your own scenes."""

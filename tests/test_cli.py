@@ -12,7 +12,8 @@ from conftest import ROOT
 COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data_dir", "d"],
             "render.py": ["--checkpoint", "c.pt", "--data_dir", "d", "--out", "x.png"], "bench.py": [],
             "bench_data.py": [], "dataset/convert2torch.py": ["src", "dst"], "dataset/download.py": ["jaco"],
-            "dataset/shepard_metzler.py": ["--out", "o", "--train_scenes", "1", "--test_scenes", "1"]}
+            "dataset/shepard_metzler.py": ["--out", "o", "--train_scenes", "1", "--test_scenes", "1"],
+            "dataset/import_scenes.py": ["src", "dst"], "dataset/export_scenes.py": ["out", "--layout", "csv"]}
 
 
 def run(script, *argv, cwd):
@@ -43,6 +44,9 @@ def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script,
     ("bench.py", ["--layers", "0"], ["--layers"]),
     ("dataset/shepard_metzler.py", ["--out", "o", "--train_scenes", "-1", "--test_scenes", "1"], ["--train_scenes"]),
     ("dataset/download.py", [], ["NAME"]),
+    ("dataset/import_scenes.py", ["src", "dst", "--background", "grey"], ["--background: invalid choice"]),
+    ("dataset/import_scenes.py", ["src", "dst"], ["SRC src is not a folder"]),
+    ("dataset/export_scenes.py", ["out"], ["--layout"]),
 ])
 def test_bad_values_and_missing_arguments_get_one_line(script, argv, words, tmp_path):
     assert_one_line(run(script, *argv, cwd=tmp_path), *words)
