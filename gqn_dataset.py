@@ -66,7 +66,8 @@ class DatasetError(UserError, ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the converted format
 
-def _umask():
+def current_umask():
+    """The process umask (os.umask can only read it by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -120,7 +121,7 @@ def write_shard(path, frames, cameras, dataset, image_size, camera=None):
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the shard the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the shard the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
