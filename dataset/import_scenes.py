@@ -543,9 +543,9 @@ def import_scenes(src, dst, image_size=None, background="black", name=None, test
     print(f"imported {' + '.join(f'{len(v)} {s}' for s, v in splits.items())} scenes of "
           f"{len(scenes[0]['files'])} views, {size}x{size} px, as {name!r} -> "
           + ", ".join(os.path.join(dst, s) for s in splits))
-    print(f"images: {counts['kept']} of {views} JPEGs stored as they are, {views - counts['kept']} encoded once "
-          f"(quality 95, 4:2:0)" + (f", {counts['composited']} with alpha over {background}"
-                                     if counts["composited"] else ""))
+    print(f"images: {counts['kept']} of {views} JPEG sources stored byte for byte, {views - counts['kept']} encoded "
+          f"once (quality 95, 4:2:0)" + (f", {counts['composited']} with alpha over {background}"
+                                          if counts["composited"] else ""))
     print("fov: " + (f"{fov:.4g} degrees ({fov_how})" if fov is not None else fov_how))
     print("near/far: " + (f"{near:.4g}, {far:.4g} ({depth_how})" if near is not None else depth_how))
     return [os.path.join(dst, s) for s in splits]

@@ -141,7 +141,7 @@ def test_transforms_fl_x_file_path_without_extension_and_white_background(tmp_pa
     Image.fromarray(image).save(folder / "v1.png")
     status, out, err = run_import(tmp_path / "src", tmp_path / "dst", "--background", "white", capsys=capsys)
     assert status == 0 and err == [], err
-    assert "6 with alpha over white" in out and "0 of 6 JPEGs stored as they are" in out
+    assert "6 with alpha over white" in out and "0 of 6 JPEG sources stored byte for byte" in out
     ds = GQNDataset(tmp_path / "dst" / "train")                        # 2 scenes, 1 of them for the test split
     assert ds.fov == pytest.approx(90.0) and len(ds) == 1 and len(GQNDataset(tmp_path / "dst" / "test")) == 1
     frames, v = GQNDataset(tmp_path / "dst" / "test").load(0, [0, 1])
@@ -177,7 +177,7 @@ def test_jpeg_sources_are_kept_byte_for_byte_and_fewer_than_two_views_skipped(tm
                                   capsys=capsys)
     assert status == 0
     assert err == [f"warning: skipped 1 scene(s) with fewer than 2 views: {tmp_path / 'src' / 'lonely'} (1)"]
-    assert "fov: not recorded" in out and "9 of 9 JPEGs stored as they are" in out
+    assert "fov: not recorded" in out and "9 of 9 JPEG sources stored byte for byte" in out
     train, test = GQNDataset(tmp_path / "dst" / "train"), GQNDataset(tmp_path / "dst" / "test")
     assert (len(train), len(test), train.dataset, train.fov) == (2, 1, "mine", None)
     m = import_scenes.margin(None)
