@@ -34,6 +34,7 @@ from torch.distributions import Normal, kl_divergence
 import cli
 from checkpoint import atomic_write
 from cli import UserError, nonneg_int, positive_int, str2bool
+from distributed import check_amp
 from model import ELBO, GQN
 
 PRESETS = {
@@ -271,6 +272,7 @@ def run(argv=None):
         raise UserError(f"--device {device}: expected cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    check_amp(args.amp, torch.device(device))
     configs = [dict(c) for c in PRESETS[args.preset or ("paper" if device == "cuda" else "cpu-check")]]
     if args.representation:  # a custom single configuration, the paper's defaults for what is not given
         configs = [dict(representation=args.representation, L=12, shared_core=False, batch_size=36, context=5,

@@ -9,13 +9,16 @@ torch-gqn's flags keep their names and meanings. `python train.py --help` shows 
 import argparse
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
-from cli import ArgumentParser, UserError, nonneg_int, positive_float, positive_int, str2bool
+from batch_threads import usable_cpus
+from cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, str2bool
 from gqn_dataset import MAX_CONTEXT
 
 WHOLE_RUN = 0  # --lr_n / --sigma_n 0: anneal over --gradient_steps, whatever the run's length
+AUTO = -1      # --workers: as many as the machine gives this process, at most 4
 
 
 @dataclass
@@ -35,12 +38,15 @@ class Config:
     h_dim: int = 128
     z_dim: int = 3
     u_dim: int = 128
+    kernel_size: int = 5                 # the cores' gate convolutions and the prior/posterior heads: k x k
     image_size: int = 64                 # the model's; stored images of another size are resized (area)
     fov: float = 20.0                    # representation "volume" only: the cameras' field of view in degrees,
     near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
     far: float = 3.97                    # Shepard-Metzler: cameras 10/3 from the object's centre)
     # Optimisation (supplementary "Training"; scheduler.py)
-    gradient_steps: int = 2_000_000
+    gradient_steps: int = 2_000_000     # with train_minutes: the most steps, fixed to what fits (budget.py)
+    train_minutes: float = 0.0           # 0 = off; else time the first steps and fix gradient_steps to fit
+    timed_ms: float = 0.0                # what a step cost when train_minutes fixed gradient_steps (0 = not yet)
     batch_size: int = 36                 # global: split across DDP ranks / DataParallel devices
     lr_i: float = 5e-4
     lr_f: float = 5e-5
@@ -58,9 +64,10 @@ class Config:
     log_interval: int = 100
     save_interval: int = 10_000
     keep_checkpoints: int = -1           # numbered checkpoints kept besides latest.pt, the newest; -1 = all
-    workers: int = 4
+    workers: int = AUTO                  # AUTO: 4, or fewer when this process may use fewer CPUs
+    batch_threads: int = 1               # CPU: threads that split each step's batch (batch_threads.py); 0 = a core each
     device_ids: list = field(default_factory=lambda: [0])
-    amp: str = "none"                    # "bf16": autocast to bfloat16 (loss in float32)
+    amp: str = "none"                    # "bf16" / "fp16": autocast (loss in float32); fp16 with GradScaler
     compile: bool = False
     checkpoint_activations: bool = False
     channels_last: bool = False          # NHWC activations and weights (GPUs' fast convolution layout)
@@ -81,8 +88,9 @@ class Config:
 CPU_PRESET = dict(
     representation="volume", layers=4, r_dim=64, h_dim=32, z_dim=3, u_dim=32, image_size=32,
     min_context=3, max_context=3,
-    gradient_steps=4000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=WHOLE_RUN, sigma_i=2.0, sigma_f=0.7,
-    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0,
+    gradient_steps=6000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=WHOLE_RUN, sigma_i=2.0, sigma_f=0.7,
+    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0, kernel_size=3, train_minutes=9.0,
+    batch_threads=0,
 )
 BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)
 # <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<< end of CPU PRESET <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
@@ -91,8 +99,9 @@ PRESETS = {"paper": {}, "cpu": CPU_PRESET}
 
 # What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
 # the model, the data set or the optimisation.
-RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "log_interval", "save_interval",
-                     "keep_checkpoints", "workers", "device_ids", "amp", "compile", "checkpoint_activations",
+RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "train_minutes", "log_interval",
+                     "save_interval",
+                     "keep_checkpoints", "workers", "batch_threads", "device_ids", "amp", "compile", "checkpoint_activations",
                      "channels_last", "resume"}
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -118,10 +127,14 @@ FLAGS = {
     "train_data_dir": (str, "training split folder (converted shards or torch-gqn N.pt[.gz] files); omit both "
                             "data folders for the default job on the built-in data set"),
     "test_data_dir": (str, "test split folder (fixed test batch: test ELBO and image grids)"),
-    "dataset": (str, "Room, Jaco, Labyrinth, Shepard-Metzler or a DeepMind name; sets K, the largest context"),
+    "dataset": (str, "Room, Jaco, Labyrinth, Shepard-Metzler or a DeepMind name, which set K, the largest context "
+                     "(the paper's); any other name is a data set of its own: K from --max_context, else half the "
+                     "views per scene"),
     "min_context": (positive_int, "fewest context views per training scene"),
     "max_context": (positive_int, "most context views per training scene"),
-    "gradient_steps": (positive_int, "number of gradient steps"),
+    "gradient_steps": (positive_int, "number of gradient steps (with --train_minutes: the most)"),
+    "train_minutes": (nonneg_float, "fit the training into this many minutes: time the first 100 steps here, then fix "
+                                    "--gradient_steps to what fits (0: off; --gradient_steps alone turns it off)"),
     "batch_size": (positive_int, "scenes per step, global over all devices and ranks"),
     "lr_i": (positive_float, "initial learning rate"),
     "lr_f": (positive_float, "final learning rate"),
@@ -136,6 +149,8 @@ FLAGS = {
     "keep_checkpoints": (count_or_all, "numbered checkpoints (step_N.pt) to keep besides latest.pt, the newest: a "
                                        "number or all"),
     "workers": (nonneg_int, "data loading processes (0 = in the training process)"),
+    "batch_threads": (nonneg_int, "CPU, one process: split each step's batch over this many threads, a core each "
+                                  "(0: one per CPU this process may use; 1: PyTorch's own threads)"),
     "device_ids": (nonneg_int, "CUDA devices; more than one: nn.DataParallel"),
     "representation": (["pool", "tower", "pyramid", "volume"],
                        "the paper's pool, tower or pyramid, or volume (volume.py: the context read along the "
@@ -146,13 +161,16 @@ FLAGS = {
     "h_dim": (positive_int, "channels of the cores' hidden state h"),
     "z_dim": (positive_int, "channels of the latent z"),
     "u_dim": (positive_int, "channels of the canvas u"),
+    "kernel_size": (positive_int, "size of the cores' and the prior/posterior heads' convolutions (odd)"),
     "image_size": (positive_int, "the model's image size (stored images are resized to it, area)"),
     "fov": (float, "volume: the cameras' field of view in degrees"),
     "near": (float, "volume: nearest depth sampled along the query rays"),
     "far": (float, "volume: farthest depth sampled along the query rays"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
-    "amp": (["none", "bf16"], "mixed precision: bf16 autocast, the loss in float32"),
+    "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
+                                      "with avx512_bf16 or AMX), or fp16 autocast with loss scaling (V100, T4, RTX "
+                                      "20xx)"),
     "compile": (str2bool, "torch.compile the model"),
     "checkpoint_activations": (str2bool, "recompute activations in the backward pass to save memory"),
     "channels_last": (str2bool, "NHWC weights and activations; the same function, meant for GPUs (no faster on "
@@ -160,14 +178,16 @@ FLAGS = {
 }
 
 
-METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME", count_or_all: "N"}
+METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME", count_or_all: "N", nonneg_float: "M"}
 
 
 def _shown(name, value):
     """How a default reads in --help (sentinels in words)."""
     words = {("lr_n", WHOLE_RUN): "the whole run", ("sigma_n", WHOLE_RUN): "the whole run", ("max_context", 0): "K",
              ("dataset", ""): "what the data records", ("train_data_dir", ""): "none", ("test_data_dir", ""): "none",
-             ("seed", -1): "drawn and recorded", ("keep_checkpoints", -1): "all"}
+             ("seed", -1): "drawn and recorded", ("keep_checkpoints", -1): "all",
+             ("workers", AUTO): "4, or the CPUs this process may use if fewer", ("train_minutes", 0.0): "off",
+             ("batch_threads", 0): "one per CPU"}
     if isinstance(value, list):
         return " ".join(map(str, value))
     if isinstance(value, float):
@@ -216,26 +236,43 @@ def parse_args(argv=None):
     has_data = bool(given.get("train_data_dir") or given.get("test_data_dir"))
     preset = given.get("preset", "paper" if has_data else "cpu")
     cfg = dataclasses.replace(Config(**{**PRESETS[preset], "preset": preset}), **given)
-    # Resolved here, so config.json and the checkpoints hold the schedule in steps and a resumed run follows it.
+    if "gradient_steps" in given and "train_minutes" not in given:  # a step count asked for is the step count
+        cfg.train_minutes = 0.0
+    if cfg.workers == AUTO:  # more loading processes than CPUs only adds switching (and PyTorch's warnings)
+        cfg.workers = min(4, usable_cpus())
+    if not cfg.train_minutes:
+        fix_steps(cfg, cfg.gradient_steps)
+    return cfg, given
+
+
+def fix_steps(cfg, total):
+    """Set the run's length; schedules over the whole run become counts of steps, so config.json and the
+    checkpoints hold them and a resumed run follows them."""
+    cfg.gradient_steps = int(total)
     cfg.lr_n = cfg.lr_n or cfg.gradient_steps
     cfg.sigma_n = cfg.sigma_n or cfg.gradient_steps
-    return cfg, given
 
 
 def check_config(cfg, world_size):
     if cfg.batch_size % world_size:
         raise UserError(f"--batch_size {cfg.batch_size} does not split evenly over {world_size} processes")
+    if cfg.kernel_size % 2 == 0:
+        raise UserError(f"--kernel_size {cfg.kernel_size}: must be odd, so that the state keeps its size")
     if cfg.image_size % 4:
         raise UserError(f"--image_size {cfg.image_size}: must be a multiple of 4 (the canvas is 4x the state)")
-    if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
-        raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
-    if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):
-        raise UserError(f"--near {cfg.near} and --far {cfg.far}: need 0 < near < far")
     if cfg.max_context and cfg.min_context > cfg.max_context:
         raise UserError(f"--min_context {cfg.min_context} is more than --max_context {cfg.max_context}")
     if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
         missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"
         raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")
+
+
+def check_camera(cfg):
+    """The volume's camera model, once the data has filled in what the flags did not give."""
+    if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
+        raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
+    if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):
+        raise UserError(f"--near {cfg.near} and --far {cfg.far}: need 0 < near < far")
 
 
 def resumed(cfg, given, saved):
@@ -249,7 +286,14 @@ def resumed(cfg, given, saved):
             raise UserError(f"--{k} {v} differs from the run being resumed ({getattr(old, k)}); only "
                             f"{', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
     keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
-    return dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
+    new = dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
+    if "gradient_steps" in given and "train_minutes" not in given:  # as on a fresh start: the count asked for
+        new.train_minutes = 0.0
+    elif old.timed_ms and new.train_minutes:  # the length the budget fixed stands: --gradient_steps was its bound
+        new.gradient_steps = old.gradient_steps
+    if not new.train_minutes or new.timed_ms:  # no budget, or one already spent: the count is the count
+        fix_steps(new, new.gradient_steps)
+    return new
 
 
 def same_value(flag, value, old):
@@ -257,8 +301,8 @@ def same_value(flag, value, old):
     saved = getattr(old, flag)
     if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
         return value == saved or stands_for(value, saved)
-    if flag in ("lr_n", "sigma_n") and value == WHOLE_RUN:  # resolved to the run's length when it started
-        return saved == old.gradient_steps
+    if flag in ("lr_n", "sigma_n") and value == WHOLE_RUN:  # resolved to the run's length once that was fixed
+        return saved in (WHOLE_RUN, old.gradient_steps)
     return value == saved
 
 
@@ -291,8 +335,16 @@ def stands_for(name, dataset):
                                                and bool(re.fullmatch(SHEPARD_METZLER, dataset)))
 
 
+def derived_k(views):
+    """K for a data set that is not DeepMind's: half the views of a scene (rooms: 5 of 10), at least 1."""
+    return max(1, min(views - 1, views // 2))
+
+
 def resolve_dataset(name, train, test, cfg):
-    """--dataset and the data's own name -> (DeepMind or torch-gqn name, K = the maximum context size)."""
+    """--dataset and the data's own name -> (its name, K = the largest context size, where K comes from).
+
+    DeepMind's data sets (or torch-gqn's names for them) have the paper's K; any other name is a data set of its
+    own, whose K is --max_context when given, else derived_k of its views per scene."""
     if train.dataset and test.dataset and train.dataset != test.dataset:
         raise UserError(f"--test_data_dir {cfg.test_data_dir} holds {test.dataset} but --train_data_dir "
                         f"{cfg.train_data_dir} holds {train.dataset}")
@@ -300,15 +352,17 @@ def resolve_dataset(name, train, test, cfg):
         raise UserError(f"--test_data_dir {cfg.test_data_dir} has {test.image_size}x{test.image_size} images but "
                         f"--train_data_dir {cfg.train_data_dir} has {train.image_size}x{train.image_size}")
     recorded = train.dataset or test.dataset
-    known = ", ".join(["Room", "Jaco", "Labyrinth", "Shepard-Metzler"] + sorted(MAX_CONTEXT))
-    if not name:
-        if not recorded:
-            raise UserError(f"--dataset is needed: {cfg.train_data_dir} does not record which data set it holds "
-                            f"(pass one of {known})")
-        name = recorded
+    if name and recorded and name != recorded and not stands_for(name, recorded):
+        if dataset_family(recorded):  # DeepMind's data under another DeepMind name would train with the wrong K
+            raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
+        recorded = ""  # a name of the user's own: --dataset relabels it (and sets K if it names a DeepMind set)
+    name = recorded or name
+    if not name:  # torch-gqn folders record no name: the folder's tells nothing either
+        name = os.path.basename(os.path.dirname(os.path.abspath(cfg.train_data_dir))) or "scenes"
     family = dataset_family(name)
-    if not family:
-        raise UserError(f"--dataset {name}: unknown (one of {known})")
-    if recorded and not stands_for(name, recorded):
-        raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
-    return (recorded or name), MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"])
+    if family:
+        return name, MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"]), "the paper's for " + name
+    if cfg.max_context:
+        return name, cfg.max_context, "--max_context"
+    k = derived_k(train.views)
+    return name, k, f"half of its {train.views} views per scene (--max_context sets it)"

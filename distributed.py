@@ -236,3 +236,16 @@ def cpu_has_bf16():
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # private in torch 2.13: guard against its loss
     except (AttributeError, RuntimeError):
         return True
+
+
+def check_amp(amp, device):
+    """Refuse a precision this device would emulate: one line that says why and what to use instead."""
+    if amp != "bf16":
+        return
+    if device.type == "cpu" and not cpu_has_bf16():
+        # measured: the paper's model, forward + backward + Adam, 159 s a step in bf16 against 7.4 s in float32
+        raise UserError("--amp bf16: this CPU has no bf16 instructions (avx512_bf16 or AMX), so PyTorch emulates "
+                        "bf16 here, about 21x slower than float32 (measured on an AVX2-only EPYC); use --amp none")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no native bf16 (GPUs before A100 "
+                        f"emulate it); use --amp fp16, which scales the loss to keep small gradients")

@@ -7,7 +7,7 @@ Names, as in the paper:
                 representation "volume" the context read along the query camera's rays (volume.py)
     h_g, c_g    generation core state; h_e, c_e inference core state (core.py, fig. S2), 128x16x16
     u           canvas, 128x64x64; z latent 3x16x16 per step; L steps; sigma the pixel standard deviation
-    η_π, η_q    prior and posterior heads: 5x5 convolutions of h_g and h_e to the mean and log std of z_l
+    η_π, η_q    prior and posterior heads: 5x5 convolutions (kernel_size; also the cores' gates') of h_g and h_e to the mean and log std of z_l
     η_g         observation head: mean of x_q = sigmoid(1x1 conv of u^L)
 
 Per step l = 0..L-1 (h_g^0 = h_e^0 = c = u^0 = 0):
@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core import GenerationCore, InferenceCore, tap_product
 from representation import SceneEncoder
-from volume import Volume
+from volume import SAMPLES, Volume
 
 ELBO = namedtuple("ELBO", ["elbo", "kl", "nll"])  # each (B,), nats per image; elbo = -(kl + nll)
 
@@ -65,17 +65,19 @@ class GQN(nn.Module):
 
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
                  h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
-                 fov=20.0, near=2.7, far=3.97):
+                 fov=20.0, near=2.7, far=3.97, kernel_size=5):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
-                           checkpoint_activations=checkpoint_activations)
+                           checkpoint_activations=checkpoint_activations, kernel_size=kernel_size)
         if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
             self.config.update(fov=fov, near=near, far=far)
         if L < 1:
             raise ValueError(f"L (the number of generation steps) must be at least 1, got {L}")
         if image_size % 4:
             raise ValueError(f"image_size must be divisible by 4 (the cores run at image_size/4), got {image_size}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the state keeps its size), got {kernel_size}")
         self.L, self.shared_core, self.z_dim, self.h_dim, self.u_dim = L, shared_core, z_dim, h_dim, u_dim
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
@@ -85,10 +87,11 @@ class GQN(nn.Module):
             self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
         r_spatial = self.representation.r_size > 1
         n = 1 if shared_core else L
-        self.inference_core = InferenceCore(n, x_channels, v_dim, r_dim, r_spatial, h_dim, u_dim)
-        self.generation_core = GenerationCore(n, v_dim, r_dim, r_spatial, z_dim, h_dim, u_dim)
-        self.prior = nn.Conv2d(h_dim, 2 * z_dim, 5, padding=2)  # η_π: h_g -> (mean, log std) of z
-        self.posterior = nn.Conv2d(h_dim, 2 * z_dim, 5, padding=2)  # η_q: h_e -> (mean, log std) of z
+        k = kernel_size  # the paper's 5x5 for every convolution of the state
+        self.inference_core = InferenceCore(n, x_channels, v_dim, r_dim, r_spatial, h_dim, u_dim, k)
+        self.generation_core = GenerationCore(n, v_dim, r_dim, r_spatial, z_dim, h_dim, u_dim, k)
+        self.prior = nn.Conv2d(h_dim, 2 * z_dim, k, padding=k // 2)  # η_π: h_g -> (mean, log std) of z
+        self.posterior = nn.Conv2d(h_dim, 2 * z_dim, k, padding=k // 2)  # η_q: h_e -> (mean, log std) of z
         self.observation = nn.Conv2d(u_dim, x_channels, 1)  # η_g: u -> logit of the mean of x_q
 
     @property
@@ -180,22 +183,30 @@ class GQN(nn.Module):
         if mask is not None and tuple(mask.shape) != (B, M):
             raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, M) = {(B, M)}")
 
-    def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None):
+    def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None, depth_noise=None):
         """-> ELBO(elbo, kl, nll), each (B,) float32 in nats per image; the loss is -elbo.mean().
 
         x (B, M, 3, H, W) in [0, 1], v (B, M, 7), v_q (B, 7), x_q (B, 3, H, W) in [0, 1], sigma pixel std,
-        mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here).
+        mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here),
+        depth_noise: representation "volume" in training, its depth jitter (B, D) (draw_depth_noise; None: drawn
+        here). Noise drawn by the caller lets a batch be split (train.py's threads) and compute what it computes whole.
         """
         self._check(x, v, v_q, x_q, mask)
         if eps is not None and tuple(eps.shape[1:]) != self.noise_shape:
             raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (B, *model.noise_shape) = "
                              f"(B, {', '.join(map(str, self.noise_shape))})")
-        r = self.representation(x, v, mask, v_q)
+        r = self.representation(x, v, mask, v_q, **({} if depth_noise is None else {"noise": depth_noise}))
         if eps is None:
             eps = torch.randn(x_q.shape[0], *self.noise_shape, device=x_q.device, dtype=x_q.dtype)
         kl, mean = self._run(r, v_q, x_q, eps)
         nll = gaussian_nll(x_q, mean, sigma)
         return ELBO(-(kl + nll), kl, nll)
+
+    def draw_depth_noise(self, B, device=None):
+        """What forward draws from the global RNG for B scenes besides eps: the volume's depth jitter, or None."""
+        if not isinstance(self.representation, Volume) or not self.training:
+            return None
+        return torch.rand(B, SAMPLES, device=device)
 
     @torch.no_grad()
     def generate(self, x, v, v_q, mask=None, generator=None):

@@ -37,10 +37,12 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
+from batch_threads import BatchThreads, usable_cpus  # noqa: E402
+from budget import StepBudget  # noqa: E402
 from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
                         save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
-from distributed import Dist, Stop, cpu_has_bf16, pick_device, worker_ignores_signals  # noqa: E402
+from distributed import Dist, Stop, check_amp, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
 from pictures import save_samples, test_views_grid  # noqa: E402
@@ -101,7 +103,8 @@ def model_and_optimizer(cfg, ckpt, device, dist):
     torch.manual_seed(cfg.seed)
     model = GQN(representation=cfg.representation, L=cfg.layers, shared_core=cfg.shared_core, r_dim=cfg.r_dim,
                 h_dim=cfg.h_dim, z_dim=cfg.z_dim, u_dim=cfg.u_dim, image_size=cfg.image_size,
-                checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far)
+                checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far,
+                kernel_size=cfg.kernel_size)
     # fused: one kernel for all parameters instead of a loop of small ops (the paper model's step: 390 -> 50 ms on CPU)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_i, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  fused=True)
@@ -166,10 +169,13 @@ def run(cfg, given, dist, stop, saved, step_s):
     if cfg.seed < 0:
         cfg.seed = dist.broadcast(secrets.randbelow(2**31))
     if default_job:
+        steps = (f"as many steps of {cfg.batch_size} scenes as fit into {cfg.train_minutes:g} minutes on this CPU, "
+                 f"at most {cfg.gradient_steps}" if cfg.train_minutes else
+                 f"{cfg.gradient_steps} steps of {cfg.batch_size} scenes")
         log(f"No data folders given: the default job. It trains the '{cfg.preset}' preset, a small GQN for a 2-core "
-            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {cfg.gradient_steps} steps of "
-            f"{cfg.batch_size} scenes), on the built-in Shepard-Metzler set, into {run_dir}/. Pass "
-            f"--train_data_dir and --test_data_dir for the paper's configuration.")
+            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in "
+            f"Shepard-Metzler set, into {run_dir}/. Pass --train_data_dir and --test_data_dir for the paper's "
+            f"configuration.")
         cfg.train_data_dir, cfg.test_data_dir = builtin_data(dist)
 
     def open_data():
@@ -177,36 +183,53 @@ def run(cfg, given, dist, stop, saved, step_s):
         test_ds = open_split(cfg.test_data_dir, "--test_data_dir")
         return train_ds, test_ds, config.resolve_dataset(cfg.dataset, train_ds, test_ds, cfg)
 
-    train_ds, test_ds, (dataset, max_context) = dist.agreed(open_data)
+    train_ds, test_ds, (dataset, max_context, k_from) = dist.agreed(open_data)
     cfg.dataset = dataset  # resolved, so config.json and the checkpoints say what was trained on
+    from_data = camera_from_data(cfg, given, train_ds) if ckpt is None else {}
+    dist.agreed(lambda: config.check_camera(cfg))  # the data's values beside any given by flag
     # absolute, so that --resume finds the data from any working directory
     cfg.train_data_dir, cfg.test_data_dir = os.path.abspath(cfg.train_data_dir), os.path.abspath(cfg.test_data_dir)
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
+    dist.agreed(lambda: check_amp(cfg.amp, device))
     if dist.master:
         os.makedirs(ckpt_dir, exist_ok=True)
         resolved = dataclasses.asdict(cfg)
         print(f"config ({'resumed from ' + latest if ckpt else run_dir}):")
         print(textwrap.fill("  ".join(f"{k}={v}" for k, v in resolved.items()), 118, initial_indent="  ",
                             subsequent_indent="  ", break_on_hyphens=False))
-        atomic_write(os.path.join(run_dir, "config.json"), (json.dumps(resolved, indent=2) + "\n").encode())
+        print(f"  K={max_context}: {k_from}" + (f"; from the data's camera model: "
+                                               f"{'  '.join(f'{k}={v:g}' for k, v in from_data.items())}"
+                                               if from_data else ""))
+        write_config(cfg, run_dir)
 
     model, wrapped, optimizer, start = model_and_optimizer(cfg, ckpt, device, dist)
     saved[0] = None if ckpt is None else start
     if ckpt is not None:
         log(f"Resuming {run_dir} at step {start} ({latest})")
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and params > 20e6:  # torch-gqn's command on a laptop: say so before the first step
+        log(f"note: training a {params / 1e6:.0f}M-parameter GQN at batch {cfg.batch_size} on the CPU: a step may take "
+            f"minutes. For a run sized for a CPU, the same command with --preset cpu")
     if device.type == "cpu" and not dist.on and len(cfg.device_ids) > 1 and "device_ids" in given:
         log("note: no CUDA device, so --device_ids is ignored and training runs on the CPU")
-    log(f"GQN: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, representation "
+    log(f"GQN: {params / 1e6:.2f}M parameters, representation "
         f"{cfg.representation}, L={cfg.layers}; data {dataset} ({len(train_ds)} train / {len(test_ds)} test scenes, "
         f"{train_ds.image_size}px"
         f"{'' if train_ds.image_size == cfg.image_size else f' resized to {cfg.image_size}px'}, K={max_context}, "
         f"{cfg.min_context}-{min(cfg.max_context or max_context, train_ds.views - 1)} context views a scene); "
         f"device {device}{f' x {dist.world_size} processes' if dist.started else ''}")
 
+    # fp16: the loss scaled so small gradients do not flush to zero; a step whose gradients overflow is skipped and
+    # the scale halved. Its state goes into every checkpoint, so a resumed run scales (and skips) as this one would.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if ckpt is not None and ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+
     def save(step, numbered):
         if dist.master:
             ckpt = {"model": model.state_dict(), "model_config": dict(model.config),
                     "optimizer": optimizer.state_dict(), "step": int(step),
+                    "scaler": scaler.state_dict(),  # {} without fp16
                     "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
                     "data": {"dataset": dataset, "image_size": int(train_ds.image_size),
                              "max_context": int(max_context)},
@@ -215,9 +238,11 @@ def run(cfg, given, dist, stop, saved, step_s):
             keep_newest(ckpt_dir, cfg.keep_checkpoints)
         saved[0] = step
 
+    t_save = time.perf_counter()
     if ckpt is None:
         save(0, False)  # from here on a loadable latest.pt exists, whenever the run is killed
-    total = cfg.gradient_steps
+    t_save = time.perf_counter() - t_save
+    total = cfg.gradient_steps  # with --train_minutes the most it can be, until the clock fixes it
     if start >= total:
         log(f"{latest} is at step {start}, --gradient_steps is {total}: nothing to do")
         return
@@ -241,18 +266,25 @@ def run(cfg, given, dist, stop, saved, step_s):
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, total),
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          worker_init_fn=worker_ignores_signals)
-    # bf16 autocast (or nothing), built once; the loss itself is always taken in float32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
-    if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        # without AVX-512 bf16 / AMX instructions the CPU emulates bf16: slower than float32, not faster
-        log("note: this CPU has no bf16 instructions; --amp bf16 will be slower than --amp none here")
+    # bf16 or fp16 autocast (or nothing), built once; the loss itself is always taken in float32.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    autocast = torch.autocast(device.type, dtype=half) if half else nullcontext()
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not dist.master, dynamic_ncols=True)
+    clock = StepBudget(cfg.train_minutes if not cfg.timed_ms else 0, start, total, cfg.log_interval,
+                       cfg.save_interval)
+    clock.saved(t_save)
+    # smoothing=0: the time left from the average over the run so far, pauses for logging included
+    bar = tqdm(total=total, initial=start, desc="train (timing)" if clock.seconds else "train", unit="step",
+               disable=not dist.master, dynamic_ncols=True, smoothing=0)
     acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
-    n_acc, t0, last_step = 0, time.perf_counter(), start
+    n_acc, t0, last_step, skipped = 0, time.perf_counter(), start, 0  # skipped: fp16 steps the scaler skipped
+    t_start = t0
     model.train()
+    # A core per share of the batch where PyTorch's own threads gain little (batch_threads.py): CPU, one process.
+    threads = BatchThreads(1 if device.type != "cpu" or dist.started or cfg.compile else
+                           cfg.batch_threads or usable_cpus())
     stream = iter(loader)  # draws the loader's base seed from the global RNG, as at the start of a fresh run
     if ckpt is not None:  # and from here on the RNG continues where the interrupted run left it (volume's depths)
         set_rng_state(ckpt["rng"])
@@ -260,8 +292,9 @@ def run(cfg, given, dist, stop, saved, step_s):
     try:
         for step, batch in enumerate(stream, start):
             t_step = time.perf_counter()
-            lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n)
-            sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n)
+            # lr_n/sigma_n are 0 (the whole run) only until a --train_minutes run has fixed its length
+            lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n or total)
+            sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n or total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = to_model(batch["x"], cfg.image_size, device)        # (b, K, 3, s, s)
@@ -271,29 +304,41 @@ def run(cfg, given, dist, stop, saved, step_s):
             v, v_q = batch["v"].to(device), batch["v_q"].to(device)
             mask, eps = batch["mask"].to(device), batch["eps"].to(device)
 
-            with autocast:
-                # A compiled graph would specialise on a Python float and recompile for every new sigma.
-                out = wrapped(x, v, v_q, x_q, torch.tensor(sigma, device=device) if cfg.compile else sigma,
-                              mask=mask, eps=eps)
-            elbo = out.elbo.float()
-            # The mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks, which makes the
-            # gradient of the mean over all B scenes, as one process computes it.
-            loss = -elbo.mean()
+            # A compiled graph would specialise on a Python float and recompile for every new sigma.
+            sigma_in = torch.tensor(sigma, device=device) if cfg.compile else sigma
+            b = x.shape[0]
+            depth_noise = model.draw_depth_noise(b, device)  # drawn for the whole batch before it is split
+            unit = scaler.scale(torch.ones((), device=device))  # the fp16 loss scale; 1 otherwise
+
+            def forward_backward(share):  # a share of the batch (batch_threads.py), or all of it
+                with autocast:
+                    out = wrapped(x[share], v[share], v_q[share], x_q[share], sigma_in, mask=mask[share],
+                                  eps=eps[share], depth_noise=None if depth_noise is None else depth_noise[share])
+                elbo = out.elbo.float()
+                # The loss is the mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks,
+                # which makes the gradient of the mean over all B scenes, as one process computes it.
+                (-elbo.sum() / b * unit).backward()
+                return torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum()]).detach()
+
+            sums = sum(threads.map(forward_backward, b))
             # Summed over ranks with a stop flag, so that every rank stops after the same step.
-            stats = dist.all_reduce(torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum(),
-                                                 elbo.new_tensor(float(stop.requested is not None))]).detach().double())
+            stats = dist.all_reduce(torch.cat([sums, sums.new_tensor([float(stop.requested is not None)])]).double())
             stats = stats.cpu()
             values, stopped = stats[:3], bool(stats[3] > 0)
-            if not torch.isfinite(values).all():  # same verdict on every rank: all stop before any update
+            if not torch.isfinite(values).all():  # same verdict on every rank: all stop before the update
                 raise NonFiniteLoss(f"step {step}: the loss is not finite (ELBO {values[0] / cfg.batch_size:.4g}, "
                                     f"KL {values[1] / cfg.batch_size:.4g}, NLL {values[2] / cfg.batch_size:.4g})")
-            loss.backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the gradients hold inf/NaN (fp16 only), as on every DDP rank
+            scaler.update()
+            skipped += scaler.get_scale() < scale  # the scale only drops after a skipped step
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
+            clock.step(step, time.perf_counter() - t_step)
             acc += values
             n_acc += cfg.batch_size
             bar.update(1)
@@ -301,15 +346,24 @@ def run(cfg, given, dist, stop, saved, step_s):
                 bar.set_postfix(loss=f"{-values[0].item() / cfg.batch_size:.1f}", refresh=False)
             if done % cfg.log_interval == 0 or done == total:
                 elapsed = time.perf_counter() - t0
+                t_log = time.perf_counter()
                 log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, done, acc / n_acc,
-                            elapsed / (done - last_step), n_acc / elapsed, sigma, lr, autocast)
+                            elapsed / (done - last_step), n_acc / elapsed, sigma, lr, autocast,
+                            (skipped, scaler.get_scale()) if scaler.is_enabled() else None)
+                clock.logged(time.perf_counter() - t_log)
                 acc.zero_()
-                n_acc, t0, last_step = 0, time.perf_counter(), done
+                n_acc, t0, last_step, skipped = 0, time.perf_counter(), done, 0
             if done % cfg.save_interval == 0 or done == total:
+                t_save = time.perf_counter()
                 save(done, done % cfg.save_interval == 0)
+                clock.saved(time.perf_counter() - t_save)
+            if clock.due(done) and done < total:
+                total = decide_length(cfg, clock, dist, bar, run_dir, done, time.perf_counter() - t_start)
             step_s[0] = time.perf_counter() - t_step
             if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
                 stop.acted.set()
+                break
+            if done == total:  # a --train_minutes run that fixed its length below the loader's upper bound
                 break
     except NonFiniteLoss as e:
         bar.close()
@@ -319,6 +373,7 @@ def run(cfg, given, dist, stop, saved, step_s):
         raise dist.lost_contact(e, latest) or e
     finally:
         stop.training = False
+        threads.close()
     bar.close()
     if stop.acted.is_set():
         stopped_at(dist, writer, save, saved, done, latest, stop.requested or "SIGTERM")  # a peer's signal
@@ -343,6 +398,56 @@ def run(cfg, given, dist, stop, saved, step_s):
     dist.finish()
 
 
+def camera_from_data(cfg, given, ds):
+    """--representation volume: the camera model the data records (fov, near, far) for each flag not given. -> what
+    was taken."""
+    if cfg.representation != "volume":
+        return {}
+    taken = {k: getattr(ds, k) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
+    for k, v in taken.items():
+        setattr(cfg, k, float(v))
+    return taken
+
+
+def write_config(cfg, run_dir):
+    """config.json: the run's resolved configuration, as the checkpoints hold it (written atomically)."""
+    text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    atomic_write(os.path.join(run_dir, "config.json"), text.encode())
+
+
+def decide_length(cfg, clock, dist, bar, run_dir, done, elapsed):
+    """After the first steps: with --train_minutes, fix the run's length to what fits (rank 0's clock, sent to every
+    rank) and record it; without, say what a step costs and when the run will end. -> the run's gradient steps."""
+    per_step = dist.broadcast(clock.per_step())
+    say = bar.write if dist.master else (lambda text: None)  # under the progress bar, not into it
+    if not clock.seconds:
+        left = (cfg.gradient_steps - done) * per_step
+        say(f"note: a step takes {1000 * per_step:.0f} ms here (with logging and checkpoints): the "
+                 f"{cfg.gradient_steps - done} steps left take about {duration(left)}" +
+                 ("" if left < 3600 or cfg.preset == "cpu" else
+                  "; for a run sized for a CPU: the same command with --preset cpu"))
+        return cfg.gradient_steps
+    total = dist.broadcast(clock.total(done, elapsed))
+    config.fix_steps(cfg, total)
+    cfg.timed_ms = round(1000 * per_step, 1)
+    bar.total, bar.desc = total, "train"
+    bar.refresh()
+    say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
+             f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
+             f"--gradient_steps is {total} (config.json)")
+    if dist.master:
+        write_config(cfg, run_dir)
+    return total
+
+
+def duration(seconds):
+    """'3 h 05 min', '12 min' or '40 s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
 def stopped_at(dist, writer, save, saved, step, latest, name):
     """After SIGINT/SIGTERM: rank 0 writes latest.pt from its own state (no collective: a peer may be gone), says
     where the run stopped, and every rank exits."""
@@ -361,7 +466,7 @@ def stopped_at(dist, writer, save, saved, step, latest, name):
 
 @torch.no_grad()
 def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, means, ms_step, scenes_s, sigma, lr,
-                autocast):
+                autocast, scaling=None):
     """Test ELBO on the fixed test batch (spread over ranks), then, on rank 0, TensorBoard and one log line."""
     model.eval()
     mine = list(range(dist.rank, len(test_eps), dist.world_size))  # this rank's share of the test batch
@@ -388,6 +493,9 @@ def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, mea
         writer.add_scalar("schedule/lr", lr, step)
         writer.add_scalar("speed/scenes_per_s", scenes_s, step)
         writer.add_scalar("speed/ms_per_step", 1000 * ms_step, step)
+        if scaling is not None:  # fp16: steps skipped in this interval (gradients overflowed), the loss scale now
+            writer.add_scalar("amp/skipped_steps", scaling[0], step)
+            writer.add_scalar("amp/loss_scale", scaling[1], step)
         # Images: the first scenes of the test batch; noise from fixed seeds so the grids differ only by training.
         x, v, v_q, x_q = test.first(min(IMAGE_SCENES, len(test_eps)), cfg.image_size, device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
@@ -399,7 +507,8 @@ def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, mea
         writer.flush()
         bar.write(f"step {step:>7d} | ELBO {elbo:9.1f} KL {kl:7.2f} NLL {nll:9.1f} (sigma floor {floor:7.1f}) | "
                   f"test ELBO {test_means[0]:9.1f} | {bits_per_dim(-elbo, dims):.3f} bits/dim | sigma {sigma:.3f} "
-                  f"lr {lr:.2e} | {1000 * ms_step:6.0f} ms/step {scenes_s:6.1f} scenes/s")
+                  f"lr {lr:.2e} | {1000 * ms_step:6.0f} ms/step {scenes_s:6.1f} scenes/s" +
+                  (f" | fp16: {scaling[0]} skipped, scale {scaling[1]:g}" if scaling is not None else ""))
     model.train()
 
 

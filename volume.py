@@ -80,17 +80,20 @@ class Volume(nn.Module):
         f = torch.cat([xr, F.relu(self.conv2(F.relu(self.conv1(xr))))], 1)
         return f.new_zeros(B * K, *f.shape[1:]).index_copy_(0, real, f).unflatten(0, (B, K))
 
-    def depths(self, B, dtype, device):
-        """(B, D) sample depths along d: evenly spaced, each jittered within its slot while training."""
+    def depths(self, B, dtype, device, noise=None):
+        """(B, D) sample depths along d: evenly spaced, each jittered within its slot while training by `noise`,
+        uniform in [0, 1) (B, D) (None: drawn here)."""
         D = SAMPLES
         step = (self.far - self.near) / D
         t = self.near + step * (torch.arange(D, dtype=dtype, device=device) + 0.5)
         if self.training:  # stratified sampling: every depth gets seen, not only the D fixed ones
-            return t + step * (torch.rand(B, D, dtype=dtype, device=device) - 0.5)
+            u = torch.rand(B, D, dtype=dtype, device=device) if noise is None else noise.to(dtype)
+            return t + step * (u - 0.5)
         return t.expand(B, D)
 
-    def forward(self, x, v, mask, v_q):
-        """x (B, K, 3, H, W), v (B, K, 7), mask bool (B, K) or None, v_q (B, 7) -> r (B, r_dim, H/4, W/4)."""
+    def forward(self, x, v, mask, v_q, noise=None):
+        """x (B, K, 3, H, W), v (B, K, 7), mask bool (B, K) or None, v_q (B, 7), noise (B, SAMPLES) for the depths
+        or None -> r (B, r_dim, H/4, W/4)."""
         B, K = x.shape[:2]
         n, D = self.rays, SAMPLES
         feats = self.features(x, mask)
@@ -100,7 +103,7 @@ class Volume(nn.Module):
         gy, gx = torch.meshgrid(g, g, indexing="ij")
         rays = d[:, None, None] + self.tan_half_fov * (gx[..., None] * right[:, None, None]
                                                        - gy[..., None] * up[:, None, None])  # (B, n, n, 3)
-        t = self.depths(B, x.dtype, x.device)
+        t = self.depths(B, x.dtype, x.device, noise)
         points = o[:, None, None, None] + t[:, None, None, :, None] * rays[:, :, :, None]  # (B, n, n, D, 3)
         xy, seen = project(points.reshape(B, -1, 3), v, self.tan_half_fov)  # (B, K, N, 2), (B, K, N)
         real = torch.full((B, 1, 1), K, dtype=x.dtype, device=x.device)  # real context views per scene

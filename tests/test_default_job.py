@@ -17,8 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_python_train_py_with_no_data_then_evaluate(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--gradient_steps", "60",
-                        "--log_interval", "30"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    # a budget of 1.2 s, spent before the clock has timed its 100 steps: the run stops one step later, at 101
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--gradient_steps", "150",
+                        "--train_minutes", "0.02", "--log_interval", "50"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "default job" in r.stdout and "Rendering the built-in data set" in r.stdout
     assert "Test split (500 scenes, 3 context views)" in r.stdout  # scored at the end, as evaluate.py does
@@ -26,7 +28,8 @@ def test_python_train_py_with_no_data_then_evaluate(tmp_path):
     assert (run / "samples.png").stat().st_size > 0 and (run / "config.json").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
     ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
-    assert ckpt["step"] == 60 and ckpt["model_config"]["representation"] == "volume"
+    assert ckpt["step"] == 101 and ckpt["model_config"]["representation"] == "volume"
+    assert "Timed the first 100 steps" in r.stdout and ckpt["config"]["gradient_steps"] == 101
 
     data = tmp_path / "data" / "shepard_metzler_5_parts"
     out = tmp_path / "eval.json"

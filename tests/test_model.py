@@ -147,7 +147,7 @@ def test_config_rebuilds_the_model():
     clone.load_state_dict(model.state_dict())
     assert clone.config == model.config
     assert set(model.config) == {"representation", "L", "shared_core", "x_channels", "v_dim", "r_dim", "h_dim",
-                                 "z_dim", "u_dim", "image_size", "checkpoint_activations"}
+                                 "z_dim", "u_dim", "image_size", "checkpoint_activations", "kernel_size"}
 
 
 def test_bad_construction_is_one_clear_error():

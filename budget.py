@@ -1,0 +1,53 @@
+"""A run that fits a time budget: time the first steps on this machine, then fix the number of gradient steps.
+
+The default job has to finish in the same wall time on every 2-core CPU, and CPUs differ twofold (a step of the
+`cpu` preset costs about 1.8x more on an AVX2-only EPYC than on one with AVX-512). With --train_minutes M the run
+trains normally for its first CALIBRATION steps, measures what a step costs here (data, forward, backward, Adam, and
+its share of the test-set logging and checkpoints), and fixes --gradient_steps to what fits into M minutes, never
+more than the --gradient_steps it was given. The annealing schedules (scheduler.py) that span "the whole run" are
+resolved to that count at the same moment, and config.json and every checkpoint hold it, so a resumed run follows
+the same schedule; the steps before the decision anneal as if the run were its upper bound long. Without a budget
+the same clock says, after the first steps, what a step costs here and when the run will end.
+"""
+import math
+
+CALIBRATION = 100  # steps trained before the count is fixed: the first log, so its cost is measured too
+WARMUP = 10        # first steps left out of the timing (oneDNN builds its kernels, the allocator grows)
+FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
+
+
+class StepBudget:
+    """Times the steps of a run with --train_minutes and says how many fit. Only rank 0's clock counts."""
+
+    def __init__(self, minutes, start, cap, log_interval, save_interval):
+        self.seconds, self.start, self.cap = 60.0 * minutes, start, cap
+        self.intervals = (log_interval, save_interval)
+        self.warmup = WARMUP if minutes else 1
+        # a resumed run times at least 20 steps of its own
+        self.decide_at = start + (max(CALIBRATION, WARMUP + 20) if minutes else FIRST_WORD)
+        self.times = []       # seconds of each timed step (its loop iteration, without logging or saving)
+        self.extra = [0.0, 0.0]  # seconds of the last log and checkpoint
+
+    def step(self, step, seconds):
+        if step >= self.start + self.warmup:
+            self.times.append(seconds)
+
+    def logged(self, seconds):
+        self.extra[0] = seconds
+
+    def saved(self, seconds):
+        self.extra[1] = max(self.extra[1], seconds)
+
+    def due(self, done):
+        return done == self.decide_at
+
+    def per_step(self):
+        """Seconds a step costs here, logging and checkpoints spread over their intervals."""
+        return sum(self.times) / max(1, len(self.times)) + sum(e / n for e, n in zip(self.extra, self.intervals))
+
+    def total(self, done, elapsed):
+        """The run's gradient steps: what fits into the budget after `done` steps, `elapsed` seconds of them in this
+        process (a resumed run's earlier steps are counted at today's cost), and at least one more."""
+        spent = elapsed + (self.start * self.per_step())
+        more = math.floor(max(0.0, self.seconds - spent) / self.per_step())
+        return max(done + 1, min(self.cap, done + more))

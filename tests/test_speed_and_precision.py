@@ -1,0 +1,163 @@
+"""train.py on any CPU and GPU: --train_minutes fits a run to a time budget, the batch split over the CPU's cores,
+fp16 with loss scaling, bf16 refused where it would be emulated, and what a step costs said early."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config
+import train
+from batch_threads import BatchThreads, usable_cpus
+from conftest import ROOT
+from distributed import cpu_has_bf16
+from test_train import args, data, weights  # noqa: F401 (data: the fixture)
+
+
+def read_config(run):
+    with open(os.path.join(run, "config.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------ run length
+
+def test_train_minutes_fixes_the_length_records_it_and_a_resume_keeps_it(data, tmp_path, capsys):
+    # A budget spent long before the timing ends: the run takes one more step after it and stops there.
+    budget = args(data, tmp_path, "budget", 400, "--train_minutes", "0.001", "--lr_n", "0", "--sigma_n", "0")
+    train.main(budget)
+    out = capsys.readouterr().out
+    assert "Timed the first 100 steps" in out and "--gradient_steps is 101" in out
+    cfg, ckpt = read_config(tmp_path / "budget"), weights(tmp_path / "budget")
+    assert ckpt["step"] == 101 and cfg["gradient_steps"] == 101 and ckpt["config"]["gradient_steps"] == 101
+    assert cfg["timed_ms"] > 0 and cfg["train_minutes"] == 0.001
+    assert cfg["lr_n"] == cfg["sigma_n"] == 101  # the cpu-style "whole run" schedules resolved to the fixed length
+    # The same command with --resume: --gradient_steps 400 is the bound the budget already used, not a new length.
+    train.main(budget + ["--resume"])
+    assert "nothing to do" in capsys.readouterr().out
+    # A count asked for without a budget is a count: the run continues to it.
+    train.main(args(data, tmp_path, "budget", 104, "--resume"))
+    assert weights(tmp_path / "budget")["step"] == 104
+
+
+def test_gradient_steps_alone_turns_the_budget_off_and_the_cpu_preset_has_one():
+    cpu, _ = config.parse_args([])
+    assert cpu.train_minutes > 0 and cpu.lr_n == config.WHOLE_RUN  # resolved when the clock fixes the length
+    exact, _ = config.parse_args(["--gradient_steps", "300"])
+    assert exact.train_minutes == 0 and (exact.gradient_steps, exact.lr_n, exact.sigma_n) == (300, 300, 300)
+    both, _ = config.parse_args(["--gradient_steps", "300", "--train_minutes", "5"])
+    assert both.train_minutes == 5 and both.gradient_steps == 300  # the most it may take
+
+
+def test_a_run_says_what_a_step_costs_after_its_first_steps(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "note", 6))
+    out = capsys.readouterr().out
+    assert re.search(r"note: a step takes \d+ ms here \(with logging and checkpoints\): the 3 steps left take "
+                     r"about \d+ s", out)
+
+
+def test_workers_default_to_what_the_machine_gives():
+    paper, _ = config.parse_args(["--train_data_dir", "a", "--test_data_dir", "b"])
+    assert paper.workers == min(4, usable_cpus())
+    assert config.parse_args(["--train_data_dir", "a", "--test_data_dir", "b", "--workers", "3"])[0].workers == 3
+
+
+# ------------------------------------------------------------------------------------------------ cores
+
+def test_batch_threads_split_evenly():
+    threads = BatchThreads(3)
+    assert threads.shares(8) == [slice(0, 2), slice(2, 5), slice(5, 8)]
+    assert threads.shares(2) == [slice(0, 1), slice(1, 2)]
+    assert threads.map(lambda s: s.stop - s.start, 7) == [2, 2, 3]
+    threads.close()
+
+
+def test_batch_split_over_threads_trains_the_same_model_and_resumes_exactly(data, tmp_path):
+    volume = ["--representation", "volume"]  # with the depth jitter: noise drawn once, before the split
+    train.main(args(data, tmp_path, "one", 6, *volume, "--batch_threads", "1"))
+    train.main(args(data, tmp_path, "two", 6, *volume, "--batch_threads", "2"))
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a["model"]:  # the same gradients, summed in another order
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=0)
+    train.main(args(data, tmp_path, "parts", 3, *volume, "--batch_threads", "2"))
+    train.main(args(data, tmp_path, "parts", 6, *volume, "--batch_threads", "2", "--resume"))
+    c = weights(tmp_path / "parts")
+    assert all(torch.equal(c["model"][k], b["model"][k]) for k in b["model"])  # exactly the uninterrupted run
+
+
+def test_kernel_size_reaches_the_cores_and_an_even_one_is_refused(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "k3", 1, "--kernel_size", "3"))
+    ckpt = weights(tmp_path / "k3")
+    assert ckpt["model_config"]["kernel_size"] == 3
+    assert ckpt["model"]["generation_core.cells.0.gates.weight"].shape[-2:] == (3, 3)
+    assert ckpt["model"]["prior.weight"].shape[-2:] == (3, 3)
+    with pytest.raises(SystemExit) as e:
+        train.main(args(data, tmp_path, "k4", 1, "--kernel_size", "4"))
+    assert e.value.code == 1 and "--kernel_size 4: must be odd" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+def test_fp16_scales_the_loss_counts_skipped_steps_and_resumes_exactly(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "whole", 6, "--amp", "fp16"))
+    out = capsys.readouterr().out
+    # GradScaler starts at 2^16: the first steps' scaled gradients overflow float16, are skipped and counted, and
+    # the run goes on (a skipped step is not a non-finite loss).
+    skipped = [int(n) for n in re.findall(r"fp16: (\d+) skipped, scale", out)]
+    assert len(skipped) == 2 and skipped[0] > 0
+    a = weights(tmp_path / "whole")
+    assert a["scaler"]["scale"] == 2.0 ** (16 - sum(skipped))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "whole"))
+    acc.Reload()
+    assert [int(e.value) for e in acc.Scalars("amp/skipped_steps")] == skipped
+    assert [e.value for e in acc.Scalars("amp/loss_scale")][-1] == a["scaler"]["scale"]
+    train.main(args(data, tmp_path, "parts", 3, "--amp", "fp16"))
+    train.main(args(data, tmp_path, "parts", 6, "--amp", "fp16", "--resume"))
+    b = weights(tmp_path / "parts")
+    assert b["scaler"] == a["scaler"]
+    assert all(torch.equal(b["model"][k], a["model"][k]) for k in a["model"])
+    assert all(torch.equal(b["optimizer"]["state"][i]["exp_avg"], a["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+
+
+def test_fp16_keeps_the_kl_and_the_likelihood_in_float32():
+    from model import GQN
+
+    torch.manual_seed(0)
+    model = GQN(representation="tower", L=2, r_dim=8, h_dim=8, u_dim=8, z_dim=2, image_size=16)
+    x, v = torch.rand(2, 3, 3, 16, 16), torch.randn(2, 3, 7)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x, v, torch.randn(2, 7), torch.rand(2, 3, 16, 16), 1.0)
+    assert out.elbo.dtype == out.kl.dtype == out.nll.dtype == torch.float32
+
+
+CPU_WITHOUT_BF16 = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")  # oneDNN then emulates it
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_bf16_is_refused_on_a_cpu_that_would_emulate_it(data, tmp_path, command):
+    argv = (args(data, tmp_path, "bf16", 1, "--amp", "bf16") if command == "train" else
+            ["--amp", "bf16", "--preset", "small", "--steps", "1", "--repeats", "1"])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, f"{command}.py"), *argv], env=CPU_WITHOUT_BF16,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --amp bf16: this CPU has no bf16 instructions")
+    assert "21x slower than float32" in lines[0] and "use --amp none" in lines[0]
+    assert not (tmp_path / "bf16" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions: --amp bf16 is refused here")
+def test_bf16_trains_where_the_cpu_has_it(data, tmp_path):
+    train.main(args(data, tmp_path, "bf16", 2, "--amp", "bf16"))
+    assert weights(tmp_path / "bf16")["config"]["amp"] == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_fp16_on_cuda(data, tmp_path):
+    train.main(args(data, tmp_path, "cuda16", 6, "--amp", "fp16"))
+    assert weights(tmp_path / "cuda16")["scaler"]["scale"] > 0
