@@ -89,7 +89,7 @@ CPU_PRESET = dict(
     representation="volume", layers=4, r_dim=64, h_dim=32, z_dim=3, u_dim=32, image_size=32,
     min_context=3, max_context=3,
     gradient_steps=6000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=WHOLE_RUN, sigma_i=2.0, sigma_f=0.7,
-    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0, kernel_size=3, train_minutes=9.0,
+    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0, kernel_size=3, train_minutes=8.5,
     batch_threads=0,
 )
 BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)

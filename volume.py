@@ -18,7 +18,8 @@ The generation and inference cores take this r exactly as they take the tower's.
 7-d pose (x, y, z, sin yaw, cos yaw, sin pitch, cos pitch): the camera at (x, y, z) looks along
 d = (cos p cos y, -cos p sin y, sin p), world z is image up, and the square image spans the field of view
 `fov`. The defaults (fov 20 degrees, depths 10/3 -+ 0.63) fit the Shepard-Metzler data sets, DeepMind's and
-the built-in one; other data needs its own --fov, --near and --far.
+the built-in one. train.py takes fov, near and far from the data when it records them (the built-in renderer and
+dataset/import_scenes.py do); DeepMind's other data sets need their own --fov, --near and --far.
 """
 import math
 
