@@ -11,6 +11,8 @@ the same clock says, after the first steps, what a step costs here and when the 
 """
 import math
 
+import config
+
 CALIBRATION = 100  # steps trained before the count is fixed: the first log, so its cost is measured too
 WARMUP = 10        # first steps left out of the timing (oneDNN builds its kernels, the allocator grows)
 FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
@@ -51,3 +53,36 @@ class StepBudget:
         spent = elapsed + (self.start * self.per_step())
         more = math.floor(max(0.0, self.seconds - spent) / self.per_step())
         return max(done + 1, min(self.cap, done + more))
+
+
+def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
+    """After the first steps: with --train_minutes, fix the run's length to what fits (rank 0's clock, sent to every
+    rank) and record it (`record()` rewrites config.json); without, say what a step costs and when the run will end.
+    -> the run's gradient steps."""
+    per_step = dist.broadcast(clock.per_step())
+    say = bar.write if dist.master else (lambda text: None)  # under the progress bar, not into it
+    if not clock.seconds:
+        left = (cfg.gradient_steps - done) * per_step
+        say(f"note: a step takes {1000 * per_step:.0f} ms here (with logging and checkpoints): the "
+            f"{cfg.gradient_steps - done} steps left take about {duration(left)}" +
+            ("; for a run sized for a CPU: the same command with --preset cpu" if on_cpu and left > 3600 and
+             cfg.preset != "cpu" else ""))
+        return cfg.gradient_steps
+    total = dist.broadcast(clock.total(done, elapsed))
+    config.fix_steps(cfg, total)
+    cfg.timed_ms = round(1000 * per_step, 1)
+    bar.total, bar.desc = total, "train"
+    bar.refresh()
+    say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
+        f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
+        f"--gradient_steps is {total} (config.json)")
+    record()
+    return total
+
+
+def duration(seconds):
+    """'3 h 05 min', '12 min' or '40 s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"

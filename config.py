@@ -267,6 +267,17 @@ def check_config(cfg, world_size):
         raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")
 
 
+def camera_from_data(cfg, given, ds):
+    """--representation volume: the camera model the data records (fov, near, far) for each flag not given. -> what
+    was taken."""
+    if cfg.representation != "volume":
+        return {}
+    taken = {k: getattr(ds, k) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
+    for k, v in taken.items():
+        setattr(cfg, k, float(v))
+    return taken
+
+
 def check_camera(cfg):
     """The volume's camera model, once the data has filled in what the flags did not give."""
     if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):

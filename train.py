@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 from batch_threads import BatchThreads, usable_cpus  # noqa: E402
-from budget import StepBudget  # noqa: E402
+from budget import StepBudget, fix_length  # noqa: E402
 from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
                         save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
@@ -185,7 +185,7 @@ def run(cfg, given, dist, stop, saved, step_s):
 
     train_ds, test_ds, (dataset, max_context, k_from) = dist.agreed(open_data)
     cfg.dataset = dataset  # resolved, so config.json and the checkpoints say what was trained on
-    from_data = camera_from_data(cfg, given, train_ds) if ckpt is None else {}
+    from_data = config.camera_from_data(cfg, given, train_ds) if ckpt is None else {}
     dist.agreed(lambda: config.check_camera(cfg))  # the data's values beside any given by flag
     # absolute, so that --resume finds the data from any working directory
     cfg.train_data_dir, cfg.test_data_dir = os.path.abspath(cfg.train_data_dir), os.path.abspath(cfg.test_data_dir)
@@ -275,9 +275,10 @@ def run(cfg, given, dist, stop, saved, step_s):
     clock = StepBudget(cfg.train_minutes if not cfg.timed_ms else 0, start, total, cfg.log_interval,
                        cfg.save_interval)
     clock.saved(t_save)
-    # smoothing=0: the time left from the average over the run so far, pauses for logging included
-    bar = tqdm(total=total, initial=start, desc="train (timing)" if clock.seconds else "train", unit="step",
-               disable=not dist.master, dynamic_ncols=True, smoothing=0)
+    # no time left shown while the run's length is not known; then smoothing=0: the time left from the average over
+    # the run so far, its pauses for logging included
+    bar = tqdm(total=None if clock.seconds else total, initial=start, desc="train (timing)" if clock.seconds else
+               "train", unit="step", disable=not dist.master, dynamic_ncols=True, smoothing=0)
     acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
     n_acc, t0, last_step, skipped = 0, time.perf_counter(), start, 0  # skipped: fp16 steps the scaler skipped
     t_start = t0
@@ -358,7 +359,8 @@ def run(cfg, given, dist, stop, saved, step_s):
                 save(done, done % cfg.save_interval == 0)
                 clock.saved(time.perf_counter() - t_save)
             if clock.due(done) and done < total:
-                total = decide_length(cfg, clock, dist, bar, run_dir, done, time.perf_counter() - t_start)
+                total = fix_length(cfg, clock, dist, bar, done, time.perf_counter() - t_start,
+                                   lambda: write_config(cfg, run_dir) if dist.master else None, device.type == "cpu")
             step_s[0] = time.perf_counter() - t_step
             if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
                 stop.acted.set()
@@ -398,54 +400,10 @@ def run(cfg, given, dist, stop, saved, step_s):
     dist.finish()
 
 
-def camera_from_data(cfg, given, ds):
-    """--representation volume: the camera model the data records (fov, near, far) for each flag not given. -> what
-    was taken."""
-    if cfg.representation != "volume":
-        return {}
-    taken = {k: getattr(ds, k) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
-    for k, v in taken.items():
-        setattr(cfg, k, float(v))
-    return taken
-
-
 def write_config(cfg, run_dir):
     """config.json: the run's resolved configuration, as the checkpoints hold it (written atomically)."""
     text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
     atomic_write(os.path.join(run_dir, "config.json"), text.encode())
-
-
-def decide_length(cfg, clock, dist, bar, run_dir, done, elapsed):
-    """After the first steps: with --train_minutes, fix the run's length to what fits (rank 0's clock, sent to every
-    rank) and record it; without, say what a step costs and when the run will end. -> the run's gradient steps."""
-    per_step = dist.broadcast(clock.per_step())
-    say = bar.write if dist.master else (lambda text: None)  # under the progress bar, not into it
-    if not clock.seconds:
-        left = (cfg.gradient_steps - done) * per_step
-        say(f"note: a step takes {1000 * per_step:.0f} ms here (with logging and checkpoints): the "
-                 f"{cfg.gradient_steps - done} steps left take about {duration(left)}" +
-                 ("" if left < 3600 or cfg.preset == "cpu" else
-                  "; for a run sized for a CPU: the same command with --preset cpu"))
-        return cfg.gradient_steps
-    total = dist.broadcast(clock.total(done, elapsed))
-    config.fix_steps(cfg, total)
-    cfg.timed_ms = round(1000 * per_step, 1)
-    bar.total, bar.desc = total, "train"
-    bar.refresh()
-    say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
-             f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
-             f"--gradient_steps is {total} (config.json)")
-    if dist.master:
-        write_config(cfg, run_dir)
-    return total
-
-
-def duration(seconds):
-    """'3 h 05 min', '12 min' or '40 s'."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
 def stopped_at(dist, writer, save, saved, step, latest, name):
