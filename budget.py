@@ -3,8 +3,8 @@
 The default job has to finish in the same wall time on every 2-core CPU, and CPUs differ twofold (a step of the
 `cpu` preset costs about 1.8x more on an AVX2-only EPYC than on one with AVX-512). With --train_minutes M the run
 trains normally for its first CALIBRATION steps, measures what a step costs here (data, forward, backward, Adam, and
-its share of the test-set logging and checkpoints), and fixes --gradient_steps to what fits into M minutes, never
-more than the --gradient_steps it was given. The annealing schedules (scheduler.py) that span "the whole run" are
+its share of the test-set logging and checkpoints, each timed after its first, which builds kernels once), and
+fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The annealing schedules (scheduler.py) that span "the whole run" are
 resolved to that count at the same moment, and config.json and every checkpoint hold it, so a resumed run follows
 the same schedule; the steps before the decision anneal as if the run were its upper bound long. Without a budget
 the same clock says, after the first steps, what a step costs here and when the run will end.
@@ -13,7 +13,7 @@ import math
 
 import config
 
-CALIBRATION = 100  # steps trained before the count is fixed: the first log, so its cost is measured too
+CALIBRATION = 200  # steps trained before the count is fixed: two logs, the second (warm) one timed too
 WARMUP = 10        # first steps left out of the timing (oneDNN builds its kernels, the allocator grows)
 FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
 
@@ -38,7 +38,7 @@ class StepBudget:
         self.extra[0] = seconds
 
     def saved(self, seconds):
-        self.extra[1] = max(self.extra[1], seconds)
+        self.extra[1] = seconds
 
     def due(self, done):
         return done == self.decide_at

@@ -100,9 +100,8 @@ PRESETS = {"paper": {}, "cpu": CPU_PRESET}
 # What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
 # the model, the data set or the optimisation.
 RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "train_minutes", "log_interval",
-                     "save_interval",
-                     "keep_checkpoints", "workers", "batch_threads", "device_ids", "amp", "compile", "checkpoint_activations",
-                     "channels_last", "resume"}
+                     "save_interval", "keep_checkpoints", "workers", "batch_threads", "device_ids", "amp", "compile",
+                     "checkpoint_activations", "channels_last", "resume"}
 
 # ------------------------------------------------------------------------------------------------ flags
 
@@ -133,7 +132,7 @@ FLAGS = {
     "min_context": (positive_int, "fewest context views per training scene"),
     "max_context": (positive_int, "most context views per training scene"),
     "gradient_steps": (positive_int, "number of gradient steps (with --train_minutes: the most)"),
-    "train_minutes": (nonneg_float, "fit the training into this many minutes: time the first 100 steps here, then fix "
+    "train_minutes": (nonneg_float, "fit the training into this many minutes: time the first 200 steps here, then fix "
                                     "--gradient_steps to what fits (0: off; --gradient_steps alone turns it off)"),
     "batch_size": (positive_int, "scenes per step, global over all devices and ranks"),
     "lr_i": (positive_float, "initial learning rate"),

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_python_train_py_with_no_data_then_evaluate(tmp_path):
-    # a budget of 1.2 s, spent before the clock has timed its 100 steps: the run stops one step later, at 101
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--gradient_steps", "150",
+    # a budget of 1.2 s, spent before the clock has timed its 200 steps: the run stops one step later, at 201
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--gradient_steps", "300",
                         "--train_minutes", "0.02", "--log_interval", "50"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -28,8 +28,8 @@ def test_python_train_py_with_no_data_then_evaluate(tmp_path):
     assert (run / "samples.png").stat().st_size > 0 and (run / "config.json").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
     ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
-    assert ckpt["step"] == 101 and ckpt["model_config"]["representation"] == "volume"
-    assert "Timed the first 100 steps" in r.stdout and ckpt["config"]["gradient_steps"] == 101
+    assert ckpt["step"] == 201 and ckpt["model_config"]["representation"] == "volume"
+    assert "Timed the first 200 steps" in r.stdout and ckpt["config"]["gradient_steps"] == 201
 
     data = tmp_path / "data" / "shepard_metzler_5_parts"
     out = tmp_path / "eval.json"

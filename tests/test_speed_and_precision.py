@@ -26,20 +26,21 @@ def read_config(run):
 
 def test_train_minutes_fixes_the_length_records_it_and_a_resume_keeps_it(data, tmp_path, capsys):
     # A budget spent long before the timing ends: the run takes one more step after it and stops there.
-    budget = args(data, tmp_path, "budget", 400, "--train_minutes", "0.001", "--lr_n", "0", "--sigma_n", "0")
+    budget = args(data, tmp_path, "budget", 400, "--train_minutes", "0.001", "--lr_n", "0", "--sigma_n", "0",
+                  "--log_interval", "100", "--save_interval", "100")
     train.main(budget)
     out = capsys.readouterr().out
-    assert "Timed the first 100 steps" in out and "--gradient_steps is 101" in out
+    assert "Timed the first 200 steps" in out and "--gradient_steps is 201" in out
     cfg, ckpt = read_config(tmp_path / "budget"), weights(tmp_path / "budget")
-    assert ckpt["step"] == 101 and cfg["gradient_steps"] == 101 and ckpt["config"]["gradient_steps"] == 101
+    assert ckpt["step"] == 201 and cfg["gradient_steps"] == 201 and ckpt["config"]["gradient_steps"] == 201
     assert cfg["timed_ms"] > 0 and cfg["train_minutes"] == 0.001
-    assert cfg["lr_n"] == cfg["sigma_n"] == 101  # the cpu-style "whole run" schedules resolved to the fixed length
+    assert cfg["lr_n"] == cfg["sigma_n"] == 201  # the cpu-style "whole run" schedules resolved to the fixed length
     # The same command with --resume: --gradient_steps 400 is the bound the budget already used, not a new length.
     train.main(budget + ["--resume"])
     assert "nothing to do" in capsys.readouterr().out
     # A count asked for without a budget is a count: the run continues to it.
-    train.main(args(data, tmp_path, "budget", 104, "--resume"))
-    assert weights(tmp_path / "budget")["step"] == 104
+    train.main(args(data, tmp_path, "budget", 204, "--resume"))
+    assert weights(tmp_path / "budget")["step"] == 204
 
 
 def test_gradient_steps_alone_turns_the_budget_off_and_the_cpu_preset_has_one():
