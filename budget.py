@@ -29,10 +29,12 @@ class StepBudget:
         self.decide_at = start + (max(CALIBRATION, WARMUP + 20) if minutes else FIRST_WORD)
         self.times = []       # seconds of each timed step (its loop iteration, without logging or saving)
         self.extra = [0.0, 0.0]  # seconds of the last log and checkpoint
+        self.fixed = False    # the length is fixed; from then on `recent` holds the steps since the last log
+        self.recent = []
 
     def step(self, step, seconds):
         if step >= self.start + self.warmup:
-            self.times.append(seconds)
+            (self.recent if self.fixed else self.times).append(seconds)
 
     def logged(self, seconds):
         self.extra[0] = seconds
@@ -46,6 +48,17 @@ class StepBudget:
     def per_step(self):
         """Seconds a step costs here, logging and checkpoints spread over their intervals."""
         return sum(self.times) / max(1, len(self.times)) + sum(e / n for e, n in zip(self.extra, self.intervals))
+
+    def shorter(self, done, elapsed, total):
+        """At a log after the length is fixed: a smaller total if the steps since the last log say the run would end
+        more than 5% past its budget (a shared machine that slowed down), else None. Never a longer one."""
+        if not (self.fixed and self.recent and done % self.intervals[0] == 0):
+            return None
+        per_step = sum(self.recent) / len(self.recent) + sum(e / n for e, n in zip(self.extra, self.intervals))
+        self.recent = []
+        if elapsed + (total - done) * per_step <= 1.05 * self.seconds:
+            return None
+        return min(total - 1, max(done + 1, done + math.floor(max(0.0, self.seconds - elapsed) / per_step)))
 
     def total(self, done, elapsed):
         """The run's gradient steps: what fits into the budget after `done` steps, `elapsed` seconds of them in this
@@ -71,6 +84,7 @@ def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
     total = dist.broadcast(clock.total(done, elapsed))
     config.fix_steps(cfg, total)
     cfg.timed_ms = round(1000 * per_step, 1)
+    clock.fixed = True
     bar.total, bar.desc = total, "train"
     bar.refresh()
     say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
@@ -86,3 +100,22 @@ def duration(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
     return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
+def shorten(cfg, clock, dist, bar, done, elapsed, record):
+    """At each log of a run whose length is fixed: end it sooner if the machine slowed down (clock.shorter); the
+    schedules that spanned the whole run span the new length from here on. -> the run's gradient steps."""
+    old = cfg.gradient_steps
+    total = dist.broadcast(clock.shorter(done, elapsed, old))
+    if total is None:
+        return old
+    cfg.gradient_steps = total
+    cfg.lr_n = total if cfg.lr_n == old else cfg.lr_n
+    cfg.sigma_n = total if cfg.sigma_n == old else cfg.sigma_n
+    bar.total = total
+    bar.refresh()
+    if dist.master:
+        bar.write(f"The steps have slowed down: {old} would end past --train_minutes {cfg.train_minutes:g}, so the "
+                  f"run ends at step {total} (config.json)")
+    record()
+    return total
