@@ -34,6 +34,7 @@ from torch.distributions import Normal, kl_divergence
 import cli
 from checkpoint import atomic_write
 from cli import UserError, nonneg_int, positive_int, str2bool
+from batch_threads import BatchThreads
 from distributed import check_amp
 from model import ELBO, GQN
 
@@ -184,12 +185,19 @@ def measure(spec):
         torch.optim.Adam(ref_model.parameters(), lr=5e-4, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(path):
+    threads = BatchThreads(spec.get("batch_threads", 1))
+
+    def forward_backward(path, share):
         # the reference is float32 whatever the flags: it is the baseline
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16" and path == "fast"):
-            out = fns[path](x, v, v_q, x_q, sigma, eps=eps)
-        loss = -out.elbo.float().mean()
-        loss.backward()
+            out = fns[path](x[share], v[share], v_q[share], x_q[share], sigma, eps=eps[share])
+        (-out.elbo.float().sum() / B).backward()  # the batch's mean loss, share by share
+
+    def step(path):
+        if path == "fast":  # the batch split over threads, a core each, as train.py's --batch_threads
+            threads.map(lambda share: forward_backward(path, share), B)
+        else:
+            forward_backward(path, slice(0, B))
         opts[path].step()
         opts[path].zero_grad(set_to_none=True)
 
@@ -259,6 +267,8 @@ def run(argv=None):
                    help="untimed steps first (default 1 on CPU, 5 on CUDA; more with --compile)")
     p.add_argument("--repeats", type=positive_int, default=2, help="runs of each measurement, interleaved (default 2)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--batch_threads", type=positive_int, default=1,
+                   help="split the fast path's batch over this many threads, a core each, as train.py does (default 1)")
     p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -289,13 +299,15 @@ def run(argv=None):
     warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
     flags = [f for f, on in (("bf16", args.amp == "bf16"),
                              (f"compile {args.compile_mode or ''}".strip(), args.compile),
-                             ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last)) if on]
+                             ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last),
+                             (f"batch over {args.batch_threads} threads", args.batch_threads > 1)) if on]
     paths = ["fast"] + ([] if args.no_reference else ["reference"])
     name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU, {args.threads} threads"
     print(f"# GQN training step (forward, backward, fused Adam), {name}, torch {torch.__version__}; {warmup} "
           f"warm-up + {steps} timed steps of each path per run, {args.repeats} runs")
     cpu = not cuda
-    base = dict(device=device, threads=args.threads, amp=args.amp, compile=args.compile,
+    base = dict(device=device, threads=args.threads, batch_threads=args.batch_threads, amp=args.amp,
+                compile=args.compile,
                 compile_mode=args.compile_mode, checkpoint_activations=args.checkpoint_activations,
                 channels_last=args.channels_last)
     timing, memory = {}, {}

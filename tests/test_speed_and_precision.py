@@ -180,3 +180,13 @@ def test_bf16_trains_where_the_cpu_has_it(data, tmp_path):
 def test_fp16_on_cuda(data, tmp_path):
     train.main(args(data, tmp_path, "cuda16", 6, "--amp", "fp16"))
     assert weights(tmp_path / "cuda16")["scaler"]["scale"] > 0
+
+
+def test_bench_times_the_batch_split(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--preset", "small", "--batch_size", "4",
+                        "--image_size", "16", "--steps", "1", "--warmup", "0", "--repeats", "1", "--batch_threads", "2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "batch over 2 threads" in r.stdout and "reference (float32)" in r.stdout
+    assert out.stat().st_size > 0
