@@ -90,13 +90,20 @@ def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
     say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
         f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
         f"--gradient_steps is {total} (config.json)")
+    if total < 2 * done:  # the timed steps annealed as if the run were clock.cap long: most of the anneal is left
+        say(f"note: the {done} timed steps are most of this run, and they annealed σ and the learning rate as if it "
+            f"were {clock.cap} steps long; for a run this short, give --gradient_steps instead of --train_minutes")
     record()
     return total
 
 
 def duration(seconds):
-    """'3 h 05 min', '12 min' or '40 s'."""
+    """'3.3 years', '12 days', '3 h 05 min', '12 min' or '40 s'."""
     seconds = int(round(seconds))
+    if seconds >= 365 * 86400:
+        return f"{seconds / (365 * 86400):.1f} years"
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
     return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"

@@ -162,9 +162,9 @@ FLAGS = {
     "u_dim": (positive_int, "channels of the canvas u"),
     "kernel_size": (positive_int, "size of the cores' and the prior/posterior heads' convolutions (odd)"),
     "image_size": (positive_int, "the model's image size (stored images are resized to it, area)"),
-    "fov": (float, "volume: the cameras' field of view in degrees"),
-    "near": (float, "volume: nearest depth sampled along the query rays"),
-    "far": (float, "volume: farthest depth sampled along the query rays"),
+    "fov": (float, "volume: the cameras' field of view in degrees (taken from the data when it records it)"),
+    "near": (float, "volume: nearest depth sampled along the query rays (taken from the data when it records it)"),
+    "far": (float, "volume: farthest depth sampled along the query rays (taken from the data when it records it)"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
     "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
@@ -373,6 +373,7 @@ def resolve_dataset(name, train, test, cfg):
     if family:
         return name, MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"]), "the paper's for " + name
     if cfg.max_context:
-        return name, cfg.max_context, "--max_context"
+        by_preset = cfg.max_context == PRESETS[cfg.preset].get("max_context")
+        return name, cfg.max_context, "--max_context" + (f" (the {cfg.preset} preset's)" if by_preset else "")
     k = derived_k(train.views)
     return name, k, f"half of its {train.views} views per scene (--max_context sets it)"

@@ -190,7 +190,9 @@ def run(cfg, given, dist, stop, saved, step_s):
     # absolute, so that --resume finds the data from any working directory
     cfg.train_data_dir, cfg.test_data_dir = os.path.abspath(cfg.train_data_dir), os.path.abspath(cfg.test_data_dir)
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
-    dist.agreed(lambda: check_amp(cfg.amp, device))
+    amp_note = dist.agreed(lambda: check_amp(cfg.amp, device))
+    if amp_note:
+        log(amp_note)
     if dist.master:
         os.makedirs(ckpt_dir, exist_ok=True)
         resolved = dataclasses.asdict(cfg)
@@ -398,7 +400,7 @@ def run(cfg, given, dist, stop, saved, step_s):
         log(f"Test split ({r['scenes']} scenes, {r['context']} context views): RMSE {r['rmse']:.2f} vs "
             f"{r['mean_image_rmse']:.2f} for the mean training image (ratio {r['rmse_ratio']:.3f}), MAE {r['mae']:.2f}")
         writer.close()
-        log(f"Done: {total} steps. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
+        log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
             f"ground truth next to generated views: {samples}")
     dist.finish()
 

@@ -32,6 +32,7 @@ def test_train_minutes_fixes_the_length_records_it_and_a_resume_keeps_it(data, t
     train.main(budget)
     out = capsys.readouterr().out
     assert "Timed the first 200 steps" in out and "--gradient_steps is 201" in out
+    assert "for a run this short, give --gradient_steps instead of --train_minutes" in out
     cfg, ckpt = read_config(tmp_path / "budget"), weights(tmp_path / "budget")
     assert ckpt["step"] == 201 and cfg["gradient_steps"] == 201 and ckpt["config"]["gradient_steps"] == 201
     assert cfg["timed_ms"] > 0 and cfg["train_minutes"] == 0.001
@@ -124,6 +125,7 @@ def test_fp16_scales_the_loss_counts_skipped_steps_and_resumes_exactly(data, tmp
     out = capsys.readouterr().out
     # GradScaler starts at 2^16: the first steps' scaled gradients overflow float16, are skipped and counted, and
     # the run goes on (a skipped step is not a non-finite loss).
+    assert "note: --amp fp16 on the CPU runs (loss scaling included) but about 7x slower than float32" in out
     skipped = [int(n) for n in re.findall(r"fp16: (\d+) skipped, scale", out)]
     assert len(skipped) == 2 and skipped[0] > 0
     a = weights(tmp_path / "whole")
@@ -165,7 +167,7 @@ def test_bf16_is_refused_on_a_cpu_that_would_emulate_it(data, tmp_path, command)
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --amp bf16: this CPU has no bf16 instructions")
+    assert len(lines) == 1 and lines[0].startswith("error: --amp bf16: oneDNN has no bf16 instructions to use here")
     assert "21x slower than float32" in lines[0] and "use --amp none" in lines[0]
     assert not (tmp_path / "bf16" / "checkpoints").exists()
 
