@@ -225,8 +225,11 @@ def measure(spec):
 
 def run_isolated(spec):
     """measure(spec) in a fresh subprocess, so that peak memory and caches are its own."""
+    env = dict(os.environ)
+    if spec.get("batch_threads", 1) > 1:  # as train.py: idle OpenMP threads that spin would steal the other cores
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
