@@ -4,10 +4,12 @@ The default job has to finish in the same wall time on every 2-core CPU, and CPU
 `cpu` preset costs about 1.8x more on an AVX2-only EPYC than on one with AVX-512). With --train_minutes M the run
 trains normally for its first CALIBRATION steps, measures what a step costs here (data, forward, backward, Adam, and
 its share of the test-set logging and checkpoints, each timed after its first, which builds kernels once), and
-fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The annealing schedules (scheduler.py) that span "the whole run" are
-resolved to that count at the same moment, and config.json and every checkpoint hold it, so a resumed run follows
-the same schedule; the steps before the decision anneal as if the run were its upper bound long. Without a budget
-the same clock says, after the first steps, what a step costs here and when the run will end.
+fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The
+annealing schedules (scheduler.py) that span "the whole run" are resolved to that count at the same moment, and
+config.json and every checkpoint hold it, so a resumed run follows the same schedule; the steps before the
+decision anneal as if the run were its upper bound long. At every later log the clock times the last steps again
+and ends the run sooner if it would overrun (a shared machine that slowed down). Without a budget the same clock
+says, after the first steps, what a step costs here and when the run will end.
 """
 import math
 
@@ -45,17 +47,18 @@ class StepBudget:
     def due(self, done):
         return done == self.decide_at
 
-    def per_step(self):
-        """Seconds a step costs here, logging and checkpoints spread over their intervals."""
-        return sum(self.times) / max(1, len(self.times)) + sum(e / n for e, n in zip(self.extra, self.intervals))
+    def per_step(self, times=None):
+        """Seconds a step costs here (over `times`, default the timed first steps), logging and checkpoints spread
+        over their intervals."""
+        times = self.times if times is None else times
+        return sum(times) / max(1, len(times)) + sum(e / n for e, n in zip(self.extra, self.intervals))
 
     def shorter(self, done, elapsed, total):
         """At a log after the length is fixed: a smaller total if the steps since the last log say the run would end
         more than 5% past its budget (a shared machine that slowed down), else None. Never a longer one."""
         if not (self.fixed and self.recent and done % self.intervals[0] == 0):
             return None
-        per_step = sum(self.recent) / len(self.recent) + sum(e / n for e, n in zip(self.extra, self.intervals))
-        self.recent = []
+        per_step, self.recent = self.per_step(self.recent), []
         if elapsed + (total - done) * per_step <= 1.05 * self.seconds:
             return None
         return min(total - 1, max(done + 1, done + math.floor(max(0.0, self.seconds - elapsed) / per_step)))

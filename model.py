@@ -7,8 +7,8 @@ Names, as in the paper:
                 representation "volume" the context read along the query camera's rays (volume.py)
     h_g, c_g    generation core state; h_e, c_e inference core state (core.py, fig. S2), 128x16x16
     u           canvas, 128x64x64; z latent 3x16x16 per step; L steps; sigma the pixel standard deviation
-    η_π, η_q    prior and posterior heads: 5x5 convolutions of h_g and h_e to the mean and log std of z_l (kernel_size,
-                as the cores' gate convolutions)
+    η_π, η_q    prior and posterior heads: 5x5 convolutions of h_g and h_e to the mean and log std of z_l
+                (kernel_size, as the cores' gate convolutions)
     η_g         observation head: mean of x_q = sigmoid(1x1 conv of u^L)
 
 Per step l = 0..L-1 (h_g^0 = h_e^0 = c = u^0 = 0):

@@ -400,8 +400,8 @@ def run(cfg, given, dist, stop, saved, step_s):
         log(f"Test split ({r['scenes']} scenes, {r['context']} context views): RMSE {r['rmse']:.2f} vs "
             f"{r['mean_image_rmse']:.2f} for the mean training image (ratio {r['rmse_ratio']:.3f}), MAE {r['mae']:.2f}")
         writer.close()
-        log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {latest}; TensorBoard: tensorboard --logdir {run_dir}; "
-            f"ground truth next to generated views: {samples}")
+        log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {latest}; TensorBoard: tensorboard --logdir "
+            f"{run_dir}; ground truth next to generated views: {samples}")
     dist.finish()
 
 
