@@ -367,7 +367,7 @@ def resolve_dataset(name, train, test, cfg):
             raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
         recorded = ""  # a name of the user's own: --dataset relabels it (and sets K if it names a DeepMind set)
     name = recorded or name
-    if not name:  # torch-gqn folders record no name: the folder's tells nothing either
+    if not name:  # a torch-gqn folder records no name, nor was one given: its parent folder names it
         name = os.path.basename(os.path.dirname(os.path.abspath(cfg.train_data_dir))) or "scenes"
     family = dataset_family(name)
     if family:
