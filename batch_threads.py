@@ -1,14 +1,18 @@
 """One training step's batch split over the CPU's cores, in one process: a thread per share runs its forward and
-backward pass, each on one core.
+backward pass, each on one core, and the shares' gradients are summed in a fixed order.
 
 The `cpu` preset's operations (32 px images, 32-channel states, batch 8) are too small for PyTorch's intra-op
 threads: on a 2-core EPYC two intra-op threads made a step only 1.06x faster than one, while two Python threads,
 each with half the batch and one core, made it 1.5x faster (1.75x with oneDNN held to AVX2). The operations
-release the GIL, and the backward pass runs in C++. Gradients of the shares add up in each parameter's .grad
-(autograd locks the accumulation, and a sum of two addends is the same in either order), so a step computes the
-gradient of the whole batch's loss. Every random number is drawn before the split (the posterior's eps by the
-data, the volume's depth jitter by the caller), so a step is a deterministic function of its batch and a resumed
-run still computes exactly what an uninterrupted one does. Not with DDP (one backward per step) or torch.compile.
+release the GIL, and the backward pass runs in C++.
+
+Exactness. Each share's gradients go into a buffer of their own (torch.autograd.grad), and the buffers are added in
+share order, never in the order the threads finish: floating-point addition is not associative, so with three or
+more shares an accumulation into .grad in finishing order would make a run differ from itself. Every random input
+is drawn by the data before the split (model.GQN.training_noise), so a step is a deterministic function of its batch:
+N threads give the same weights bit for bit in every run and resume, and any other N the same up to rounding.
+Under torchrun each rank splits its own slice; the shares' sum is then averaged over the ranks in one all-reduce,
+as DDP averages. Not with torch.compile (one graph per step).
 """
 import contextlib
 import os
@@ -23,7 +27,7 @@ def usable_cpus():
 
 
 class BatchThreads:
-    """map(fn, B): fn(slice) for n even slices of range(B), each in its own thread; n = 1 calls fn(slice(0, B))."""
+    """step(loss_of, B, params): a training step's backward pass over n even shares of range(B), a thread each."""
 
     def __init__(self, n):
         self.n = max(1, n)
@@ -34,13 +38,45 @@ class BatchThreads:
         edges = [B * k // n for k in range(n + 1)]
         return [slice(a, b) for a, b in zip(edges, edges[1:])]
 
-    def map(self, fn, B):
+    def step(self, loss_of, B, params, average=None):
+        """loss_of(share) -> (loss, stats) for each share; its gradients land in each parameter's .grad, summed in
+        share order, and `average(grads)` (several processes: the mean over ranks, in place) is applied to the sum.
+        With one share the loss's own backward() does it all (a DDP wrapper averages there). -> stats (a tensor, or
+        None), summed in share order."""
         shares = self.shares(B)
-        if self.pool is None or len(shares) == 1:
-            return [fn(s) for s in shares]
+        if len(shares) == 1:
+            loss, stats = loss_of(shares[0])
+            loss.backward()
+            return stats
+        params = [p for p in params if p.requires_grad]
+
+        def share_grads(share):
+            loss, stats = loss_of(share)
+            return torch.autograd.grad(loss, params, allow_unused=True), stats
+
         with self._one_core_each():
-            futures = [self.pool.submit(fn, s) for s in shares]
-            return [f.result() for f in futures]
+            futures = [self.pool.submit(share_grads, s) for s in shares]
+            results = [f.result() for f in futures]  # share order, whichever finished first
+        grads = []
+        for i, p in enumerate(params):
+            total = None
+            for share_grads_, _ in results:
+                g = share_grads_[i]
+                if g is not None:
+                    total = g if total is None else total + g
+            grads.append(total)  # None where no share used p: the optimiser skips it, as after one backward()
+        if average is not None:  # every rank sends every parameter's gradient
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            average(grads)
+        for p, g in zip(params, grads):
+            if g is not None:
+                if g.stride() != p.stride():  # autograd.grad's layout is the backward's; .grad takes p's, as
+                    g = torch.empty_like(p).copy_(g)  # backward() gives it (the fused Adam reads them alike)
+                p.grad = g if p.grad is None else p.grad + g
+        stats = results[0][1]
+        for _, s in results[1:]:
+            stats = None if stats is None else stats + s
+        return stats
 
     @contextlib.contextmanager
     def _one_core_each(self):

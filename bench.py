@@ -187,17 +187,17 @@ def measure(spec):
 
     threads = BatchThreads(spec.get("batch_threads", 1))
 
-    def forward_backward(path, share):
+    def loss_of(path, share):
         # the reference is float32 whatever the flags: it is the baseline
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16" and path == "fast"):
             out = fns[path](x[share], v[share], v_q[share], x_q[share], sigma, eps=eps[share])
-        (-out.elbo.float().sum() / B).backward()  # the batch's mean loss, share by share
+        return -out.elbo.float().sum() / B, None  # the batch's mean loss, share by share
 
     def step(path):
         if path == "fast":  # the batch split over threads, a core each, as train.py's --batch_threads
-            threads.map(lambda share: forward_backward(path, share), B)
+            threads.step(lambda share: loss_of(path, share), B, model.parameters())
         else:
-            forward_backward(path, slice(0, B))
+            loss_of(path, slice(0, B))[0].backward()
         opts[path].step()
         opts[path].zero_grad(set_to_none=True)
 

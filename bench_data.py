@@ -147,7 +147,7 @@ def run(argv=None):
 
         k, steps = 15, args.steps
         for workers in (0, args.workers):
-            ours = TrainBatches(converted, args.batch, k, seed=0, noise_shape=(12, 3, 16, 16))
+            ours = TrainBatches(converted, args.batch, k, seed=0, noise={"eps": ("normal", (12, 3, 16, 16))})
             loader = torch.utils.data.DataLoader(ours, batch_size=None, sampler=range(steps + 1),
                                                  num_workers=workers)
             rng = np.random.default_rng(0)

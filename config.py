@@ -264,6 +264,39 @@ def check_config(cfg, world_size):
     if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
         missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"
         raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")
+    check_model(cfg)
+
+
+# The flags that build the model (GQN's keyword for each). The volume's camera (fov, near, far) is checked on its
+# own (check_camera), once the data has filled in what the flags did not give.
+MODEL_FLAGS = {"representation": "representation", "layers": "L", "shared_core": "shared_core", "r_dim": "r_dim",
+               "h_dim": "h_dim", "z_dim": "z_dim", "u_dim": "u_dim", "image_size": "image_size",
+               "kernel_size": "kernel_size"}
+
+
+def check_model(cfg):
+    """Build the model the flags describe and run a forward and a generation on the meta device (shapes only, no
+    memory, no arithmetic): any combination that would fail inside the model fails here, before anything is
+    written, as one line naming the model's flags."""
+    import warnings
+
+    import torch
+
+    from model import GQN
+
+    s = cfg.image_size
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op": the error follows
+            model = GQN(**{kw: getattr(cfg, flag) for flag, kw in MODEL_FLAGS.items()})
+            x, v = torch.zeros(1, 1, 3, s, s), torch.zeros(1, 1, 7)
+            model(x, v, torch.zeros(1, 7), torch.zeros(1, 3, s, s), cfg.sigma_f)
+            model.generate(x, v, torch.zeros(1, 7))
+    except (ValueError, RuntimeError) as e:
+        flags = " ".join(f"--{f} {getattr(cfg, f)}" for f in ("representation", "image_size", "r_dim", "layers",
+                                                               "kernel_size"))
+        raise UserError(f"{flags}: the model cannot be built with these flags: "
+                        f"{str(e).strip().splitlines()[0]}") from None
 
 
 def camera_from_data(cfg, given, ds):

@@ -40,7 +40,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 from checkpoint import atomic_write, input_size, load_model
@@ -48,6 +47,7 @@ from cli import UserError
 from gqn_dataset import FixedViews, fixed_views, open_split, resize
 from metrics import best_of, bits_per_dim, image_scores
 from pictures import novel_views, panels_grid
+from progress import progress_bar
 
 SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the likelihood the scores refer to
 SCORES = (("rmse", "RMSE (0-255)", ".3f"), ("mae", "MAE (0-255)", ".3f"), ("psnr", "PSNR (dB)", ".2f"),
@@ -76,7 +76,7 @@ def mean_image(ds, size, max_scenes=2000, workers=0, progress=True):
         sorted(set(np.linspace(0, n - 1, max_scenes).round().astype(int).tolist()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=None, num_workers=workers)
     total, count = torch.zeros(3, size, size, dtype=torch.float64), 0
-    for frames, _ in tqdm(loader, desc="mean image", unit="scene", disable=not progress, leave=False):
+    for frames, _ in progress_bar(loader, desc="mean image", unit="scene", disable=not progress, leave=False):
         total += resize(frames, size).double().sum(0)
         count += frames.shape[0]
     return (total / count).float()
@@ -115,7 +115,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         for k, per_image in scores.items():
             sums[prefix + k] += per_image.double().sum().item()
 
-    for batch, (x, v, x_q, v_q, scenes) in enumerate(tqdm(loader, desc=f"evaluate {context} context views",
+    for batch, (x, v, x_q, v_q, scenes) in enumerate(progress_bar(loader, desc=f"evaluate {context} context views",
                                                            unit="batch", disable=not progress)):
         x = (resize(x, size) / 255).to(device)  # (B, K, 3, H, W) in [0, 1]
         x_q255 = resize(x_q, size)  # (B, 3, H, W) on 0-255

@@ -11,7 +11,9 @@ Converted split folder: one `torch.save` file per source shard (`001-of-900.pt`)
 "jpeg": uint8 [all JPEG bytes], "offsets": int64 [N*S+1], "cameras": float32 [N, S, 7]}, and, when the camera
 model is known, the optional float keys "fov" (field of view in degrees, horizontal = vertical: images are
 square), "near" and "far" (the depth range the scenes occupy, along the camera's axis, in scene units). Shards
-written before these keys existed, DeepMind's and torch-gqn's data have none (GQNDataset gives None). The JPEGs are
+written before these keys existed, DeepMind's and torch-gqn's data have none (GQNDataset gives None). The optional
+key "source" says which tool wrote the shard (SOURCES), so that a folder holding two data sets that share a name
+(DeepMind's Shepard-Metzler scenes and the built-in renderer's) is refused instead of read as one. The JPEGs are
 DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the views asked for are read.
 """
 import bisect
@@ -35,6 +37,10 @@ from cli import UserError
 
 FORMAT = "gqn-jpeg-v1"
 CAMERA_KEYS = ("fov", "near", "far")  # optional shard keys: the camera model, when known
+# The optional shard key "source": which tool wrote it, and how an error names that.
+SOURCES = {"gqn-datasets": "DeepMind's gqn-datasets (dataset/convert2torch.py)",
+           "renderer": "the built-in renderer (dataset/shepard_metzler.py)",
+           "import": "own scenes (dataset/import_scenes.py)"}
 JPEG_QUALITY = 95  # frames this project encodes: quality and 4:2:0 chroma subsampling as in DeepMind's frames
 
 # Maximum number of context views per data set (K of the paper's training procedure).
@@ -89,11 +95,12 @@ def camera_model(fov=None, near=None, far=None):
     return out
 
 
-def write_shard(path, frames, cameras, dataset, image_size, camera=None):
+def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=None):
     """Write one converted shard atomically (temp file in the same folder, then os.replace).
 
     frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7];
-    camera: None or a dict with any of "fov", "near", "far" (camera_model), stored as top-level floats.
+    camera: None or a dict with any of "fov", "near", "far" (camera_model), stored as top-level floats; source: a key
+    of SOURCES, the tool that wrote it (None: not recorded).
     """
     n = len(frames)
     cameras = np.ascontiguousarray(cameras, dtype=np.float32)
@@ -114,6 +121,10 @@ def write_shard(path, frames, cameras, dataset, image_size, camera=None):
     if unknown:
         raise ValueError(f"{path}: camera keys {sorted(unknown)}: only {', '.join(CAMERA_KEYS)}")
     obj.update(camera_model(**(camera or {})))
+    if source is not None:
+        if source not in SOURCES:
+            raise ValueError(f"{path}: source {source!r}: one of {', '.join(SOURCES)}")
+        obj["source"] = source
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Same folder, so os.replace is an atomic rename: a killed run leaves no half-written shard under the real name.
@@ -253,6 +264,23 @@ def _decode_into(jpeg, out, where):
         raise DatasetError(f"{where}: JPEG is {img.shape[1]}x{img.shape[0]}, expected {out.shape[1]}x{out.shape[0]}")
 
 
+def foreign_shards(folder, source):
+    """A shard in `folder` that another tool than `source` wrote (SOURCES), as "PATH (from ...)", or None: a tool
+    about to write its shards there must not mix two data sets (the names 001-of-NNN.pt are everyone's)."""
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".pt") and not name.startswith("."):
+            path = os.path.join(folder, name)
+            try:
+                other = torch.load(path, weights_only=True, mmap=True).get("source")
+            except Exception:
+                other = None  # not a shard this tool can read: left to the reader to name
+            if other and other != source:
+                return f"{path} (from {SOURCES.get(other, other)})"
+    return None
+
+
 def _is_converted(path):
     try:
         obj = torch.load(path, weights_only=True, mmap=True)
@@ -310,17 +338,24 @@ class GQNDataset(torch.utils.data.Dataset):
                 if head[0] != FORMAT or obj["offsets"].numel() != n * s + 1 or s != head[3]:
                     raise ValueError("inconsistent header")
                 camera = tuple(None if obj.get(k) is None else float(obj[k]) for k in CAMERA_KEYS)
+                source = obj.get("source")
             except Exception as e:
                 raise DatasetError(f"{path}: not a converted GQN shard ({e})") from None
             if i == 0:
                 _, self.dataset, self.image_size, self.views = head
                 self.fov, self.near, self.far = camera
+                self.source, source_path = source, path
+            elif source and self.source and source != self.source:
+                raise DatasetError(f"{self.root} holds two data sets: {source_path} is from "
+                                   f"{SOURCES.get(self.source, self.source)} and {path} from "
+                                   f"{SOURCES.get(source, source)}; keep one data set a folder")
             elif head[1:] != (self.dataset, self.image_size, self.views):
                 raise DatasetError(f"{path}: holds {head[1]} {head[2]}px x {head[3]} views, unlike "
                                    f"{self._paths[0]} ({self.dataset} {self.image_size}px x {self.views} views)")
             elif camera != (self.fov, self.near, self.far):
                 raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {self._paths[0]} "
-                                   f"{(self.fov, self.near, self.far)}")
+                                   f"{(self.fov, self.near, self.far)}: two data sets in one folder?")
+            self.source = self.source or source
             self._shards[i] = self._arrays(obj)  # mmap'd, so this holds no file handle and reads no JPEG bytes
             counts.append(int(n))
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
@@ -328,6 +363,7 @@ class GQNDataset(torch.utils.data.Dataset):
     def _init_legacy(self, files):
         self.format = "legacy"
         self.fov = self.near = self.far = None  # torch-gqn's files record no camera model
+        self.source = None
         self._paths = [os.path.join(self.root, n) for n in files]
         self._starts = list(range(len(files) + 1))
         frames, _ = load_legacy_scene(self._paths[0])
@@ -429,7 +465,9 @@ def open_split(folder, flag):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: pure functions of (seed, step, scene), so resumed runs and DDP ranks draw what one process draws
 
-_BATCH, _VIEWS, _EPS, _FIXED = 0, 1, 2, 3  # separate random streams, one per purpose
+_BATCH, _VIEWS, _EPS, _FIXED, _DEPTHS = 0, 1, 2, 3, 4  # separate random streams, one per purpose
+# The random inputs of a training forward pass that the data draws (model.GQN.training_noise names them): stream.
+NOISE_STREAMS = {"eps": _EPS, "depth_noise": _DEPTHS}
 
 
 def _rng(seed, *key):
@@ -496,21 +534,27 @@ class FixedViews(torch.utils.data.Dataset):
         return frames[:-1], cameras[:-1], frames[-1], cameras[-1], i
 
 
-def scene_noise(seed, step, scene, noise_shape):
-    """Standard-normal float32 noise [*noise_shape] for one scene at one step (the posterior's eps)."""
-    return _rng(seed, _EPS, step, scene).standard_normal(tuple(noise_shape), dtype=np.float32)
+def scene_noise(seed, step, scene, noise_shape, name="eps", kind="normal"):
+    """float32 noise [*noise_shape] for one scene at one step, from the stream of `name` (NOISE_STREAMS: the
+    posterior's eps, the volume's depth jitter): standard normal, or with kind "uniform" uniform in [0, 1)."""
+    rng = _rng(seed, NOISE_STREAMS[name], step, scene)
+    if kind == "uniform":
+        return rng.random(tuple(noise_shape), dtype=np.float32)
+    return rng.standard_normal(tuple(noise_shape), dtype=np.float32)
 
 
 class TrainBatches(torch.utils.data.Dataset):
     """Map-style dataset of training batches: item `step` is this rank's slice of the global batch of that step.
 
     Each scene gets M context views, M uniform in min_context..max_context; they are zero-padded to
-    K = max_context (capped at S - 1) for every batch, so shapes never change; "mask" marks the real ones. Use as
+    K = max_context (capped at S - 1) for every batch, so shapes never change; "mask" marks the real ones. `noise`
+    ({name: (kind, shape)}, model.GQN.training_noise) adds each scene's random inputs of the forward pass under
+    those names (scene_noise), so that nothing in a step depends on the rank, the world size, the batch's split
+    over threads or where a run was resumed. Use as
         DataLoader(TrainBatches(...), batch_size=None, sampler=range(start_step, total_steps), num_workers=w)
     """
 
-    def __init__(self, dataset, batch_size, max_context, seed, noise_shape=None, rank=0, world_size=1,
-                 min_context=1):
+    def __init__(self, dataset, batch_size, max_context, seed, noise=None, rank=0, world_size=1, min_context=1):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
@@ -518,7 +562,10 @@ class TrainBatches(torch.utils.data.Dataset):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.max_context = min(max_context, dataset.views - 1)
         self.min_context = min_context
-        self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
+        self.noise = dict(noise or {})
+        unknown = set(self.noise) - set(NOISE_STREAMS)
+        if unknown:
+            raise ValueError(f"noise {sorted(unknown)}: no random stream (gqn_dataset.NOISE_STREAMS) for it")
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
 
@@ -545,9 +592,9 @@ class TrainBatches(torch.utils.data.Dataset):
                  "v": torch.from_numpy(v), "mask": torch.from_numpy(mask),
                  "x_q": torch.from_numpy(x_q).permute(0, 3, 1, 2).contiguous(),  # (b, 3, H, W)
                  "v_q": torch.from_numpy(v_q), "scene": scenes}
-        if self.noise_shape is not None:
-            batch["eps"] = torch.from_numpy(np.stack(
-                [scene_noise(self.seed, step, s, self.noise_shape) for s in scenes.tolist()]))
+        for name, (kind, shape) in self.noise.items():
+            batch[name] = torch.from_numpy(np.stack(
+                [scene_noise(self.seed, step, s, shape, name, kind) for s in scenes.tolist()]))
         return batch
 
 

@@ -7,19 +7,51 @@
 
 `images` are the context views of one scene (any size: resized as training resized them) and `poses` their
 cameras; `model.render` draws the scene from a new camera with the generation core (figure S2, z from the prior).
-Everything the model needs is imported here, while torch.hub has this folder on the import path.
+
+The repository's modules have flat names (model, checkpoint, config, cameras, ...) that a caller's own project may
+use too. They are imported here without touching the caller's: whatever of those names the caller has imported is
+set aside while ours load from this folder, then put back, and ours leave sys.modules again (the functions below
+keep them). `import model` after torch.hub.load is the caller's model.py, and a caller's model.py imported before
+does not stand in for ours.
 """
 import functools
+import importlib
 import math
+import os
+import sys
 
 import numpy as np
 import torch
 
-import cameras
-from checkpoint import load_model
-from gqn_dataset import resize
-
 dependencies = ["torch", "numpy", "PIL", "simplejpeg"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ours(module):
+    return os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "/")) in (
+        HERE, os.path.join(HERE, "dataset"))
+
+
+def _import_ours(*names):
+    """The project's modules `names`, imported from this folder, with sys.modules and sys.path left as they were."""
+    flat = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")} | {"dataset"}
+    before = dict(sys.modules)
+    path = list(sys.path)
+    for name in [n for n in sys.modules if n.split(".")[0] in flat]:
+        del sys.modules[name]  # a caller's module of the same name must not stand in for ours
+    sys.path.insert(0, HERE)
+    try:
+        return [importlib.import_module(n) for n in names]
+    finally:
+        for name in [n for n in sys.modules if n not in before or sys.modules[n] is not before[n]]:
+            if _ours(sys.modules[name]) or name.split(".")[0] in flat:
+                del sys.modules[name]
+        sys.modules.update({n: m for n, m in before.items() if n not in sys.modules})
+        sys.path[:] = path
+
+
+cameras, _checkpoint, _gqn_dataset = _import_ours("cameras", "checkpoint", "gqn_dataset")
+load_model, resize = _checkpoint.load_model, _gqn_dataset.resize
 
 
 def gqn(checkpoint, device="cpu"):

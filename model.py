@@ -101,6 +101,16 @@ class GQN(nn.Module):
         s = self.image_size // 4
         return (self.L, self.z_dim, s, s)
 
+    def training_noise(self):
+        """Every random input of one scene's forward pass in training, by forward's keyword -> (kind, shape): the
+        posterior's eps (normal) and, for `volume`, its depth jitter (uniform). train.py has the data draw them as
+        pure functions of (seed, step, scene) (gqn_dataset.TrainBatches), so that a step computes the same thing
+        whatever the rank, the world size, the batch's split over threads or where the run was resumed."""
+        noise = {"eps": ("normal", self.noise_shape)}
+        if isinstance(self.representation, Volume):
+            noise["depth_noise"] = ("uniform", (SAMPLES,))
+        return noise
+
     # ------------------------------------------------------------------------------------------ the L steps
 
     def _canvas_seen(self, l, canvas):
@@ -189,8 +199,8 @@ class GQN(nn.Module):
 
         x (B, M, 3, H, W) in [0, 1], v (B, M, 7), v_q (B, 7), x_q (B, 3, H, W) in [0, 1], sigma pixel std,
         mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here),
-        depth_noise: representation "volume" in training, its depth jitter (B, D) (draw_depth_noise; None: drawn
-        here). Noise drawn by the caller lets a batch be split (train.py's threads) and compute what it computes whole.
+        depth_noise: representation "volume" in training, its depth jitter (B, D) uniform in [0, 1) (None: drawn
+        here). Noise drawn by the caller (training_noise) makes a step a function of its batch alone.
         """
         self._check(x, v, v_q, x_q, mask)
         if eps is not None and tuple(eps.shape[1:]) != self.noise_shape:
@@ -202,12 +212,6 @@ class GQN(nn.Module):
         kl, mean = self._run(r, v_q, x_q, eps)
         nll = gaussian_nll(x_q, mean, sigma)
         return ELBO(-(kl + nll), kl, nll)
-
-    def draw_depth_noise(self, B, device=None):
-        """What forward draws from the global RNG for B scenes besides eps: the volume's depth jitter, or None."""
-        if not isinstance(self.representation, Volume) or not self.training:
-            return None
-        return torch.rand(B, SAMPLES, device=device)
 
     @torch.no_grad()
     def generate(self, x, v, v_q, mask=None, generator=None):

@@ -21,6 +21,9 @@ class Pyramid(nn.Module):
         super().__init__()
         if image_size % 8:
             raise ValueError(f"representation 'pyramid' needs an image size divisible by 8, got {image_size}")
+        if r_dim < 8:
+            raise ValueError(f"representation 'pyramid' needs r_dim of at least 8 (its first layer has r_dim/8 "
+                             f"channels), got {r_dim}")
         self.conv1 = nn.Conv2d(x_channels + v_dim, r_dim // 8, 2, stride=2)
         self.conv2 = nn.Conv2d(r_dim // 8, r_dim // 4, 2, stride=2)
         self.conv3 = nn.Conv2d(r_dim // 4, r_dim // 2, 2, stride=2)
@@ -42,6 +45,9 @@ class Tower(nn.Module):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"representation 'tower'/'pool' needs an image size divisible by 4, got {image_size}")
+        if r_dim < 2:
+            raise ValueError(f"representation 'tower'/'pool' needs r_dim of at least 2 (a layer has r_dim/2 "
+                             f"channels), got {r_dim}")
         self.conv1 = nn.Conv2d(x_channels, r_dim, 2, stride=2)
         self.conv2 = nn.Conv2d(r_dim, r_dim, 2, stride=2)
         self.conv3 = nn.Conv2d(r_dim, r_dim // 2, 3, padding=1)

@@ -19,6 +19,7 @@ samples.png (context views, ground truth and generated view per test scene, writ
 """
 import dataclasses
 import json
+from collections import namedtuple
 import os
 import secrets
 import signal
@@ -46,6 +47,7 @@ from distributed import Dist, Stop, check_amp, pick_device, worker_ignores_signa
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
 from pictures import save_samples, test_views_grid  # noqa: E402
+from progress import progress_bar  # noqa: E402
 from scheduler import learning_rate, pixel_sigma  # noqa: E402
 
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
@@ -74,11 +76,12 @@ class TestViews:
 
 
 def builtin_data(dist):
-    """The default job's data: the built-in Shepard-Metzler set, rendered into data/ once; its split folders."""
+    """The default job's data: the built-in Shepard-Metzler set, rendered once into data/builtin/, a folder of its
+    own (DeepMind's converted data of the same name goes to data/<name>); its split folders."""
     from dataset.shepard_metzler import dataset_name, render_once
 
     d = config.BUILTIN_DATA
-    out = os.path.join("data", dataset_name(d["parts"]))
+    out = os.path.join("data", "builtin", dataset_name(d["parts"]))
     if dist.local_rank == 0:
         render_once(out, d["train_scenes"], d["test_scenes"], d["parts"], d["seed"], d["workers"])
     dist.barrier()
@@ -92,11 +95,11 @@ def open_run(cfg, given, dist):
     return (cfg, None) if ckpt is None else (config.resumed(cfg, given, ckpt["config"]), ckpt)
 
 
-def model_and_optimizer(cfg, ckpt, device, dist):
+def model_and_optimizer(cfg, ckpt, device, dist, threads=1):
     """The GQN and Adam, restored from ckpt if given -> (model, the module to call, optimizer, start step).
 
     `model` stays the raw module (its state_dict is what checkpoints hold) whatever wraps it: DDP, DataParallel,
-    torch.compile.
+    torch.compile. A batch split over several threads averages its gradients over the ranks itself (no DDP).
     """
     from model import GQN
 
@@ -122,7 +125,7 @@ def model_and_optimizer(cfg, ckpt, device, dist):
             if torch.is_tensor(v) and k != "step":
                 state[k] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v.to(device)
     wrapped = model
-    if dist.started:
+    if dist.started and threads == 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -159,12 +162,143 @@ def train(cfg, given):
                                       f"{continue_with()}", 128 + signal.Signals[name].value) from None
 
 
+@dataclasses.dataclass
+class Run:
+    """What a run's steps share, as setup() builds it."""
+    cfg: config.Config
+    dist: Dist
+    run_dir: str
+    ckpt: dict            # the checkpoint resumed from, or None
+    train_ds: object
+    test_ds: object
+    dataset: str
+    max_context: int
+    device: torch.device
+    model: torch.nn.Module    # the raw module: its state_dict is what checkpoints hold
+    wrapped: torch.nn.Module  # what a step calls: DDP, DataParallel or torch.compile around model, or model itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start: int
+    saved: list           # [the step latest.pt holds, or None]
+    threads: BatchThreads = None
+    autocast: object = None
+    test: TestViews = None
+    test_eps: torch.Tensor = None
+    writer: object = None
+
+    @property
+    def latest(self):
+        return checkpoint_paths(self.run_dir)[1]
+
+    def save(self, step, numbered):
+        """latest.pt (and step_N.pt) on rank 0: weights, optimiser, scaler, config and RNG states at `step`."""
+        if self.dist.master:
+            ckpt = {"model": self.model.state_dict(), "model_config": dict(self.model.config),
+                    "optimizer": self.optimizer.state_dict(), "step": int(step),
+                    "scaler": self.scaler.state_dict(),  # {} without fp16
+                    "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
+                    "data": {"dataset": self.dataset, "image_size": int(self.train_ds.image_size),
+                             "max_context": int(self.max_context)},
+                    "rng": rng_state()}
+            save_checkpoint(ckpt, [self.latest] + ([checkpoint_paths(self.run_dir, step)[2]] if numbered else []))
+            keep_newest(checkpoint_paths(self.run_dir)[0], self.cfg.keep_checkpoints)
+        self.saved[0] = step
+
+
 def run(cfg, given, dist, stop, saved, step_s):
+    """setup(), the steps with their logs, checkpoints and clock, then end_of_run()."""
+    r = setup(cfg, given, dist, saved)
+    cfg = r.cfg
+    t_save = time.perf_counter()
+    if r.ckpt is None:
+        r.save(0, False)  # from here on a loadable latest.pt exists, whenever the run is killed
+    t_save = time.perf_counter() - t_save
+    total = cfg.gradient_steps  # with --train_minutes the most it can be, until the clock fixes it
+    if r.start >= total:
+        dist.log(f"{r.latest} is at step {r.start}, --gradient_steps is {total}: nothing to do")
+        return
+    prepare_steps(r)
+    batches = TrainBatches(r.train_ds, cfg.batch_size, cfg.max_context or r.max_context, cfg.seed,
+                           noise=r.model.training_noise(), rank=dist.rank, world_size=dist.world_size,
+                           min_context=cfg.min_context)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(r.start, total),
+                                         num_workers=cfg.workers, pin_memory=r.device.type == "cuda",
+                                         worker_init_fn=worker_ignores_signals)
+    clock = StepBudget(cfg.train_minutes if not cfg.timed_ms else 0, r.start, total, cfg.log_interval,
+                       cfg.save_interval)
+    clock.saved(t_save)
+    # no time left shown while the run's length is not known; then the time left from the average over the run so
+    # far, its pauses for logging included
+    bar = progress_bar(total=None if clock.seconds else total, initial=r.start, desc="train (timing)" if clock.seconds
+                   else "train", unit="step", disable=not dist.master, smoothing=0)
+    acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
+    n_acc, t0, last_step, skipped = 0, time.perf_counter(), r.start, 0  # skipped: fp16 steps the scaler skipped
+    t_start = t0
+    r.model.train()
+    stream = iter(loader)  # draws the loader's base seed from the global RNG, as at the start of a fresh run
+    if r.ckpt is not None:  # and from here on the RNG continues where the interrupted run left it
+        set_rng_state(r.ckpt["rng"])
+    stop.training, stopped, done = True, False, r.start
+    try:
+        for step, batch in enumerate(stream, r.start):
+            t_step = time.perf_counter()
+            done = step + 1
+            logs = done % cfg.log_interval == 0 or done == total
+            s = train_step(r, step, batch, total, stop, logs)
+            values, stopped, skipped = s.values, s.stopped, skipped + s.skipped
+            clock.step(step, time.perf_counter() - t_step)
+            acc += values
+            n_acc += cfg.batch_size
+            bar.update(1)
+            if dist.master:
+                bar.set_postfix(loss=f"{-values[0].item() / cfg.batch_size:.1f}", refresh=False)
+            if logs:
+                elapsed = time.perf_counter() - t0
+                t_log = time.perf_counter()
+                log_metrics(r, bar, done, acc / n_acc, elapsed / (done - last_step), n_acc / elapsed, s,
+                            (skipped, r.scaler.get_scale()) if r.scaler.is_enabled() else None)
+                clock.logged(time.perf_counter() - t_log)
+                acc.zero_()
+                n_acc, t0, last_step, skipped = 0, time.perf_counter(), done, 0
+            if done % cfg.save_interval == 0 or done == total:
+                t_save = time.perf_counter()
+                r.save(done, done % cfg.save_interval == 0)
+                clock.saved(time.perf_counter() - t_save)
+            record = lambda: write_config(cfg, r.run_dir) if dist.master else None  # noqa: E731
+            if clock.due(done) and done < total:
+                total = fix_length(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record,
+                                   r.device.type == "cpu")
+            elif clock.fixed and done % cfg.log_interval == 0 and done < total:
+                total = shorten(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
+            step_s[0] = time.perf_counter() - t_step
+            if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
+                stop.acted.set()
+                break
+            if done == total:  # a --train_minutes run that fixed its length below the loader's upper bound
+                break
+    except NonFiniteLoss as e:
+        bar.close()
+        raise UserError(f"{e}; stopped without updating the weights. The last good checkpoint is kept: {r.latest} "
+                        f"(step {saved[0]})") from None
+    except Exception as e:
+        raise dist.lost_contact(e, r.latest) or e
+    finally:
+        stop.training = False
+        r.threads.close()
+    bar.close()
+    if stop.acted.is_set():
+        stopped_at(r, done, stop.requested or "SIGTERM")  # a peer's signal
+    end_of_run(r, total)
+    dist.finish()
+
+
+def setup(cfg, given, dist, saved):
+    """The run folder (fresh, or the run to resume), the data, the config printed and written, the model and its
+    optimiser -> Run."""
     log = dist.log
     cfg, ckpt = open_run(cfg, given, dist)
     default_job = ckpt is None and not cfg.train_data_dir and not cfg.test_data_dir
     run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
-    ckpt_dir, latest, _ = checkpoint_paths(run_dir)
     dist.agreed(lambda: config.check_config(cfg, dist.world_size))
     if cfg.seed < 0:
         cfg.seed = dist.broadcast(secrets.randbelow(2**31))
@@ -194,9 +328,9 @@ def run(cfg, given, dist, stop, saved, step_s):
     if amp_note:
         log(amp_note)
     if dist.master:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(checkpoint_paths(run_dir)[0], exist_ok=True)
         resolved = dataclasses.asdict(cfg)
-        print(f"config ({'resumed from ' + latest if ckpt else run_dir}):")
+        print(f"config ({'resumed from ' + checkpoint_paths(run_dir)[1] if ckpt else run_dir}):")
         print(textwrap.fill("  ".join(f"{k}={v}" for k, v in resolved.items()), 118, initial_indent="  ",
                             subsequent_indent="  ", break_on_hyphens=False))
         print(f"  K={max_context}: {k_from}" + (f"; from the data's camera model: "
@@ -204,10 +338,11 @@ def run(cfg, given, dist, stop, saved, step_s):
                                                if from_data else ""))
         write_config(cfg, run_dir)
 
-    model, wrapped, optimizer, start = model_and_optimizer(cfg, ckpt, device, dist)
+    threads = share_threads(cfg, device, dist)
+    model, wrapped, optimizer, start = model_and_optimizer(cfg, ckpt, device, dist, threads)
     saved[0] = None if ckpt is None else start
     if ckpt is not None:
-        log(f"Resuming {run_dir} at step {start} ({latest})")
+        log(f"Resuming {run_dir} at step {start} ({checkpoint_paths(run_dir)[1]})")
     params = sum(p.numel() for p in model.parameters())
     if device.type == "cpu" and params > 20e6:  # torch-gqn's command on a laptop: say so before the first step
         log(f"note: training a {params / 1e6:.0f}M-parameter GQN at batch {cfg.batch_size} on the CPU: a step may take "
@@ -219,190 +354,128 @@ def run(cfg, given, dist, stop, saved, step_s):
         f"{train_ds.image_size}px"
         f"{'' if train_ds.image_size == cfg.image_size else f' resized to {cfg.image_size}px'}, K={max_context}, "
         f"{cfg.min_context}-{min(cfg.max_context or max_context, train_ds.views - 1)} context views a scene); "
-        f"device {device}{f' x {dist.world_size} processes' if dist.started else ''}")
+        f"device {device}{f' x {dist.world_size} processes' if dist.started else ''}"
+        f"{f', batch split over {threads} threads' if threads > 1 else ''}")
 
     # fp16: the loss scaled so small gradients do not flush to zero; a step whose gradients overflow is skipped and
     # the scale halved. Its state goes into every checkpoint, so a resumed run scales (and skips) as this one would.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if ckpt is not None and ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
+    return Run(cfg=cfg, dist=dist, run_dir=run_dir, ckpt=ckpt, train_ds=train_ds, test_ds=test_ds, dataset=dataset,
+               max_context=max_context, device=device, model=model, wrapped=wrapped, optimizer=optimizer,
+               scaler=scaler, start=start, saved=saved, threads=BatchThreads(threads))
 
-    def save(step, numbered):
-        if dist.master:
-            ckpt = {"model": model.state_dict(), "model_config": dict(model.config),
-                    "optimizer": optimizer.state_dict(), "step": int(step),
-                    "scaler": scaler.state_dict(),  # {} without fp16
-                    "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-                    "data": {"dataset": dataset, "image_size": int(train_ds.image_size),
-                             "max_context": int(max_context)},
-                    "rng": rng_state()}
-            save_checkpoint(ckpt, [latest] + ([checkpoint_paths(run_dir, step)[2]] if numbered else []))
-            keep_newest(ckpt_dir, cfg.keep_checkpoints)
-        saved[0] = step
 
-    t_save = time.perf_counter()
-    if ckpt is None:
-        save(0, False)  # from here on a loadable latest.pt exists, whenever the run is killed
-    t_save = time.perf_counter() - t_save
-    total = cfg.gradient_steps  # with --train_minutes the most it can be, until the clock fixes it
-    if start >= total:
-        log(f"{latest} is at step {start}, --gradient_steps is {total}: nothing to do")
-        return
+def share_threads(cfg, device, dist):
+    """Threads a step's batch is split over (batch_threads.py): --batch_threads, 0 = a core each of this process's
+    share of the CPUs (under torchrun the ranks on this machine share them); 1 on a GPU and with --compile."""
+    if device.type != "cpu" or cfg.compile:
+        return 1
+    return cfg.batch_threads or max(1, usable_cpus() // dist.local_world_size)
 
+
+def prepare_steps(r):
+    """What the steps need besides the model: the fixed test batch, TensorBoard's writer (rank 0) and autocast."""
+    cfg = r.cfg
     # The fixed test batch, the same for every run with this seed; ranks split its test ELBO between them.
-    t = min(TEST_SCENES, len(test_ds))
-    test = TestViews(test_ds, np.linspace(0, len(test_ds) - 1, t).round().astype(int).tolist(), cfg.seed,
-                     max_context)
-    test_eps = torch.randn((t, *model.noise_shape), generator=torch.Generator().manual_seed(cfg.seed))
-
-    writer = None
-    if dist.master:
+    t = min(TEST_SCENES, len(r.test_ds))
+    r.test = TestViews(r.test_ds, np.linspace(0, len(r.test_ds) - 1, t).round().astype(int).tolist(), cfg.seed,
+                       r.max_context)
+    r.test_eps = torch.randn((t, *r.model.noise_shape), generator=torch.Generator().manual_seed(cfg.seed))
+    if r.dist.master:
         from tensorboardX import SummaryWriter
 
         # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it starts from.
-        writer = SummaryWriter(logdir=run_dir, purge_step=start + 1)
-
-    batches = TrainBatches(train_ds, cfg.batch_size, cfg.max_context or max_context, cfg.seed,
-                           noise_shape=model.noise_shape, rank=dist.rank, world_size=dist.world_size,
-                           min_context=cfg.min_context)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, total),
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=worker_ignores_signals)
+        r.writer = SummaryWriter(logdir=r.run_dir, purge_step=r.start + 1)
     # bf16 or fp16 autocast (or nothing), built once; the loss itself is always taken in float32.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    autocast = torch.autocast(device.type, dtype=half) if half else nullcontext()
+    r.autocast = torch.autocast(r.device.type, dtype=half) if half else nullcontext()
 
-    from tqdm import tqdm
 
-    clock = StepBudget(cfg.train_minutes if not cfg.timed_ms else 0, start, total, cfg.log_interval,
-                       cfg.save_interval)
-    clock.saved(t_save)
-    # no time left shown while the run's length is not known; then smoothing=0: the time left from the average over
-    # the run so far, its pauses for logging included
-    bar = tqdm(total=None if clock.seconds else total, initial=start, desc="train (timing)" if clock.seconds else
-               "train", unit="step", disable=not dist.master, dynamic_ncols=True, smoothing=0)
-    acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
-    n_acc, t0, last_step, skipped = 0, time.perf_counter(), start, 0  # skipped: fp16 steps the scaler skipped
-    t_start = t0
-    model.train()
-    # A core per share of the batch where PyTorch's own threads gain little (batch_threads.py): CPU, one process.
-    threads = BatchThreads(1 if device.type != "cpu" or dist.started or cfg.compile else
-                           cfg.batch_threads or usable_cpus())
-    stream = iter(loader)  # draws the loader's base seed from the global RNG, as at the start of a fresh run
-    if ckpt is not None:  # and from here on the RNG continues where the interrupted run left it (volume's depths)
-        set_rng_state(ckpt["rng"])
-    stop.training, stopped = True, False
-    try:
-        for step, batch in enumerate(stream, start):
-            t_step = time.perf_counter()
-            # lr_n/sigma_n are 0 (the whole run) only until a --train_minutes run has fixed its length
-            lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n or total)
-            sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n or total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = to_model(batch["x"], cfg.image_size, device)        # (b, K, 3, s, s)
-            x_q = to_model(batch["x_q"], cfg.image_size, device)    # (b, 3, s, s)
-            if cfg.channels_last:
-                x_q = x_q.contiguous(memory_format=torch.channels_last)
-            v, v_q = batch["v"].to(device), batch["v_q"].to(device)
-            mask, eps = batch["mask"].to(device), batch["eps"].to(device)
+Step = namedtuple("Step", ["values", "stopped", "sigma", "lr", "skipped", "grad_norm"])
 
-            # A compiled graph would specialise on a Python float and recompile for every new sigma.
-            sigma_in = torch.tensor(sigma, device=device) if cfg.compile else sigma
-            b = x.shape[0]
-            depth_noise = model.draw_depth_noise(b, device)  # drawn for the whole batch before it is split
-            unit = scaler.scale(torch.ones((), device=device))  # the fp16 loss scale; 1 otherwise
 
-            def forward_backward(share):  # a share of the batch (batch_threads.py), or all of it
-                with autocast:
-                    out = wrapped(x[share], v[share], v_q[share], x_q[share], sigma_in, mask=mask[share],
-                                  eps=eps[share], depth_noise=None if depth_noise is None else depth_noise[share])
-                elbo = out.elbo.float()
-                # The loss is the mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks,
-                # which makes the gradient of the mean over all B scenes, as one process computes it.
-                (-elbo.sum() / b * unit).backward()
-                return torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum()]).detach()
+def train_step(r, step, batch, total, stop, logs=False):
+    """One gradient step on `batch` -> Step: the batch's ELBO, KL, NLL sums over all ranks, whether every rank stops
+    after it, sigma, lr, whether fp16's scaler skipped it, and with `logs` the gradient's norm (else None)."""
+    cfg, device, model = r.cfg, r.device, r.model
+    # lr_n/sigma_n are 0 (the whole run) only until a --train_minutes run has fixed its length
+    lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n or total)
+    sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n or total)
+    for group in r.optimizer.param_groups:
+        group["lr"] = lr
+    x = to_model(batch["x"], cfg.image_size, device)        # (b, K, 3, s, s)
+    x_q = to_model(batch["x_q"], cfg.image_size, device)    # (b, 3, s, s)
+    if cfg.channels_last:
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    v, v_q, mask = batch["v"].to(device), batch["v_q"].to(device), batch["mask"].to(device)
+    noise = {k: batch[k].to(device) for k in model.training_noise()}  # eps, and volume's depth jitter
+    # A compiled graph would specialise on a Python float and recompile for every new sigma.
+    sigma_in = torch.tensor(sigma, device=device) if cfg.compile else sigma
+    b = x.shape[0]
+    unit = r.scaler.scale(torch.ones((), device=device))  # the fp16 loss scale; 1 otherwise
+    # several threads call the raw module and average over ranks themselves (batch_threads.py); one calls the wrapper
+    net = model if r.threads.n > 1 else r.wrapped
 
-            sums = sum(threads.map(forward_backward, b))
-            # Summed over ranks with a stop flag, so that every rank stops after the same step.
-            stats = dist.all_reduce(torch.cat([sums, sums.new_tensor([float(stop.requested is not None)])]).double())
-            stats = stats.cpu()
-            values, stopped = stats[:3], bool(stats[3] > 0)
-            if not torch.isfinite(values).all():  # same verdict on every rank: all stop before the update
-                raise NonFiniteLoss(f"step {step}: the loss is not finite (ELBO {values[0] / cfg.batch_size:.4g}, "
-                                    f"KL {values[1] / cfg.batch_size:.4g}, NLL {values[2] / cfg.batch_size:.4g})")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when the gradients hold inf/NaN (fp16 only), as on every DDP rank
-            scaler.update()
-            skipped += scaler.get_scale() < scale  # the scale only drops after a skipped step
-            optimizer.zero_grad(set_to_none=True)
+    def loss_of(share):  # a share of the batch, or all of it
+        with r.autocast:
+            out = net(x[share], v[share], v_q[share], x_q[share], sigma_in, mask=mask[share],
+                      **{k: n[share] for k, n in noise.items()})
+        elbo = out.elbo.float()
+        # The loss is the mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks,
+        # which makes the gradient of the mean over all B scenes, as one process computes it.
+        loss = -elbo.sum() / b * unit
+        return loss, torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum()]).detach()
 
-            done = step + 1
-            clock.step(step, time.perf_counter() - t_step)
-            acc += values
-            n_acc += cfg.batch_size
-            bar.update(1)
-            if dist.master:
-                bar.set_postfix(loss=f"{-values[0].item() / cfg.batch_size:.1f}", refresh=False)
-            if done % cfg.log_interval == 0 or done == total:
-                elapsed = time.perf_counter() - t0
-                t_log = time.perf_counter()
-                log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, done, acc / n_acc,
-                            elapsed / (done - last_step), n_acc / elapsed, sigma, lr, autocast,
-                            (skipped, scaler.get_scale()) if scaler.is_enabled() else None)
-                clock.logged(time.perf_counter() - t_log)
-                acc.zero_()
-                n_acc, t0, last_step, skipped = 0, time.perf_counter(), done, 0
-            if done % cfg.save_interval == 0 or done == total:
-                t_save = time.perf_counter()
-                save(done, done % cfg.save_interval == 0)
-                clock.saved(time.perf_counter() - t_save)
-            record = lambda: write_config(cfg, run_dir) if dist.master else None  # noqa: E731
-            if clock.due(done) and done < total:
-                total = fix_length(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record,
-                                   device.type == "cpu")
-            elif clock.fixed and done % cfg.log_interval == 0 and done < total:
-                total = shorten(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
-            step_s[0] = time.perf_counter() - t_step
-            if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
-                stop.acted.set()
-                break
-            if done == total:  # a --train_minutes run that fixed its length below the loader's upper bound
-                break
-    except NonFiniteLoss as e:
-        bar.close()
-        raise UserError(f"{e}; stopped without updating the weights. The last good checkpoint is kept: {latest} "
-                        f"(step {saved[0]})") from None
-    except Exception as e:
-        raise dist.lost_contact(e, latest) or e
-    finally:
-        stop.training = False
-        threads.close()
-    bar.close()
-    if stop.acted.is_set():
-        stopped_at(dist, writer, save, saved, done, latest, stop.requested or "SIGTERM")  # a peer's signal
-    if dist.master:
-        model.eval()
-        n = min(IMAGE_SCENES, t)
-        x, v, v_q, x_q = test.first(n, cfg.image_size, device)
-        with torch.no_grad(), autocast:
-            generated = model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed))
-        samples = os.path.join(run_dir, "samples.png")
-        save_samples(samples, x, x_q, generated)
-        # The whole test split scored as evaluate.py does, with novel-view renderings, into TensorBoard (eval/*).
-        import evaluate
+    average = r.dist.average if r.dist.started and r.threads.n > 1 else None
+    sums = r.threads.step(loss_of, b, model.parameters(), average)
+    # Summed over ranks with a stop flag, so that every rank stops after the same step.
+    stats = r.dist.all_reduce(torch.cat([sums, sums.new_tensor([float(stop.requested is not None)])]).double())
+    stats = stats.cpu()
+    values, stopped = stats[:3], bool(stats[3] > 0)
+    if not torch.isfinite(values).all():  # same verdict on every rank: all stop before the update
+        raise NonFiniteLoss(f"step {step}: the loss is not finite (ELBO {values[0] / cfg.batch_size:.4g}, "
+                            f"KL {values[1] / cfg.batch_size:.4g}, NLL {values[2] / cfg.batch_size:.4g})")
+    if cfg.grad_clip > 0:
+        r.scaler.unscale_(r.optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scale = r.scaler.get_scale()
+    grad_norm = None
+    if logs:  # the whole batch's gradient (averaged over ranks, unscaled): a sum where a mean was meant shows here
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in
+                                                          model.parameters() if p.grad is not None])).item()
+        grad_norm /= scale if r.scaler.is_enabled() and not cfg.grad_clip > 0 else 1.0
+    r.scaler.step(r.optimizer)  # skipped when the gradients hold inf/NaN (fp16 only), as on every DDP rank
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    # the scale only drops after a skipped step
+    return Step(values, stopped, sigma, lr, r.scaler.get_scale() < scale, grad_norm)
 
-        r = evaluate.end_of_training(writer, total, model, train_ds, test_ds, min(TEST_CONTEXT, max_context),
-                                     cfg.seed, device, cfg.image_size)
-        log(f"Test split ({r['scenes']} scenes, {r['context']} context views): RMSE {r['rmse']:.2f} vs "
-            f"{r['mean_image_rmse']:.2f} for the mean training image (ratio {r['rmse_ratio']:.3f}), MAE {r['mae']:.2f}")
-        writer.close()
-        log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {latest}; TensorBoard: tensorboard --logdir "
-            f"{run_dir}; ground truth next to generated views: {samples}")
-    dist.finish()
+
+def end_of_run(r, total):
+    """Rank 0: samples.png, the whole test split scored as evaluate.py scores it (TensorBoard's eval/*), the last
+    lines."""
+    if not r.dist.master:
+        return
+    cfg, model, device = r.cfg, r.model, r.device
+    model.eval()
+    n = min(IMAGE_SCENES, len(r.test_eps))
+    x, v, v_q, x_q = r.test.first(n, cfg.image_size, device)
+    with torch.no_grad(), r.autocast:
+        generated = model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed))
+    samples = os.path.join(r.run_dir, "samples.png")
+    save_samples(samples, x, x_q, generated)
+    import evaluate
+
+    s = evaluate.end_of_training(r.writer, total, model, r.train_ds, r.test_ds, min(TEST_CONTEXT, r.max_context),
+                                 cfg.seed, device, cfg.image_size)
+    r.dist.log(f"Test split ({s['scenes']} scenes, {s['context']} context views): RMSE {s['rmse']:.2f} vs "
+               f"{s['mean_image_rmse']:.2f} for the mean training image (ratio {s['rmse_ratio']:.3f}), MAE "
+               f"{s['mae']:.2f}")
+    r.writer.close()
+    r.dist.log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {r.latest}; TensorBoard: tensorboard "
+               f"--logdir {r.run_dir}; ground truth next to generated views: {samples}")
 
 
 def write_config(cfg, run_dir):
@@ -411,14 +484,15 @@ def write_config(cfg, run_dir):
     atomic_write(os.path.join(run_dir, "config.json"), text.encode())
 
 
-def stopped_at(dist, writer, save, saved, step, latest, name):
+def stopped_at(r, step, name):
     """After SIGINT/SIGTERM: rank 0 writes latest.pt from its own state (no collective: a peer may be gone), says
     where the run stopped, and every rank exits."""
+    dist = r.dist
     if dist.master:
-        if saved[0] != step:
-            save(step, False)
-        writer.close()
-        print(f"stopped by {name} at step {step}: {latest} holds it; continue with the same command and --resume "
+        if r.saved[0] != step:
+            r.save(step, False)
+        r.writer.close()
+        print(f"stopped by {name} at step {step}: {r.latest} holds it; continue with the same command and --resume "
               f"(or --resume auto)", file=sys.stderr, flush=True)
     code = 128 + signal.Signals[name].value
     if dist.started:  # no teardown that could wait on a peer
@@ -428,9 +502,11 @@ def stopped_at(dist, writer, save, saved, step, latest, name):
 
 
 @torch.no_grad()
-def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, means, ms_step, scenes_s, sigma, lr,
-                autocast, scaling=None):
+def log_metrics(r, bar, step, means, ms_step, scenes_s, last, scaling=None):
     """Test ELBO on the fixed test batch (spread over ranks), then, on rank 0, TensorBoard and one log line."""
+    cfg, writer, model, test, test_eps, dist, device, autocast = (r.cfg, r.writer, r.model, r.test, r.test_eps, r.dist,
+                                                                  r.device, r.autocast)
+    sigma, lr = last.sigma, last.lr
     model.eval()
     mine = list(range(dist.rank, len(test_eps), dist.world_size))  # this rank's share of the test batch
     test_sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -454,6 +530,7 @@ def log_metrics(cfg, writer, bar, model, test, test_eps, dist, device, step, mea
             writer.add_scalar(f"{split}/nll_minus_sigma_floor", n - floor, step)
         writer.add_scalar("schedule/sigma", sigma, step)
         writer.add_scalar("schedule/lr", lr, step)
+        writer.add_scalar("train/grad_norm", last.grad_norm, step)
         writer.add_scalar("speed/scenes_per_s", scenes_s, step)
         writer.add_scalar("speed/ms_per_step", 1000 * ms_step, step)
         if scaling is not None:  # fp16: steps skipped in this interval (gradients overflowed), the loss scale now

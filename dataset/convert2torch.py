@@ -18,13 +18,13 @@ import sys
 
 import numpy as np
 import simplejpeg
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.tfrecord import TFRecordError, parse_example, read_records  # noqa: E402
 from cameras import pose7  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, positive_int  # noqa: E402
-from gqn_dataset import DATASETS, write_shard  # noqa: E402
+from gqn_dataset import DATASETS, foreign_shards, write_shard  # noqa: E402
+from progress import progress_bar  # noqa: E402
 
 SPLITS = ("train", "test")
 
@@ -55,7 +55,7 @@ def convert_shard(src, dst, dataset):
     if not frames:
         raise TFRecordError(f"{src}: record 0: the file holds no records")
     cameras = pose7(np.asarray(cameras, dtype=np.float32).reshape(len(frames), s, 5))
-    write_shard(dst, frames, cameras, dataset, size)
+    write_shard(dst, frames, cameras, dataset, size, source="gqn-datasets")
     return len(frames)
 
 
@@ -102,6 +102,10 @@ def find_shards(src_root, dst_root, datasets=None):
             if not os.path.isdir(folder):
                 continue
             remove_stale_temp_files(os.path.join(dst_root, name, split))
+            other = foreign_shards(os.path.join(dst_root, name, split), "gqn-datasets")
+            if other:
+                raise UserError(f"DST_ROOT {dst_root}: {os.path.join(dst_root, name, split)} holds another data set "
+                                f"of the same name, {other}; convert into another folder")
             for f in sorted(os.listdir(folder)):
                 if not f.endswith(".tfrecord"):
                     continue
@@ -127,7 +131,7 @@ def convert(src_root, dst_root, datasets=None, workers=1):
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     errors, done, scenes = [], 0, 0
-    bar = tqdm(total=sum(j[3] for j in jobs), unit="B", unit_scale=True, desc="converting", file=sys.stderr)
+    bar = progress_bar(total=sum(j[3] for j in jobs), unit="B", unit_scale=True, desc="converting")
     # Big shards first: the pool's tail is then short ones.
     jobs.sort(key=lambda j: -j[3])
     pool = multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
@@ -137,7 +141,7 @@ def convert(src_root, dst_root, datasets=None, workers=1):
             bar.update(nbytes)
             if error:
                 errors.append(error)
-                tqdm.write(f"error: {error}", file=sys.stderr)
+                bar.write(f"error: {error}", file=sys.stderr)
             else:
                 done += 1
                 scenes += n

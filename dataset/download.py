@@ -15,11 +15,11 @@ import time
 import urllib.error
 import urllib.request
 
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cli import ArgumentParser, UserError, main as cli_main  # noqa: E402
 from gqn_dataset import DATASETS  # noqa: E402
+from progress import progress_bar, write_line  # noqa: E402
 
 BASE_URL = "https://storage.googleapis.com/gqn-dataset"
 CHUNK = 1 << 20
@@ -52,8 +52,7 @@ def fetch(url, path, desc=None):
                 length = response.headers.get("Content-Length")
                 total = start + int(length) if length is not None else None
                 with open(part, "ab" if start else "wb") as f, \
-                        tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=desc, leave=False,
-                             file=sys.stderr) as bar:
+                        progress_bar(total=total, initial=start, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
                     while chunk := response.read(CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -73,7 +72,7 @@ def fetch(url, path, desc=None):
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # resets, timeouts, short reads
             error = str(getattr(e, "reason", None) or e)
         if attempt + 1 < RETRIES:
-            tqdm.write(f"{url}: {error}; retrying (resuming from the partial file)", file=sys.stderr)
+            write_line(f"{url}: {error}; retrying (resuming from the partial file)", file=sys.stderr)
             time.sleep(min(2 ** attempt, 30) * 0.5)
     raise UserError(f"{url}: {error} (gave up after {RETRIES} attempts; run again to resume)")
 
@@ -90,7 +89,7 @@ def download(name, dst, fraction=1.0, base_url=BASE_URL, splits=("train", "test"
             path = os.path.join(dst, name, split, f)
             if not os.path.exists(path):
                 jobs.append((f"{base_url.rstrip('/')}/{name}/{split}/{f}", path))
-    for url, path in tqdm(jobs, unit="file", desc=f"downloading {name}", file=sys.stderr):
+    for url, path in progress_bar(jobs, unit="file", desc=f"downloading {name}"):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         except OSError as e:

@@ -57,13 +57,13 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cameras import direction, from_matrix, look_point, pose7  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, positive_float, positive_int  # noqa: E402
 from dataset.shepard_metzler import shard_names  # noqa: E402
 from gqn_dataset import DatasetError, camera_model, current_umask, encode_jpeg, resize, write_shard  # noqa: E402
+from progress import progress_bar  # noqa: E402
 
 SCENES_PER_SHARD = 250
 CSV_COLUMNS = ("file", "x", "y", "z", "yaw", "pitch")
@@ -133,7 +133,7 @@ def write_split(folder, frames, cameras, name, fov=None, near=None, far=None, up
                 paths.append(os.path.join(folder, names[len(paths)]))
                 start = i + 1 - len(pending)
                 write_shard(os.path.join(tmp, names[len(paths) - 1]), pending,
-                            pose7(raw[start:i + 1].astype(np.float32)), name, size, camera)
+                            pose7(raw[start:i + 1].astype(np.float32)), name, size, camera, "import")
                 pending = []
         if i != n - 1:
             raise DatasetError(f"{folder}: {i + 1} scenes of frames for the {n} of the cameras")
@@ -554,8 +554,8 @@ def import_scenes(src, dst, image_size=None, background="black", name=None, test
 def scan(pool, found, fraction, up, fov):
     """find_scenes' folders -> {split: [scanned scenes]}: scenes of fewer than 2 views reported and left out."""
     tasks = [(split, folder) for split, folders in found.items() for folder in folders]
-    scanned = list(tqdm(_map(pool, _scan_task, [(f, up, fov) for _, f in tasks]), total=len(tasks),
-                        unit="scene", desc="reading cameras", disable=None))
+    scanned = list(progress_bar(_map(pool, _scan_task, [(f, up, fov) for _, f in tasks]), total=len(tasks),
+                        unit="scene", desc="reading cameras"))
     skipped = [f"{sc['folder']} ({len(sc['files'])})" for sc in scanned if len(sc["files"]) < 2]
     if skipped:
         print(f"warning: skipped {len(skipped)} scene(s) with fewer than 2 views: " + ", ".join(skipped[:5])
@@ -596,7 +596,7 @@ def _scan_task(args):
 def _frames(pool, scenes, size, background, counts, desc):
     """The scenes' JPEG lists, loaded in order (in the pool when there is one), counting what was kept as is."""
     results = _map(pool, _load_task, [(sc["files"], size, background) for sc in scenes])
-    for jpegs, kept, composited in tqdm(results, total=len(scenes), unit="scene", desc=desc, disable=None):
+    for jpegs, kept, composited in progress_bar(results, total=len(scenes), unit="scene", desc=desc):
         counts["kept"] += kept
         counts["composited"] += composited
         yield jpegs

@@ -32,12 +32,12 @@ import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cameras  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
-from gqn_dataset import encode_jpeg, write_shard  # noqa: E402
+from gqn_dataset import encode_jpeg, foreign_shards, write_shard  # noqa: E402
+from progress import progress_bar  # noqa: E402
 
 IMAGE_SIZE = 64
 VIEWS = 15
@@ -289,6 +289,9 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
                 raise UserError(f"{folder} exists and is not a folder")
             if any(not SHARD_NAME.fullmatch(f) for f in os.listdir(folder)):  # never delete what we did not write
                 raise UserError(f"{folder} holds files other than shards; remove it yourself to render there")
+            other = foreign_shards(folder, "renderer")
+            if other:
+                raise UserError(f"{folder} holds another data set, {other}; render into another folder")
 
     # Work in chunks of scenes (finer than shards, for the progress bar); shards are assembled in order here.
     chunk = 25
@@ -312,7 +315,7 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
         results = pool.map(_render_chunk, tasks)
     else:
         results = map(_render_chunk, tasks)
-    bar = tqdm(total=train_scenes + test_scenes, unit="scene", desc=f"render {dataset_name(parts)}",
+    bar = progress_bar(total=train_scenes + test_scenes, unit="scene", desc=f"render {dataset_name(parts)}",
                disable=not progress)
     try:
         pending = []
@@ -323,7 +326,7 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
                 bar.update(len(scenes))
             frames = [f for f, _ in pending[:count]]
             poses = cameras.pose7(np.stack([c for _, c in pending[:count]]))
-            write_shard(path, frames, poses, dataset_name(parts), IMAGE_SIZE, camera_model(parts))
+            write_shard(path, frames, poses, dataset_name(parts), IMAGE_SIZE, camera_model(parts), "renderer")
             pending = pending[count:]
             if i + 1 == len(shards) or shards[i + 1][0] != split:  # split complete: swap it in
                 folder = os.path.join(out, split)
@@ -346,7 +349,10 @@ def render_once(out, train_scenes, test_scenes, parts, seed=0, workers=1):
     a data set; an empty or half-filled `out` from elsewhere is set aside (out.old-<time>), not deleted.
     """
     splits = os.path.join(out, "train"), os.path.join(out, "test")
-    if all(os.path.isdir(s) and any(f.endswith(".pt") for f in os.listdir(s)) for s in splits):
+    foreign = next(filter(None, (foreign_shards(s, "renderer") for s in splits)), None)
+    if foreign:
+        print(f"{out}/ holds another data set ({foreign}): it is set aside and the built-in one rendered.")
+    elif all(os.path.isdir(s) and any(f.endswith(".pt") for f in os.listdir(s)) for s in splits):
         print(f"Using the built-in data set in {out}/ (rendered before).")
         return splits
     print(f"Rendering the built-in data set once: {train_scenes} + {test_scenes} Shepard-Metzler scenes of {parts} "

@@ -31,7 +31,7 @@ def test_python_train_py_with_no_data_then_evaluate(tmp_path):
     assert ckpt["step"] == 201 and ckpt["model_config"]["representation"] == "volume"
     assert "Timed the first 200 steps" in r.stdout and ckpt["config"]["gradient_steps"] == 201
 
-    data = tmp_path / "data" / "shepard_metzler_5_parts"
+    data = tmp_path / "data" / "builtin" / "shepard_metzler_5_parts"
     out = tmp_path / "eval.json"
     e = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint",
                         str(run / "checkpoints" / "latest.pt"), "--test_data_dir", str(data / "test"),

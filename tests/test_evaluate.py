@@ -1,9 +1,7 @@
 """evaluate.py: the metrics, the JSON a user scripts against, determinism, and one clear error for bad input."""
-import io
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,45 +9,8 @@ from PIL import Image
 import checkpoint
 import evaluate
 import metrics
-from gqn_dataset import GQNDataset, write_shard
-from model import GQN
-
-SIZE = 16  # tiny images keep a CPU test in seconds
-TINY = dict(representation="pool", L=2, r_dim=16, h_dim=8, z_dim=2, u_dim=8)
-
-
-def make_data(folder, scenes=5, views=6, size=SIZE, seed=0, dataset="shepard_metzler_5_parts"):
-    """A converted split of toy scenes: a coloured square that moves with the camera's yaw."""
-    rng = np.random.default_rng(seed)
-    frames, cameras = [], np.zeros((scenes, views, 7), np.float32)
-    for i in range(scenes):
-        colour = rng.integers(0, 256, 3)
-        scene = []
-        for j in range(views):
-            yaw, pitch = rng.uniform(-math.pi, math.pi), rng.uniform(-0.5, 0.5)
-            d = np.array([math.cos(pitch) * math.cos(yaw), -math.cos(pitch) * math.sin(yaw), math.sin(pitch)])
-            cameras[i, j] = [*(-3 * d), math.sin(yaw), math.cos(yaw), math.sin(pitch), math.cos(pitch)]
-            img = np.full((size, size, 3), 40, np.uint8)
-            x0 = int((yaw + math.pi) / (2 * math.pi) * (size - size // 4))
-            img[size // 4:size // 2, x0:x0 + size // 4] = colour
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=95)
-            scene.append(buf.getvalue())
-        frames.append(scene)
-    write_shard(str(folder / "001-of-001.pt"), frames, cameras, dataset, size)
-    return folder
-
-
-def make_checkpoint(path, image_size=SIZE, data_size=None, seed=0, **overrides):
-    """A checkpoint in train.py's format around a freshly initialised tiny GQN."""
-    torch.manual_seed(seed)
-    model = GQN(image_size=image_size, **{**TINY, **overrides})
-    torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": {}, "step": 7,
-                "config": {}, "data": {"dataset": "shepard_metzler_5_parts",
-                                       "image_size": data_size or image_size, "max_context": 5},
-                "rng": {}}, path)
-    return path
-
+from conftest import SIZE, make_checkpoint, make_data
+from gqn_dataset import GQNDataset
 
 @pytest.fixture
 def setup(tmp_path):

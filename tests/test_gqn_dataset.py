@@ -231,13 +231,14 @@ def test_fixed_views_are_deterministic():
 
 def test_train_batches_content(converted):
     ds = GQNDataset(converted / SM5 / "train")
-    tb = TrainBatches(ds, batch_size=4, max_context=15, seed=3, noise_shape=(2, 3, 4, 4))
+    tb = TrainBatches(ds, batch_size=4, max_context=15, seed=3,
+                      noise={"eps": ("normal", (2, 3, 4, 4)), "depth_noise": ("uniform", (5,))})
     batch = tb[5]
     k = 14
     shapes = {"x": (4, k, 3, 64, 64), "v": (4, k, 7), "mask": (4, k), "x_q": (4, 3, 64, 64), "v_q": (4, 7),
-              "scene": (4,), "eps": (4, 2, 3, 4, 4)}
+              "scene": (4,), "eps": (4, 2, 3, 4, 4), "depth_noise": (4, 5)}
     dtypes = {"x": torch.uint8, "v": torch.float32, "mask": torch.bool, "x_q": torch.uint8,
-              "v_q": torch.float32, "scene": torch.int64, "eps": torch.float32}
+              "v_q": torch.float32, "scene": torch.int64, "eps": torch.float32, "depth_noise": torch.float32}
     assert {n: tuple(t.shape) for n, t in batch.items()} == shapes
     assert {n: t.dtype for n, t in batch.items()} == dtypes
     assert torch.equal(batch["scene"], batch_scenes(3, 5, 2, 4))
@@ -252,13 +253,16 @@ def test_train_batches_content(converted):
     exactly3 = TrainBatches(ds, batch_size=4, max_context=3, seed=3, min_context=3)[5]
     assert exactly3["mask"].all() and exactly3["x"].shape[1] == 3
     assert batch["x"].is_contiguous()
-    assert torch.equal(tb[5]["eps"], batch["eps"])
+    assert torch.equal(tb[5]["eps"], batch["eps"]) and torch.equal(tb[5]["depth_noise"], batch["depth_noise"])
+    assert 0 <= batch["depth_noise"].min() and batch["depth_noise"].max() < 1  # uniform: the volume's jitter
+    assert not torch.equal(tb[6]["depth_noise"], batch["depth_noise"])
 
 
 def test_train_batches_ranks_and_resume_match_one_process(converted):
     ds = GQNDataset(converted / SM5 / "train")
-    whole = TrainBatches(ds, batch_size=4, max_context=15, seed=9, noise_shape=(3,))
-    parts = [TrainBatches(ds, 4, 15, 9, noise_shape=(3,), rank=r, world_size=2) for r in range(2)]
+    noise = {"eps": ("normal", (3,)), "depth_noise": ("uniform", (4,))}  # each scene's, whatever its rank
+    whole = TrainBatches(ds, batch_size=4, max_context=15, seed=9, noise=noise)
+    parts = [TrainBatches(ds, 4, 15, 9, noise=noise, rank=r, world_size=2) for r in range(2)]
     for step in (0, 7):
         split = [p[step] for p in parts]
         for key, value in whole[step].items():

@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
-from test_evaluate import SIZE, make_checkpoint
+import pytest
+
+from conftest import ROOT, SIZE, make_checkpoint
 
 SCRIPT = """
 import json, sys, numpy as np, torch
@@ -16,6 +17,7 @@ rng = np.random.default_rng(0)
 images = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(2)]   # HWC, not the model's size
 poses = [[0, -3, 0, 1.5708, 0], [3, 0, 0, 3.1416, 0]]                           # 5 raw numbers each
 a = model.render(images, poses, yaw=30, pitch=20, distance=3.0, seed=1)
+sys.path.insert(0, root)   # the hub leaves no module of the repository behind: import its camera helpers
 import cameras, math
 pose = cameras.look_at(3.0, torch.tensor([math.radians(30)]), torch.tensor(math.radians(20)))[0]
 b = model.render(images, poses, pose=pose, seed=1)
@@ -39,3 +41,36 @@ def test_torch_hub_load_from_another_directory_renders_a_camera_of_ones_choosing
     assert out["shape"] == [3, SIZE, SIZE] and out["samples"] == [3, 3, SIZE, SIZE]
     assert out["ab"] < 1e-5 and out["ac"] < 1e-4 and out["first"] < 1e-5  # one camera, three ways to give it
     assert 0 <= out["lo"] <= out["hi"] <= 1 and out["training"] is False
+
+
+CALLER = """
+import json, sys, torch
+root, ckpt, order = sys.argv[1:]
+path_before = list(sys.path)
+if order == "mine first":
+    import model                                   # the caller's own model.py, as many ML projects have
+    mine = model
+hub = torch.hub.load(root, "gqn", source="local", checkpoint=ckpt)
+view = hub.render([torch.rand(3, 16, 16)], [[0, -3, 0, 1.5708, 0]], yaw=30, pitch=20, distance=3.0)
+import model, checkpoint                           # after the hub: still the caller's
+print(json.dumps(dict(view=list(view.shape), model=model.__file__, checkpoint=checkpoint.__file__,
+                      same=order != "mine first" or model is mine, who=model.WHO, path=sys.path == path_before,
+                      hub_model=type(hub).__module__)))
+"""
+
+
+@pytest.mark.parametrize("order", ["mine first", "hub first"])
+def test_hub_leaves_the_callers_own_modules_alone(tmp_path, order):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "model.py").write_text("WHO = 'the caller'\n")         # names the repository uses too
+    (project / "checkpoint.py").write_text("WHO = 'the caller'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", CALLER, ROOT, str(ckpt), order], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["view"] == [3, SIZE, SIZE] and out["who"] == "the caller" and out["same"] and out["path"]
+    assert out["model"] == str(project / "model.py") and out["checkpoint"] == str(project / "checkpoint.py")
+    assert out["hub_model"] == "model"  # the hub's GQN is the repository's class, whatever sys.modules holds

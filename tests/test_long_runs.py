@@ -11,9 +11,7 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT
-from test_ddp import children, env_of, torchrun
-from test_train import args, data, tiny_default_job, weights  # noqa: F401  (data: the session's tiny rendered set)
+from conftest import ROOT, args, children, env_of, tiny_default_job, torchrun, weights
 
 
 def same_weights(a, b, atol=1e-5):
@@ -57,18 +55,6 @@ def test_resume_compares_meanings_not_spellings(data, tmp_path, capsys):
     assert "Resuming" in capsys.readouterr().out and weights(tmp_path / "run")["step"] == 6
     err = one_error(capsys, args(data, tmp_path, "run", 9, "--dataset", "Jaco", "--resume"))
     assert "--dataset Jaco differs from the run being resumed (shepard_metzler_3_parts)" in err
-
-
-def test_resume_is_exact_for_the_volume_representation(data, tmp_path):
-    """volume draws its depth jitter from the global RNG (the cpu preset's model): the resumed run draws what the
-    uninterrupted one draws."""
-    volume = ["--representation", "volume", "--min_context", "3", "--max_context", "3"]
-    train.main(args(data, tmp_path, "whole", 6, *volume))
-    train.main(args(data, tmp_path, "parts", 3, *volume))
-    train.main(args(data, tmp_path, "parts", 6, *volume, "--resume"))
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_resume_auto_starts_a_run_then_continues_it(data, tmp_path, capsys):
@@ -132,7 +118,7 @@ def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypat
     assert e.value.code == 130
     assert "interrupted by SIGINT before the first checkpoint: nothing was saved: run the same command again" in \
         capsys.readouterr().err
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "data" / "shepard_metzler_3_parts").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data" / "builtin" / "shepard_metzler_3_parts").exists()
 
 
 # ------------------------------------------------------------------------------------------------ preemption

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import train
+from conftest import TINY, weights
 from dataset.import_scenes import write_split
 from gqn_dataset import GQNDataset
-from test_train import TINY, data, weights  # noqa: F401 (data: the fixture)
 
 
 @pytest.fixture(scope="module")

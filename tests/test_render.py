@@ -9,7 +9,7 @@ import cameras
 import pictures
 import render
 from checkpoint import load_model
-from test_evaluate import SIZE, make_checkpoint, make_data
+from conftest import SIZE, make_checkpoint, make_data
 
 
 @pytest.fixture(params=["pool", "volume"])

@@ -13,36 +13,11 @@ import torch
 from PIL import Image
 
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY, args, tiny_default_job, weights
 import config
 from cli import UserError
 from config import parse_args, resolve_dataset
 from distributed import cpu_has_bf16
-
-# A tiny GQN on 16x16 images (the 64x64 data resized): a step takes milliseconds.
-TINY = ["--layers", "2", "--r_dim", "8", "--h_dim", "8", "--u_dim", "8", "--z_dim", "2", "--image_size", "16",
-        "--batch_size", "4", "--workers", "0", "--seed", "3"]
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    """12 training and 4 test scenes of the built-in renderer (3 cubes), in the converted format."""
-    sys.path.insert(0, os.path.join(ROOT, "dataset"))
-    from shepard_metzler import render_dataset
-
-    out = tmp_path_factory.mktemp("data") / "shepard_metzler_3_parts"
-    train_dir, test_dir = render_dataset(str(out), 12, 4, parts=3, seed=0, progress=False)
-    return train_dir, test_dir
-
-
-def args(data, root, name, steps, *extra):
-    return ["--train_data_dir", data[0], "--test_data_dir", data[1], "--root_log_dir", str(root), "--log_dir", name,
-            "--gradient_steps", str(steps), "--log_interval", "3", "--save_interval", "3", *TINY, *extra]
-
-
-def weights(run):
-    return torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=True)
-
 
 # ------------------------------------------------------------------------------------------------ flags
 
@@ -233,15 +208,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, ca
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def tiny_default_job(monkeypatch, folder):
-    """`python train.py` in `folder` with the built-in data and the cpu preset cut to a few scenes and a tiny GQN."""
-    monkeypatch.chdir(folder)
-    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=3, train_scenes=6, test_scenes=2, seed=0, workers=1))
-    monkeypatch.setitem(config.PRESETS, "cpu", {**config.CPU_PRESET, "layers": 2, "r_dim": 8, "h_dim": 8, "u_dim": 8,
-                                               "z_dim": 2, "image_size": 16, "batch_size": 2, "gradient_steps": 2,
-                                               "log_interval": 1, "save_interval": 2, "workers": 0})
-
-
 def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
     tiny_default_job(monkeypatch, tmp_path)
     train.main([])
@@ -249,7 +215,7 @@ def test_default_job_renders_builtin_data_once(tmp_path, monkeypatch, capsys):
     assert "default job" in out and "Rendering the built-in data set" in out
     assert (tmp_path / "runs" / "default" / "samples.png").exists()
     assert weights(tmp_path / "runs" / "default")["step"] == 2
-    shard = tmp_path / "data" / "shepard_metzler_3_parts" / "train" / "001-of-001.pt"
+    shard = tmp_path / "data" / "builtin" / "shepard_metzler_3_parts" / "train" / "001-of-001.pt"
     mtime = shard.stat().st_mtime_ns
     train.main(["--log_dir", "again"])
     assert "Using the built-in data set" in capsys.readouterr().out and shard.stat().st_mtime_ns == mtime
