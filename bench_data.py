@@ -1,10 +1,12 @@
 """Data-pipeline benchmark: conversion, full-scene reads and training batches, each beside a torch-gqn-style reader.
 
 Measures the input side of GQN training (Eslami et al. 2018, supplementary "Training": M context views and one
-query view per scene) on Shepard-Metzler-shaped data (64 px, 15 views), made by repeating the two real scenes
-of ../shared/fixtures into a temporary folder. One command, one table:
+query view per scene) on Shepard-Metzler-shaped data (64 px, 15 views), made by repeating two scenes into a
+temporary folder: two real scenes of DeepMind's data from the project's test fixtures (../shared/fixtures, beside
+a clone of the repository in the project's CI) or, without them, two scenes of the built-in renderer. One command,
+one table:
 
-    python bench_data.py [--scenes 200] [--batch 36] [--workers 2] [--fixtures ../shared/fixtures]
+    python bench_data.py [--scenes 200] [--batch 36] [--workers 2] [--scenes_from fixtures|renderer]
 
 The torch-gqn-style reader is what torch-gqn's GQNDataset does per scene: gzip, unpickle (torch.load of a
 pickled Scene), Pillow-decode all S frames. Timings run on one thread (torch.set_num_threads(1)).
@@ -27,7 +29,7 @@ import cli
 from cameras import pose7
 from cli import UserError, positive_int
 from dataset.convert2torch import convert_shard
-from dataset.tfrecord import parse_example, read_records, write_records
+from dataset.tfrecord import make_example, parse_example, read_records, write_records
 from gqn_dataset import GQNDataset, TrainBatches, write_shard
 
 SM5 = "shepard_metzler_5_parts"
@@ -59,10 +61,30 @@ def torch_gqn_batch(frames, cameras, rng, k):
     return frames[:, idx[:m]], cameras[:, idx[:m]], frames[:, idx[m]], cameras[:, idx[m]]
 
 
+def two_scenes(fixtures, folder):
+    """Two scenes as TFRecord records and torch-gqn files: the fixtures' two real ones, or (fixtures None) two of the
+    built-in renderer, written as torch-gqn's converter wrote its files (gzip of a legacy torch.save stream of a
+    __main__.Scene). -> (records, [two torch-gqn files])."""
+    if fixtures:
+        records = list(read_records(os.path.join(fixtures, "gqn-tfrecord", SM5, "train", "001-of-900.tfrecord")))
+        return records, [os.path.join(fixtures, "legacy-pt-gz", SM5 + "-torch", "train", n)
+                         for n in ("0.pt.gz", "1033.pt.gz")]
+    from dataset.shepard_metzler import render_scene
+
+    records, files = [], []
+    for i in range(2):
+        frames, raw = render_scene(0, "train", i, parts=5)
+        records.append(make_example({"frames": frames, "cameras": raw.astype(np.float32).ravel().tolist()}))
+        files.append(os.path.join(folder, f"scene{i}.pt.gz"))
+        with gzip.open(files[-1], "wb") as f:
+            torch.save(Scene(np.array(frames, dtype=object), raw[None].astype(np.float32)), f,
+                       _use_new_zipfile_serialization=False)
+    return records, files
+
+
 def make_data(fixtures, folder, scenes):
-    """TFRecord, converted and torch-gqn copies of `scenes` scenes, cycling the fixture's two real scenes."""
-    src = os.path.join(fixtures, "gqn-tfrecord", SM5, "train", "001-of-900.tfrecord")
-    records = list(read_records(src))
+    """TFRecord, converted and torch-gqn copies of `scenes` scenes, cycling two scenes (two_scenes)."""
+    records, files = two_scenes(fixtures, folder)
     big = os.path.join(folder, "big.tfrecord")
     write_records(big, [records[i % len(records)] for i in range(max(scenes, 1000))])  # ~22 MB
     parsed = [parse_example(r) for r in records]
@@ -75,7 +97,6 @@ def make_data(fixtures, folder, scenes):
                     [parsed[i]["frames"] for i in idx], pose7(cams), SM5, 64)
     legacy = os.path.join(folder, "legacy")
     os.makedirs(legacy)
-    files = [os.path.join(fixtures, "legacy-pt-gz", SM5 + "-torch", "train", n) for n in ("0.pt.gz", "1033.pt.gz")]
     for i in range(scenes):
         shutil.copy(files[i % 2], os.path.join(legacy, f"{i}.pt.gz"))
     return big
@@ -116,15 +137,22 @@ def run(argv=None):
     parser.add_argument("--steps", type=positive_int, default=30, help="training batches timed per loader (default 30)")
     parser.add_argument("--workers", type=positive_int, default=2,
                         help="DataLoader workers for the N-worker rows (default 2)")
-    parser.add_argument("--fixtures", default=os.path.join(os.path.dirname(ROOT), "shared", "fixtures"),
-                        help="the fixtures folder (default ../shared/fixtures)")
+    parser.add_argument("--scenes_from", choices=["fixtures", "renderer"], default=None,
+                        help="two real scenes from the project's test fixtures (../shared/fixtures), or two of the "
+                             "built-in renderer (default: fixtures where they are, else renderer)")
     args = parser.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.fixtures, "gqn-tfrecord")):
-        raise UserError(f"--fixtures {args.fixtures} does not hold gqn-tfrecord/")
+    if args.scenes < args.batch:
+        raise UserError(f"--scenes {args.scenes}: fewer than one batch (--batch {args.batch})")
+    fixtures = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
+    found = os.path.isdir(os.path.join(fixtures, "gqn-tfrecord"))
+    source = args.scenes_from or ("fixtures" if found else "renderer")
+    if source == "fixtures" and not found:
+        raise UserError(f"--scenes_from fixtures: {fixtures} does not hold gqn-tfrecord/ (the project's test "
+                        f"fixtures); use --scenes_from renderer")
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        big = make_data(args.fixtures, folder, args.scenes)
+        big = make_data(fixtures if source == "fixtures" else None, folder, args.scenes)
         mb = os.path.getsize(big) / 1e6
         out = os.path.join(folder, "out.pt")
         rows.append(("convert TFRecord -> .pt, 1 worker", rate(lambda: convert_shard(big, out, SM5), mb), "MB/s",
@@ -162,7 +190,9 @@ def run(argv=None):
             rows.append((f"training batches (batch {args.batch}), {workers} workers",
                          loader_rate(loader, args.batch), "scenes/s", baseline, True))
 
-    print(f"\nGQN data benchmark: {args.scenes} Shepard-Metzler scenes (64 px, 15 views), batch {args.batch}, "
+    print(f"\nGQN data benchmark: {args.scenes} Shepard-Metzler scenes (64 px, 15 views; two "
+          f"{'real scenes of the fixtures' if source == 'fixtures' else 'of the built-in renderer'}, repeated), "
+          f"batch {args.batch}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores, torch.set_num_threads(1)\n")
     print(f"| {'what':<56} | {'this repo':>13} | {'torch-gqn style':>19} | {'speed-up':>8} |")
     print(f"|{'-' * 58}|{'-' * 14}:|{'-' * 20}:|{'-' * 9}:|")

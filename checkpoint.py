@@ -157,6 +157,13 @@ def load_model(path, device="cpu", flag="--checkpoint"):
     return model.to(device).eval(), ckpt
 
 
+def run_seed(ckpt):
+    """The --seed of the run a checkpoint comes from (0 for a checkpoint that records none): evaluate.py and render.py
+    choose views and noise with it unless told otherwise, as train.py's end-of-run scores did."""
+    seed = (ckpt.get("config") or {}).get("seed", 0)
+    return int(seed) if isinstance(seed, int) and seed >= 0 else 0
+
+
 def input_size(ckpt, ds, folder, flag):
     """Check that the checkpoint's model can read this data set; the model's image size (data resized to it)."""
     cfg = ckpt["model_config"]

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import cli
-from checkpoint import atomic_write, input_size, load_model
+from checkpoint import atomic_write, input_size, load_model, run_seed
 from cli import UserError
 from gqn_dataset import FixedViews, fixed_views, open_split, resize
 from metrics import best_of, bits_per_dim, image_scores
@@ -53,6 +53,7 @@ SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the like
 SCORES = (("rmse", "RMSE (0-255)", ".3f"), ("mae", "MAE (0-255)", ".3f"), ("psnr", "PSNR (dB)", ".2f"),
           ("ssim", "SSIM", ".4f"))  # metrics.image_scores: (key, name, format)
 SHARED = ("scenes", "seed", "sigma", "image_size", "samples")  # a multi-context JSON's fields common to every size
+BASELINE_SCENES = 2000  # training scenes the mean image averages, here and at the end of train.py
 
 
 def posterior_noise(noise_shape, seed, scenes):
@@ -145,7 +146,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
 
 
 def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, device="cpu", size=None,
-                    image_scenes=2, baseline_scenes=500, progress=True):
+                    image_scenes=2, baseline_scenes=BASELINE_SCENES, progress=True):
     """What train.py logs when a run ends: this file's scores over the whole test split and render.py's views.
 
     Scalars eval/<metric> and images eval/novel_views/scene_<i> (context, a ring of new viewpoints, the
@@ -242,15 +243,18 @@ def parse_args(argv=None):
     a("--checkpoint", required=True, help="a train.py checkpoint (e.g. <run>/checkpoints/latest.pt)")
     a("--test_data_dir", required=True, help="converted test split folder")
     a("--train_data_dir", default=None, help="training split folder: also score the mean-training-image baseline")
-    a("--baseline_scenes", type=cli.nonneg_int, default=2000,
-      help="training scenes averaged for the mean image, spread over the split (0 = all; default 2000)")
+    a("--baseline_scenes", type=cli.nonneg_int, default=BASELINE_SCENES,
+      help=f"training scenes averaged for the mean image, spread over the split (0 = all; default {BASELINE_SCENES}, "
+           f"as train.py's end-of-run score)")
     a("--context", type=cli.positive_int, nargs="+", default=[3],
       help="context views per scene; several sizes (e.g. 1 2 3 5) are scored in one run (default 3)")
     a("--samples", type=cli.positive_int, default=1,
       help="views drawn from the prior per query: also score their mean and the best of them (default 1)")
     a("--max_scenes", type=cli.nonneg_int, default=0, help="score only the first N test scenes (default 0 = all)")
     a("--batch_size", type=cli.positive_int, default=32, help="scenes per batch (default 32)")
-    a("--seed", type=cli.nonneg_int, default=0, help="chooses the views and the noise (default 0)")
+    a("--seed", type=cli.nonneg_int, default=None,
+      help="chooses the views and the noise (default: the run's --seed, so that the scores are the ones train.py "
+           "gave at the end of the run)")
     a("--json", default=None, help="also write the results here (atomically)")
     a("--plot", default=None, help="FILE.png: draw the scores against the number of context views")
     a("--workers", type=cli.nonneg_int, default=0, help="DataLoader workers decoding JPEGs (default 0)")
@@ -267,6 +271,8 @@ def run(args):
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot}: must end in .png")
     model, ckpt = load_model(args.checkpoint, device)
+    if args.seed is None:
+        args.seed = run_seed(ckpt)
     ds = open_split(args.test_data_dir, "--test_data_dir")
     size = input_size(ckpt, ds, args.test_data_dir, "--test_data_dir")
     contexts = sorted(set(args.context))

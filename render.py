@@ -25,7 +25,7 @@ import os
 import torch
 
 import cli
-from checkpoint import input_size, load_model
+from checkpoint import input_size, load_model, run_seed
 from cli import UserError
 from cameras import look_at, pose7
 from gqn_dataset import DatasetError, fixed_views, open_split
@@ -54,7 +54,8 @@ def parse_args(argv=None):
       help="z drawn this many times per view; above 1, also their per-pixel spread (default 1)")
     a("--scale", type=cli.positive_int, default=2,
       help="enlarge each view this many times, nearest neighbour (default 2)")
-    a("--seed", type=cli.nonneg_int, default=0, help="chooses the context views (as evaluate.py) and z (default 0)")
+    a("--seed", type=cli.nonneg_int, default=None,
+      help="chooses the context views (as evaluate.py) and z (default: the run's --seed)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
       help="cpu, cuda or cuda:N (default: cuda when present)")
     args = p.parse_args(argv)
@@ -103,6 +104,8 @@ def query_poses(args, cameras):
 def run(args):
     device = cli.open_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
+    if args.seed is None:
+        args.seed = run_seed(ckpt)
     ds = open_split(args.data_dir, "--data_dir")
     size = input_size(ckpt, ds, args.data_dir, "--data_dir")
     if not args.scene < len(ds):

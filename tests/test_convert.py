@@ -149,3 +149,39 @@ def test_cli_without_tensorflow(src, tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == f"error: SRC_ROOT {tmp_path / 'nope'} is not a folder"
     assert torch.load(tmp_path / "dst" / SM5 / "test" / "001-of-100.pt", weights_only=True)["views"] == 15
+
+
+def test_the_default_job_and_deepminds_data_stay_apart_and_a_mixed_folder_is_refused(src, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The default job renders into data/builtin/<name>; the README's conversion writes DeepMind's shards of the same
+    name to data/<name>. A folder that holds both is refused in one line naming both, by the reader and by the
+    converter, never read as one data set."""
+    import train
+    from conftest import tiny_default_job
+    from gqn_dataset import DatasetError
+
+    tiny_default_job(monkeypatch, tmp_path)
+    monkeypatch.setattr(train.config, "BUILTIN_DATA", dict(parts=5, train_scenes=6, test_scenes=2, seed=0,
+                                                           workers=1))
+    train.main([])  # the default job, in tmp_path
+    status, _ = _run([src, tmp_path / "data"], capsys)  # the README's conversion, into data/
+    assert status == 0
+    builtin, deepmind = tmp_path / "data" / "builtin" / SM5, tmp_path / "data" / SM5
+    assert len(GQNDataset(builtin / "train")) == 6 and GQNDataset(builtin / "train").source == "renderer"
+    assert len(GQNDataset(deepmind / "train")) == 2 and GQNDataset(deepmind / "train").source == "gqn-datasets"
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(deepmind / "train", mixed)
+    shutil.copy(builtin / "train" / "001-of-001.pt", mixed / "002-of-900.pt")
+    with pytest.raises(DatasetError) as e:
+        GQNDataset(mixed)
+    message = str(e.value)
+    assert "\n" not in message and "holds two data sets" in message
+    assert "DeepMind's gqn-datasets" in message and "the built-in renderer" in message
+    # converting into a folder of the renderer's shards: refused before anything is written
+    target = tmp_path / "target"
+    shutil.copytree(builtin, target / SM5)
+    before = sorted(p.name for p in (target / SM5 / "train").iterdir())
+    status, err = _run([src, target], capsys)
+    assert status == 1 and err.count("\n") == 1 and "holds another data set of the same name" in err
+    assert "the built-in renderer" in err and sorted(p.name for p in (target / SM5 / "train").iterdir()) == before

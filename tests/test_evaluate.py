@@ -249,3 +249,26 @@ def test_end_of_training_report_reaches_tensorboard(setup):
             "eval/mean_image_psnr", "eval/mean_image_ssim"} <= set(events.Tags()["scalars"])
     assert events.Scalars("eval/rmse")[0].value == pytest.approx(r["rmse"], rel=1e-5)
     assert events.Tags()["images"] == ["eval/novel_views/scene_0", "eval/novel_views/scene_4"]
+
+
+def test_evaluate_with_the_readmes_command_repeats_train_pys_end_of_run_scores(data, tmp_path):
+    """The README's evaluate.py command (no --seed, no --baseline_scenes) on a run whose seed was drawn gives the
+    scores the run printed at its end: the run's seed chooses the views and noise, and the mean image averages the
+    same scenes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+    from conftest import args
+
+    argv = args(data, tmp_path, "drawn", 3)
+    i = argv.index("--seed")
+    train.main(argv[:i] + argv[i + 2:])  # no --seed: drawn and recorded
+    run = tmp_path / "drawn"
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    events = EventAccumulator(str(run))
+    events.Reload()
+    r = run_main(["--checkpoint", str(run / "checkpoints" / "latest.pt"), "--test_data_dir", data[1],
+                  "--train_data_dir", data[0]])
+    assert r["seed"] == seed
+    for key in ("rmse", "mean_image_rmse", "rmse_ratio", "elbo"):
+        assert r[key] == pytest.approx(events.Scalars(f"eval/{key}")[0].value, rel=1e-6), key

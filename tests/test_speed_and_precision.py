@@ -192,3 +192,10 @@ def test_bench_times_the_batch_split(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "batch over 2 threads" in r.stdout and "reference (float32)" in r.stdout
     assert out.stat().st_size > 0
+
+
+def test_bench_data_runs_on_a_fresh_clone_with_the_renderers_scenes(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_data.py"), "--scenes", "8", "--batch", "4",
+                        "--steps", "2", "--scenes_from", "renderer"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "two of the built-in renderer" in r.stdout and "| full scene (15 views), converted shards" in r.stdout
