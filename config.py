@@ -189,9 +189,9 @@ def _shown(name, value):
              ("batch_threads", 0): "one per CPU"}
     if isinstance(value, list):
         return " ".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return words.get((name, value), value)
+    if (name, value) in words:
+        return words[(name, value)]
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def default_help(name):
