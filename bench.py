@@ -65,7 +65,8 @@ def _lstm(gates, c):
 
 
 def reference_run(model, x, v, v_q, x_q, noise, mask=None):
-    """The GQN's L steps computed the straightforward way on `model`'s weights -> (KL (B,) or None, mean image).
+    """The GQN's L steps computed the straightforward way on `model`'s weights -> (KL of each step (B, L) or None,
+    mean image).
 
     Follows the step equations in model.py's docstring literally: the weights of each layer's gate convolution
     are the model's fused ones, cut back into the paper's layout [invariant inputs, per-step inputs, h] and into
@@ -113,7 +114,7 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
     u = v_q.new_zeros(B, u_dim, 4 * s, 4 * s)  # the canvas (B, 128, 64, 64)
     zeros = v_q.new_zeros(B, h, s, s)
     c_g, h_g, c_e, h_e = zeros, zeros, zeros, zeros
-    kl = 0
+    kl = []
     for l in range(L):
         k = 0 if cfg["shared_core"] else l
         # the step's inputs, broadcast and concatenated again at every step
@@ -128,19 +129,19 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
             c_e, h_e = _lstm(_gate_convs(torch.cat([x_down, v_up, r_up, h_g, u_down, h_e], 1), gates_e[k]), c_e)
             mu_q, logstd_q = model.posterior(h_e).chunk(2, 1)
             z = mu_q + logstd_q.exp() * noise[:, l]
-            kl = kl + kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3))
+            kl.append(kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3)))
         c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
         u = u + F.conv_transpose2d(h_g, T[k], stride=4)
-    return (kl if x_q is not None else None), torch.sigmoid(model.observation(u))
+    return (torch.stack(kl, 1) if x_q is not None else None), torch.sigmoid(model.observation(u))
 
 
 def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
-    """model(x, v, v_q, x_q, sigma, mask, eps) computed the straightforward way -> ELBO(elbo, kl, nll), each (B,)."""
+    """model(x, v, v_q, x_q, sigma, mask, eps) computed the straightforward way -> ELBO(elbo, kl, nll, kl_steps)."""
     if eps is None:
         eps = torch.randn(x.shape[0], *model.noise_shape, dtype=x_q.dtype, device=x_q.device)
-    kl, mean = reference_run(model, x, v, v_q, x_q, eps, mask)
-    nll = -Normal(mean, sigma).log_prob(x_q).sum((1, 2, 3))
-    return ELBO(-(kl + nll), kl, nll)
+    kl_steps, mean = reference_run(model, x, v, v_q, x_q, eps, mask)
+    kl, nll = kl_steps.sum(1), -Normal(mean, sigma).log_prob(x_q).sum((1, 2, 3))
+    return ELBO(-(kl + nll), kl, nll, kl_steps)
 
 
 # ----------------------------------------------------------------------------------------- measuring

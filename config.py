@@ -57,6 +57,8 @@ class Config:
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 0.0               # max gradient norm; 0 = off (the paper does not clip)
+    kl_warmup: int = 0                   # KL warm-up: beta 0 -> 1 over this many steps; 0 = off (the paper's ELBO)
+    free_bits: float = 0.0               # nats per generation step and scene of KL left unpenalised; 0 = off
     # Run
     seed: int = -1                       # -1 = draw one (recorded in config.json and the checkpoints)
     root_log_dir: str = "runs"
@@ -167,6 +169,12 @@ FLAGS = {
     "far": (float, "volume: farthest depth sampled along the query rays (taken from the data when it records it)"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
+    "kl_warmup": (nonneg_int, "KL warm-up against posterior collapse (Sønderby et al. 2016): the KL's weight beta rises "
+                              "from 0 to 1 over this many steps (0: off, the paper's ELBO); TensorBoard "
+                              "schedule/kl_weight"),
+    "free_bits": (nonneg_float, "free bits against posterior collapse (Kingma et al. 2016): each generation step's KL "
+                                "below this many nats per scene is not penalised (0: off); TensorBoard "
+                                "train/objective is the loss trained, train/elbo and train/kl_step_N the true ones"),
     "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
                                       "with avx512_bf16 or AMX), or fp16 autocast with loss scaling (V100, T4, RTX "
                                       "20xx)"),

@@ -45,7 +45,7 @@ import cli
 from checkpoint import atomic_write, input_size, load_model, run_seed
 from cli import UserError
 from gqn_dataset import FixedViews, fixed_views, open_split, resize
-from metrics import best_of, bits_per_dim, image_scores
+from metrics import FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict
 from pictures import novel_views, panels_grid
 from progress import progress_bar
 
@@ -98,12 +98,17 @@ def sample_seed(seed, batch, i):
 
 @torch.no_grad()
 def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=None, baseline=None,
-             workers=0, progress=True, max_scenes=0, samples=1):
+             workers=0, progress=True, max_scenes=0, samples=1, reference=None):
     """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring).
 
     baseline: optional mean training image (3, H, W) on the 0-255 scale, scored on the same query views.
-    samples: views drawn from the prior per query (mean-of-N and best-of-N scores when > 1).
+    samples: views drawn from the prior per query (mean-of-N, best-of-N and the draws' scores when > 1).
+    reference: the image whose departures mark the informative pixels of the draws' scores (metrics.informative;
+    default: baseline).
     """
+    reference = baseline if reference is None else reference
+    if samples > 1 and reference is None:
+        raise ValueError("scores of several draws need a reference image (the mean training image)")
     check_context(context, ds)
     size = size or model.config["image_size"]
     scenes = range(min(max_scenes, len(ds)) if max_scenes > 0 else len(ds))
@@ -111,6 +116,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
                                          num_workers=workers)
     g = torch.Generator(device=device)
     sums, n = defaultdict(float), 0
+    kl_steps, curves, spread_max = 0, {"model": [], "oracle": []}, 0.0
 
     def add(prefix, scores):
         for k, per_image in scores.items():
@@ -124,6 +130,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         eps = posterior_noise(model.noise_shape, seed, scenes).to(device)
         out = model(x, v, v_q, (x_q255 / 255).to(device), SIGMA, eps=eps)
         add("", {"elbo": out.elbo, "kl": out.kl, "nll": out.nll})
+        kl_steps = kl_steps + out.kl_steps.double().sum(0).cpu()
         draws = []
         for i in range(samples):
             g.manual_seed(sample_seed(seed, batch, i))
@@ -133,6 +140,11 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         if samples > 1:
             add("mean_of_samples_", image_scores(draws.mean(0), x_q255))
             add("best_of_samples_", best_of(draws, x_q255))
+            scores, c = draw_scores(draws, x_q255, reference)
+            add("draws_", scores)
+            for k in curves:
+                curves[k].append(c[k])
+            spread_max = max(spread_max, draws.std(0).max().item())
         if baseline is not None:
             add("mean_image_", image_scores(baseline.expand_as(x_q255), x_q255))
         n += x.shape[0]
@@ -141,8 +153,34 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     result = {"scenes": n, "context": context, "seed": seed, "sigma": SIGMA, "image_size": size, "samples": samples,
               **elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], 3 * size * size), **m}  # then the image scores
     if baseline is not None:
-        result["rmse_ratio"] = m["rmse"] / m["mean_image_rmse"] if m["mean_image_rmse"] > 0 else float("nan")
+        result["rmse_ratio"] = ratio(m["rmse"], m["mean_image_rmse"])
+    result["kl_per_step"] = (kl_steps / n).tolist()
+    if samples > 1:
+        result.update(draws_summary(result, {k: torch.cat(v) for k, v in curves.items()}, spread_max == 0))
     return result
+
+
+def ratio(a, b):
+    return a / b if b > 0 else float("nan")
+
+
+def draws_summary(r, curves, deterministic):
+    """evaluate()'s means of metrics.draw_scores (keys draws_*, popped from r) -> the draws' scores: spread,
+    calibration, sparsification and AUSE, and the verdict on the latent (metrics.latent_verdict)."""
+    d = {k[len("draws_"):]: r.pop(k) for k in [k for k in r if k.startswith("draws_")]}
+    have = ~curves["model"].isnan().any(1)  # images with a sparsification curve
+    model, oracle = curves["model"][have].mean(0), curves["oracle"][have].mean(0)
+    ause, ause_random = (model - oracle).mean().item(), (1 - oracle).mean().item()
+    out = {"spread": d["spread"], "informative_pixels": d["informative"], "spread_informative": d["spread_i"],
+           "error_informative": d["error_i"], "spread_to_error": ratio(d["spread_i"], d["error_i"]),
+           "best_of_ratio": ratio(r["best_of_samples_rmse"], r["mean_of_samples_rmse"]),
+           "in_range": d["in_range"], "in_2sd": d["in_2sd"], "pixel_nll": d["nll"], "spearman": d["spearman"],
+           "ause": ause, "ause_random": ause_random, "ause_ratio": ratio(ause, ause_random),
+           "sparsification": {"fractions": FRACTIONS.tolist(), "model": model.tolist(), "oracle": oracle.tolist(),
+                              "images": int(have.sum())},
+           "deterministic": deterministic}
+    out["latent"] = latent_verdict(deterministic, out["best_of_ratio"], out["spread_to_error"])
+    return out
 
 
 def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, device="cpu", size=None,
@@ -197,11 +235,30 @@ def table(results):
     lines += [(f"{what}: {name}", prefix + key, fmt) for prefix, what in predictions(r0["samples"])
               for key, name, fmt in SCORES]
     lines.append(("RMSE / mean-image RMSE", "rmse_ratio", ".3f"))
+    lines += DRAW_LINES
     rows = [("context views", [r["context"] for r in results])]
     rows += [(label, [format(r[key], fmt) for r in results]) for label, key, fmt in lines if key in r0]
+    rows += [(f"KL of step {l + 1} (nats/image)", [f"{r['kl_per_step'][l]:.3f}" for r in results])
+             for l in range(len(r0["kl_per_step"]))]
+    if "latent" in r0:
+        rows.append(("the latent", [r["latent"] for r in results]))
     w = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{w}}" + "".join(f"  {v:>9}" for v in values) for label, values in rows)
 
+
+# The draws' scores (samples > 1): label, key, format. "informative pixels": metrics.informative.
+DRAW_LINES = [("draws: spread, all pixels (0-255)", "spread", ".3f"),
+              ("draws: informative pixels (share)", "informative_pixels", ".3f"),
+              ("draws: spread, informative pixels", "spread_informative", ".3f"),
+              ("draws' mean: error, informative pixels", "error_informative", ".3f"),
+              ("spread / error (calibrated: about 1)", "spread_to_error", ".3f"),
+              ("best draw's RMSE / draws' mean's", "best_of_ratio", ".4f"),
+              ("truth within the draws' range (share)", "in_range", ".3f"),
+              ("truth within mean +- 2 spread (share)", "in_2sd", ".3f"),
+              ("truth's NLL under the draws (nats/pixel)", "pixel_nll", ".3f"),
+              ("Spearman of spread and error", "spearman", ".3f"),
+              ("AUSE (sparsification)", "ause", ".4f"),
+              ("AUSE / a random order's", "ause_ratio", ".3f")]
 
 # The lines of predictions(), in order: markers that stay apart where the lines coincide.
 STYLES = (dict(marker="o", ms=8), dict(marker="s", ms=5, ls=":"), dict(marker="^", ms=5, ls="-."),
@@ -209,24 +266,50 @@ STYLES = (dict(marker="o", ms=8), dict(marker="s", ms=5, ls=":"), dict(marker="^
 
 
 def plot(path, results, title):
-    """RMSE, MAE, PSNR and SSIM against the number of context views, a panel each, as a PNG (Agg) at path."""
+    """RMSE, MAE, PSNR and SSIM against the number of context views, a panel each, as a PNG (Agg) at path; with
+    several draws also the sparsification curves and each generation step's KL."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     ks = [r["context"] for r in results]
-    fig = Figure(figsize=(9, 6.5), dpi=100, layout="constrained")
-    for ax, (key, name, _) in zip(fig.subplots(2, 2).flat, SCORES):
+    draws = "sparsification" in results[0]
+    fig = Figure(figsize=(13.5 if draws else 9, 6.5), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 3 if draws else 2)
+    if draws:
+        plot_draws(axes[:, 2], results)
+        axes = axes[:, :2]
+    for ax, (key, name, _) in zip(axes.flat, SCORES):
         for (prefix, what), style in zip(predictions(results[0]["samples"]), STYLES):
             if prefix + key in results[0]:
                 ax.plot(ks, [r[prefix + key] for r in results], label=what, **style)
         better = "higher" if key in ("psnr", "ssim") else "lower"
         ax.set(xlabel="context views", ylabel=f"{name}, {better} is better", xticks=ks)
         ax.grid(alpha=0.3)
-    fig.axes[0].legend()
+    axes.flat[0].legend()
     fig.suptitle(title)
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     write_out("--plot", path, buf.getvalue())
+
+
+def plot_draws(axes, results):
+    """Two panels: each context size's sparsification curve beside its oracle's (the area between them is the AUSE),
+    and the KL of each generation step."""
+    for r, colour in zip(results, ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9") * 10):
+        s = r["sparsification"]
+        views = f"{r['context']} view{'s' if r['context'] > 1 else ''}"
+        axes[0].plot(s["fractions"], s["model"], color=colour, label=f"{views} (AUSE/random {r['ause_ratio']:.2f})")
+        axes[0].plot(s["fractions"], s["oracle"], color=colour, ls=":")
+        steps = range(1, len(r["kl_per_step"]) + 1)
+        axes[1].plot(steps, r["kl_per_step"], marker="o", color=colour, label=views)
+    axes[0].axhline(1, color="grey", ls="--", lw=1)
+    axes[0].set(xlabel="share of informative pixels removed, most uncertain first", ylabel="RMSE of the rest / of all",
+                title="sparsification (dotted: by error; dashed: random)")
+    axes[1].set(xlabel="generation step l", ylabel="KL(q(z_l) || π(z_l)), nats/image", title="KL per step",
+                xticks=list(steps))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def write_out(flag, path, data):
@@ -283,8 +366,12 @@ def run(args):
         train = open_split(args.train_data_dir, "--train_data_dir")
         input_size(ckpt, train, args.train_data_dir, "--train_data_dir")
         baseline = mean_image(train, size, args.baseline_scenes, args.workers)
+    # the draws' scores look at the pixels the data set's average view does not predict: the training split's mean
+    # image, or without --train_data_dir the test split's own
+    reference = baseline if baseline is not None or args.samples == 1 else \
+        mean_image(ds, size, args.baseline_scenes, args.workers)
     results = [evaluate(model, ds, k, args.seed, args.batch_size, device, size, baseline, args.workers,
-                        max_scenes=args.max_scenes, samples=args.samples) for k in contexts]
+                        max_scenes=args.max_scenes, samples=args.samples, reference=reference) for k in contexts]
     r = {"checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
          "dataset": ds.dataset, "test_data_dir": os.path.abspath(args.test_data_dir),
          "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None,

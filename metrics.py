@@ -49,3 +49,96 @@ def bits_per_dim(nats_per_image, dims):
 def nll_floor(sigma, dims):
     """The Gaussian NLL's constant part, dims * (log σ + log(2π) / 2): 6909 nats at σ 0.7 for 64x64x3 images."""
     return dims * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+# ------------------------------------------------------------------------------------------------ draws of z
+# A GQN is a conditional generative model: where the context shows the scene its draws should agree, where it does
+# not they should differ, and by about as much as they are wrong. These scores ask that of N draws from the prior.
+#
+# Which pixels. Most of a view is background that every model gets right, with no error and no spread; pooled over
+# all pixels, any spread that sits on the object correlates with the error and looks calibrated (a collapsed model
+# scored a Spearman correlation of 0.95 that way). The uncertainty scores therefore use each image's informative
+# pixels: where the truth or the draws' mean is more than INFORMATIVE grey levels from the mean training image (in
+# any colour), i.e. where the view holds something the data set's average does not already predict.
+
+INFORMATIVE = 10.0  # grey levels (0-255) from the mean training image
+QUANTISATION_VAR = 1.0 / 12  # an 8-bit value's own variance (uniform within its grey level): the NLL's floor
+FRACTIONS = torch.arange(20, dtype=torch.float64) / 20  # the sparsification curve: share of pixels removed
+MIN_PIXELS = 20  # an image with fewer informative pixels has no sparsification curve
+
+
+def informative(truth, pred, reference, levels=INFORMATIVE):
+    """(B, H, W) bool: pixels where truth or pred (B, 3, H, W) differ from reference (3, H, W) by > levels."""
+    far = lambda img: (img.double() - reference.double()).abs().amax(1) > levels  # noqa: E731
+    return far(truth) | far(pred)
+
+
+def sparsification(uncertainty, error):
+    """One image's pixels, uncertainty and error (P,) -> the RMSE of the pixels left after removing the most
+    uncertain share FRACTIONS of them, over the RMSE of all (F,). Pixels of equal uncertainty leave together in
+    expectation (their squared errors averaged), as a random order among them would: a constant uncertainty gives
+    the flat curve of a random order, 1 everywhere."""
+    order = torch.argsort(uncertainty, descending=True, stable=True)
+    u, e2 = uncertainty[order], error[order].double() ** 2
+    _, group, counts = torch.unique_consecutive(u, return_inverse=True, return_counts=True)
+    e2 = (torch.zeros(len(counts), dtype=e2.dtype).index_add_(0, group, e2) / counts)[group]
+    P = len(e2)
+    removed = (FRACTIONS * P).long()
+    left = e2.sum() - torch.cat([e2.new_zeros(1), e2.cumsum(0)])[removed]
+    rmse = (left.clamp(min=0) / (P - removed)).sqrt()
+    return rmse / rmse[0]
+
+
+def draw_scores(draws, truth, reference):
+    """N draws (N, B, 3, H, W) of each query view, its truth (B, 3, H, W) and the mean training image (3, H, W), all
+    on 0-255 -> per-image scores {name: (B,)} and sparsification curves {"model", "oracle": (B, F)} (NaN rows for
+    images without a curve). Per image:
+      spread             the draws' per-pixel standard deviation (RMS over colours), mean over all pixels
+      informative        the share of its pixels that are informative
+      spread_i, error_i  RMS over the informative pixels of the spread, and of the draws' mean's error
+      in_range, in_2sd   share of informative pixel colours whose truth lies within the draws' range, and within
+                         their mean +- 2 standard deviations
+      nll                Gaussian NLL (nats, 0-255 scale) of the truth under the draws' mean and variance, plus the
+                         8-bit quantisation's 1/12, per informative pixel colour
+      spearman           Spearman's rank correlation of spread and error over the informative pixels (torchmetrics;
+                         0 where the spread is constant: it ranks nothing)
+    """
+    from torchmetrics.functional import spearman_corrcoef
+
+    draws, truth = draws.double(), truth.double()
+    mean, var = draws.mean(0), draws.var(0, correction=0)  # (B, 3, H, W)
+    spread = var.mean(1).sqrt()  # (B, H, W)
+    error = (mean - truth).pow(2).mean(1).sqrt()
+    mask = informative(truth, mean, reference)
+    n = mask.flatten(1).sum(1).clamp(min=1)
+    masked = lambda t: (t * mask).flatten(1).sum(1) / n  # noqa: E731  mean over each image's informative pixels
+    inside = (draws.amin(0) <= truth) & (truth <= draws.amax(0))
+    near = (truth - mean).abs() <= 2 * var.sqrt()
+    nll = 0.5 * ((truth - mean) ** 2 / (var + QUANTISATION_VAR) + (var + QUANTISATION_VAR).log() + math.log(2 * math.pi))
+    scores = {"spread": spread.flatten(1).mean(1), "informative": mask.flatten(1).double().mean(1),
+              "spread_i": masked(spread ** 2).sqrt(), "error_i": masked(error ** 2).sqrt(),
+              "in_range": masked(inside.double().mean(1)), "in_2sd": masked(near.double().mean(1)),
+              "nll": masked(nll.mean(1)), "spearman": torch.zeros(len(truth), dtype=torch.float64)}
+    curves = {k: torch.full((len(truth), len(FRACTIONS)), float("nan"), dtype=torch.float64)
+              for k in ("model", "oracle")}
+    for b in range(len(truth)):
+        s, e = spread[b][mask[b]], error[b][mask[b]]
+        if len(s) >= MIN_PIXELS and e.max() > 0:
+            curves["model"][b], curves["oracle"][b] = sparsification(s, e), sparsification(e, e)
+        if len(s) >= 2 and s.max() > s.min() and e.max() > e.min():
+            scores["spearman"][b] = spearman_corrcoef(s, e)
+    return scores, curves
+
+
+def latent_verdict(deterministic, best_of_ratio, spread_to_error):
+    """What N draws of z say about the latent: "deterministic" (no spread at all), "collapsed" (the draws are one
+    image: the best of them gains under 1% on their mean, and their spread is under a twentieth of its error),
+    "imagines" (the best draw is at least 5% better than the mean and the spread at least a fifth of its error),
+    else "weak"."""
+    if deterministic:
+        return "deterministic"
+    if best_of_ratio > 0.99 and spread_to_error < 0.05:
+        return "collapsed"
+    if best_of_ratio <= 0.95 and spread_to_error >= 0.2:
+        return "imagines"
+    return "weak"

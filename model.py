@@ -37,7 +37,8 @@ from core import GenerationCore, InferenceCore, tap_product
 from representation import SceneEncoder
 from volume import SAMPLES, Volume
 
-ELBO = namedtuple("ELBO", ["elbo", "kl", "nll"])  # each (B,), nats per image; elbo = -(kl + nll)
+# elbo, kl, nll (B,) in nats per image, elbo = -(kl + nll); kl_steps (B, L): KL(q(z_l) || π(z_l)) of each step l
+ELBO = namedtuple("ELBO", ["elbo", "kl", "nll", "kl_steps"], defaults=(None,))
 
 
 def _f32(t):
@@ -59,6 +60,21 @@ def gaussian_nll(x, mean, sigma):
     sigma = torch.as_tensor(sigma, dtype=mean.dtype, device=mean.device)
     nll = (x - mean) ** 2 / (2 * sigma ** 2) + sigma.log() + 0.5 * math.log(2 * math.pi)
     return nll.sum((1, 2, 3))
+
+
+def objective(out, beta=1.0, free_bits=0.0):
+    """The per-scene training loss (B,) from forward's ELBO: NLL + beta * Σ_l max(KL_l, free_bits).
+
+    With beta 1 and no free bits it is the paper's -ELBO. Against posterior collapse (the posterior gives up on z when
+    its KL costs more than z saves the likelihood early in training): KL warm-up (Sønderby et al. 2016) weighs the
+    KL by beta < 1 at first (scheduler.kl_weight); free bits (Kingma et al. 2016) leave each step's KL unpenalised
+    below `free_bits` nats, per scene, so that every scene's share of the loss is its own (a batch split over threads
+    and ranks computes the same loss).
+    """
+    kl = out.kl_steps.float()
+    if free_bits > 0:
+        kl = kl.clamp(min=free_bits)
+    return out.nll.float() + beta * kl.sum(1)
 
 
 class GQN(nn.Module):
@@ -151,14 +167,14 @@ class GQN(nn.Module):
     def _run(self, r, v_q, x_q, noise):
         """The L steps; with x_q z comes from the posterior (noise = its eps), without it from the prior.
 
-        -> (KL (B,) summed over steps, or None; observation mean (B, 3, H, W) in [0, 1]).
+        -> (KL of each step (B, L), or None; observation mean (B, 3, H, W) in [0, 1]).
         """
         size = self.image_size // 4
         g_in = self.generation_core.invariant_gates(v_q, r, size)  # per layer (B, 4h, 16, 16)
         e_in = None if x_q is None else self.inference_core.invariant_gates(x_q, v_q, r)
         state_g = state_e = None
         canvas = 0 if self.shared_core else []
-        kl = 0
+        kl = []
         for l in range(self.L):
             args = (l, g_in, e_in, state_g, state_e, canvas, noise[:, l])
             if self.checkpoint_activations and torch.is_grad_enabled():
@@ -167,7 +183,7 @@ class GQN(nn.Module):
             else:
                 state_g, state_e, kl_l = self._step(*args)
             if kl_l is not None:
-                kl = kl + kl_l
+                kl.append(kl_l)
             h_g = state_g[1]
             canvas = canvas + h_g if self.shared_core else canvas + [h_g]
         # η_g(u^L) = η_g(Σ_l T_l(h_g^{l+1})): one transposed convolution of the h_g's with the weights η_g∘T_l
@@ -175,7 +191,7 @@ class GQN(nn.Module):
         W = torch.einsum("icab,xc->ixab", T, self.observation.weight[:, :, 0, 0])  # (n*h, 3, 4, 4)
         h = canvas if self.shared_core else torch.cat(canvas, 1)
         mean = torch.sigmoid(F.conv_transpose2d(h, W, self.observation.bias, stride=4))  # (B, 3, 64, 64)
-        return (kl if x_q is not None else None), mean
+        return (torch.stack(kl, 1) if x_q is not None else None), mean
 
     # ------------------------------------------------------------------------------------------ the API
 
@@ -195,7 +211,8 @@ class GQN(nn.Module):
             raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, M) = {(B, M)}")
 
     def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None, depth_noise=None):
-        """-> ELBO(elbo, kl, nll), each (B,) float32 in nats per image; the loss is -elbo.mean().
+        """-> ELBO(elbo, kl, nll, kl_steps): (B,) float32 in nats per image, and each step's KL (B, L); the paper's loss
+        is -elbo.mean() (objective() adds KL warm-up and free bits).
 
         x (B, M, 3, H, W) in [0, 1], v (B, M, 7), v_q (B, 7), x_q (B, 3, H, W) in [0, 1], sigma pixel std,
         mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here),
@@ -209,9 +226,9 @@ class GQN(nn.Module):
         r = self.representation(x, v, mask, v_q, **({} if depth_noise is None else {"noise": depth_noise}))
         if eps is None:
             eps = torch.randn(x_q.shape[0], *self.noise_shape, device=x_q.device, dtype=x_q.dtype)
-        kl, mean = self._run(r, v_q, x_q, eps)
-        nll = gaussian_nll(x_q, mean, sigma)
-        return ELBO(-(kl + nll), kl, nll)
+        kl_steps, mean = self._run(r, v_q, x_q, eps)
+        kl, nll = kl_steps.sum(1), gaussian_nll(x_q, mean, sigma)
+        return ELBO(-(kl + nll), kl, nll, kl_steps)
 
     @torch.no_grad()
     def generate(self, x, v, v_q, mask=None, generator=None):

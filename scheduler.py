@@ -23,3 +23,9 @@ def learning_rate(step, lr_i=5e-4, lr_f=5e-5, n=1.6e6):
 def pixel_sigma(step, sigma_i=2.0, sigma_f=0.7, n=2e5):
     """Pixel standard deviation sigma at `step`: sigma_i at 0, linear to sigma_f at n, then sigma_f."""
     return _linear(step, sigma_i, sigma_f, n)
+
+
+def kl_weight(step, warmup=0):
+    """KL warm-up (Sønderby et al. 2016; not in the paper): the KL's weight beta rises linearly from 0 at step 0 to 1
+    at `warmup`, then stays 1; warmup 0 is the paper's objective, beta = 1 throughout."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)

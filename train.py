@@ -46,9 +46,10 @@ from cli import UserError  # noqa: E402
 from distributed import Dist, Stop, check_amp, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
+from model import objective  # noqa: E402
 from pictures import save_samples, test_views_grid  # noqa: E402
 from progress import progress_bar  # noqa: E402
-from scheduler import learning_rate, pixel_sigma  # noqa: E402
+from scheduler import kl_weight, learning_rate, pixel_sigma  # noqa: E402
 
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
 IMAGE_SCENES = 8
@@ -231,7 +232,8 @@ def run(cfg, given, dist, stop, saved, step_s):
     # far, its pauses for logging included
     bar = progress_bar(total=None if clock.seconds else total, initial=r.start, desc="train (timing)" if clock.seconds
                    else "train", unit="step", disable=not dist.master, smoothing=0)
-    acc = torch.zeros(3, dtype=torch.float64)  # interval sums of ELBO, KL, NLL over all scenes of all ranks
+    # interval sums over all scenes of all ranks: ELBO, KL, NLL, the objective, each step's KL (train_step's values)
+    acc = torch.zeros(4 + cfg.layers, dtype=torch.float64)
     n_acc, t0, last_step, skipped = 0, time.perf_counter(), r.start, 0  # skipped: fp16 steps the scaler skipped
     t_start = t0
     r.model.train()
@@ -393,7 +395,7 @@ def prepare_steps(r):
     r.autocast = torch.autocast(r.device.type, dtype=half) if half else nullcontext()
 
 
-Step = namedtuple("Step", ["values", "stopped", "sigma", "lr", "skipped", "grad_norm"])
+Step = namedtuple("Step", ["values", "stopped", "sigma", "lr", "beta", "skipped", "grad_norm"])
 
 
 def train_step(r, step, batch, total, stop, logs=False):
@@ -403,6 +405,7 @@ def train_step(r, step, batch, total, stop, logs=False):
     # lr_n/sigma_n are 0 (the whole run) only until a --train_minutes run has fixed its length
     lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n or total)
     sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n or total)
+    beta = kl_weight(step, cfg.kl_warmup)
     for group in r.optimizer.param_groups:
         group["lr"] = lr
     x = to_model(batch["x"], cfg.image_size, device)        # (b, K, 3, s, s)
@@ -422,19 +425,20 @@ def train_step(r, step, batch, total, stop, logs=False):
         with r.autocast:
             out = net(x[share], v[share], v_q[share], x_q[share], sigma_in, mask=mask[share],
                       **{k: n[share] for k, n in noise.items()})
-        elbo = out.elbo.float()
+        loss = objective(out, beta, cfg.free_bits)  # (share,): -ELBO, unless KL warm-up or free bits are asked for
         # The loss is the mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks,
         # which makes the gradient of the mean over all B scenes, as one process computes it.
-        loss = -elbo.sum() / b * unit
-        return loss, torch.stack([elbo.sum(), out.kl.float().sum(), out.nll.float().sum()]).detach()
+        values = torch.cat([torch.stack([out.elbo.float().sum(), out.kl.float().sum(), out.nll.float().sum(),
+                                         loss.sum()]), out.kl_steps.float().sum(0)])
+        return loss.sum() / b * unit, values.detach()
 
     average = r.dist.average if r.dist.started and r.threads.n > 1 else None
     sums = r.threads.step(loss_of, b, model.parameters(), average)
     # Summed over ranks with a stop flag, so that every rank stops after the same step.
     stats = r.dist.all_reduce(torch.cat([sums, sums.new_tensor([float(stop.requested is not None)])]).double())
     stats = stats.cpu()
-    values, stopped = stats[:3], bool(stats[3] > 0)
-    if not torch.isfinite(values).all():  # same verdict on every rank: all stop before the update
+    values, stopped = stats[:-1], bool(stats[-1] > 0)
+    if not torch.isfinite(values[:4]).all():  # same verdict on every rank: all stop before the update
         raise NonFiniteLoss(f"step {step}: the loss is not finite (ELBO {values[0] / cfg.batch_size:.4g}, "
                             f"KL {values[1] / cfg.batch_size:.4g}, NLL {values[2] / cfg.batch_size:.4g})")
     if cfg.grad_clip > 0:
@@ -450,7 +454,7 @@ def train_step(r, step, batch, total, stop, logs=False):
     r.scaler.update()
     r.optimizer.zero_grad(set_to_none=True)
     # the scale only drops after a skipped step
-    return Step(values, stopped, sigma, lr, r.scaler.get_scale() < scale, grad_norm)
+    return Step(values, stopped, sigma, lr, beta, r.scaler.get_scale() < scale, grad_norm)
 
 
 def end_of_run(r, total):
@@ -520,7 +524,7 @@ def log_metrics(r, bar, step, means, ms_step, scenes_s, last, scaling=None):
     test_means = (dist.all_reduce(test_sums) / len(test_eps)).cpu()
     if writer is not None:
         dims = 3 * cfg.image_size * cfg.image_size
-        elbo, kl, nll = means.tolist()
+        elbo, kl, nll, loss = means[:4].tolist()
         floor = nll_floor(sigma, dims)
         for split, (e, k, n) in (("train", (elbo, kl, nll)), ("test", test_means.tolist())):
             writer.add_scalar(f"{split}/elbo", e, step)
@@ -531,6 +535,12 @@ def log_metrics(r, bar, step, means, ms_step, scenes_s, last, scaling=None):
         writer.add_scalar("schedule/sigma", sigma, step)
         writer.add_scalar("schedule/lr", lr, step)
         writer.add_scalar("train/grad_norm", last.grad_norm, step)
+        # the objective the gradient follows (-ELBO without KL warm-up and free bits), beta, and each step's true KL:
+        # where the information about the query view goes, and whether the latent is used at all
+        writer.add_scalar("train/objective", loss, step)
+        writer.add_scalar("schedule/kl_weight", last.beta, step)
+        for l, kl_l in enumerate(means[4:].tolist(), 1):
+            writer.add_scalar(f"train/kl_step_{l}", kl_l, step)
         writer.add_scalar("speed/scenes_per_s", scenes_s, step)
         writer.add_scalar("speed/ms_per_step", 1000 * ms_step, step)
         if scaling is not None:  # fp16: steps skipped in this interval (gradients overflowed), the loss scale now

@@ -122,9 +122,11 @@ def test_forward_generate_reconstruct_shapes_and_range(representation, shared_co
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     out = model(x, v, v_q, x_q, 2.0, mask=mask)
     for t in out:
-        assert t.shape == (2,) and t.dtype == torch.float32 and torch.isfinite(t).all()
+        assert t.shape[0] == 2 and t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert out.elbo.shape == out.kl.shape == out.nll.shape == (2,) and out.kl_steps.shape == (2, 2)
     torch.testing.assert_close(out.elbo, -(out.kl + out.nll))
-    assert (out.kl >= 0).all()
+    torch.testing.assert_close(out.kl, out.kl_steps.sum(1))
+    assert (out.kl_steps >= 0).all()
     for img in (model.generate(x, v, v_q, mask=mask), model.reconstruct(x, v, v_q, x_q, mask=mask)):
         assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
 
@@ -209,3 +211,19 @@ def test_tiny_overfit_lowers_the_loss():
         losses.append(loss.item())
     # from ~140 nats to well below: the model learns the query images (a mean-image guess alone gives ~100)
     assert losses[-1] < losses[0] - 40, losses
+
+
+def test_objective_is_the_elbo_unless_kl_warmup_or_free_bits_are_asked_for():
+    from model import ELBO, objective
+    from scheduler import kl_weight
+
+    kl_steps = torch.tensor([[0.5, 3.0], [2.0, 0.1]])
+    out = ELBO(-(kl_steps.sum(1) + 10), kl_steps.sum(1), torch.tensor([10.0, 10.0]), kl_steps)
+    torch.testing.assert_close(objective(out), -out.elbo)  # the paper's loss
+    torch.testing.assert_close(objective(out, beta=0.5), torch.tensor([10 + 1.75, 10 + 1.05]))
+    # free bits: each step's KL below 1 nat counts as 1 nat (no gradient pushes it further down), per scene
+    torch.testing.assert_close(objective(out, free_bits=1.0), torch.tensor([10 + 1 + 3.0, 10 + 2.0 + 1]))
+    assert [kl_weight(s, 100) for s in (0, 50, 100, 500)] == [0.0, 0.5, 1.0, 1.0] and kl_weight(0, 0) == 1.0
+    kl = kl_steps.clone().requires_grad_()
+    objective(ELBO(None, kl.sum(1), torch.zeros(2), kl), free_bits=1.0).sum().backward()
+    assert kl.grad.tolist() == [[0.0, 1.0], [1.0, 0.0]]
