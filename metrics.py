@@ -64,6 +64,7 @@ def nll_floor(sigma, dims):
 INFORMATIVE = 10.0  # grey levels (0-255) from the mean training image
 QUANTISATION_VAR = 1.0 / 12  # an 8-bit value's own variance (uniform within its grey level): the NLL's floor
 FRACTIONS = torch.arange(20, dtype=torch.float64) / 20  # the sparsification curve: share of pixels removed
+RESOLUTION = 1e-4  # grey levels: spreads that differ by less are rounding (float32 draws), not uncertainty, and tie
 MIN_PIXELS = 20  # an image with fewer informative pixels has no sparsification curve
 
 
@@ -122,7 +123,7 @@ def draw_scores(draws, truth, reference):
     curves = {k: torch.full((len(truth), len(FRACTIONS)), float("nan"), dtype=torch.float64)
               for k in ("model", "oracle")}
     for b in range(len(truth)):
-        s, e = spread[b][mask[b]], error[b][mask[b]]
+        s, e = (spread[b][mask[b]] / RESOLUTION).round(), error[b][mask[b]]
         if len(s) >= MIN_PIXELS and e.max() > 0:
             curves["model"][b], curves["oracle"][b] = sparsification(s, e), sparsification(e, e)
         if len(s) >= 2 and s.max() > s.min() and e.max() > e.min():

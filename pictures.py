@@ -21,10 +21,10 @@ from checkpoint import atomic_write
 from gqn_dataset import resize
 
 GAP = 2  # pixels between tiles (before scale)
-LABEL = 72  # width of the row-label column (before scale)
+LABEL_FONT = 11  # row labels' font size (before scale); the label column is as wide as the longest label
 BACKGROUND = (255, 255, 255)
 BLANK = (200, 200, 200)  # a tile with nothing to show (a novel view has no ground truth)
-SPREAD_WHITE = 0.25  # a standard deviation over samples drawn white (half the largest one in [0, 1])
+SPREAD_WHITE = 0.25  # a spread or an error (0-1 scale) drawn white: half the largest standard deviation in [0, 1]
 
 
 def to_pil(img, scale=1):
@@ -46,15 +46,22 @@ def label_px(tile):
     return max(9, min(22, tile // 6))
 
 
-def grid(rows, scale=1, headings=None, split=None):
+def label_width(labels, scale=1):
+    """Pixels of a label column that holds every one of `labels`."""
+    return int(max(font(LABEL_FONT * scale).getlength(t) for t in labels)) + 8 * scale
+
+
+def grid(rows, scale=1, headings=None, split=None, labels_px=None):
     """rows [(label, [image or None, ...])] -> PIL image of the tiles, row by row.
 
-    A label column when any row has a label; headings [(column, text)] on a line above the tiles; split: a
-    wider gap after this column (to set the context views apart). None is a blank tile.
+    A label column when any row has a label (labels_px wide, default: its longest label's width); headings
+    [(column, text)] on a line above the tiles; split: a wider gap after this column (to set the context views
+    apart). None is a blank tile.
     """
     tile = next(img for _, imgs in rows for img in imgs if img is not None).shape[-1] * scale
     gap = GAP * scale
-    left = LABEL * scale if any(label for label, _ in rows) else gap
+    labels = [label for label, _ in rows if label]
+    left = (labels_px or label_width(labels, scale)) if labels else gap
     top = label_px(tile) + 6 if headings else gap
     extra = 2 * gap if split is not None else 0
     cols = max(len(imgs) for _, imgs in rows)
@@ -69,19 +76,56 @@ def grid(rows, scale=1, headings=None, split=None):
     for r, (label, imgs) in enumerate(rows):
         y = top + r * (tile + gap)
         if label:
-            draw.text((4 * scale, y + tile // 2), label, fill=(0, 0, 0), font=font(11 * scale), anchor="lm")
+            draw.text((4 * scale, y + tile // 2), label, fill=(0, 0, 0), font=font(LABEL_FONT * scale), anchor="lm")
         for c, img in enumerate(imgs):
             im.paste(Image.new("RGB", (tile, tile), BLANK) if img is None else to_pil(img, scale), (x(c), y))
     return im
 
 
+def stack(images, gap):
+    """PIL images one under the other, left-aligned, `gap` pixels apart -> one PIL image."""
+    im = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)),
+                   BACKGROUND)
+    y = 0
+    for i in images:
+        im.paste(i, (0, y))
+        y += i.height + gap
+    return im
+
+
+def magnitude(t):
+    """Per-pixel magnitudes (Q, H, W) on the 0-1 scale -> grey images (Q, 3, H, W), SPREAD_WHITE and above white."""
+    return (t / SPREAD_WHITE).clamp(0, 1)[:, None].expand(-1, 3, -1, -1)
+
+
+def spread(samples):
+    """(N, Q, 3, H, W) draws -> (Q, 3, H, W) grey image of their per-pixel standard deviation (RMS over colours,
+    as metrics.draw_scores): where the model is unsure what it sees."""
+    return magnitude(samples.float().var(0, correction=0).mean(1).sqrt())
+
+
+def error(pred, truth):
+    """(Q, 3, H, W) prediction and truth -> grey image of the per-pixel error (RMS over colours), drawn as spread()
+    draws the spread: beside it, where the model is wrong and whether it knew."""
+    return magnitude((pred.float() - truth.float()).pow(2).mean(1).sqrt())
+
+
+def draw_columns(draws, truth):
+    """A scene's draws (N, 3, H, W) of one query view and its truth -> tiles: each draw, their spread and the
+    error of their mean."""
+    return [*draws, spread(draws[:, None])[0], error(draws.mean(0, keepdim=True), truth[None])[0]]
+
+
 def test_views_grid(x, truth, reconstruction, generations):
     """TensorBoard's test picture, a row a scene: its context views x (B, K, 3, H, W), the true query view, the
-    reconstruction (z from the posterior) and generations (N, B, 3, H, W) (z from the prior: what the model is unsure
-    of differs between them), tiles of at least 96 px -> HWC uint8 array (writer.add_image, dataformats "HWC")."""
-    k = x.shape[1]
-    rows = [("", [*x[b], truth[b], reconstruction[b], *generations[:, b]]) for b in range(len(truth))]
-    headings = [(0, "context"), (k, "truth"), (k + 1, "posterior"), (k + 2, "prior samples")]
+    reconstruction (z from the posterior), generations (N, B, 3, H, W) (z from the prior), their spread and the
+    error of their mean (where the draws differ, the model is unsure; where the error is, it should be), tiles of at
+    least 96 px -> HWC uint8 array (writer.add_image, dataformats "HWC")."""
+    k, n = x.shape[1], len(generations)
+    rows = [("", [*x[b], truth[b], reconstruction[b], *draw_columns(generations[:, b], truth[b])])
+            for b in range(len(truth))]
+    headings = [(0, "context"), (k, "truth"), (k + 1, "posterior"), (k + 2, "prior samples"), (k + 2 + n, "spread"),
+                (k + 3 + n, "error")]
     return np.asarray(grid(rows, max(1, 96 // x.shape[-1]), headings, split=k - 1))
 
 
@@ -91,13 +135,16 @@ def png_bytes(im):
     return buf.getvalue()
 
 
-def save_samples(path, context, truth, generated):
-    """samples.png: per scene its context views (N, K, 3, H, W), the true query view and the generated one."""
-    k = context.shape[1]
+def save_samples(path, context, truth, draws):
+    """samples.png: per scene its context views (B, K, 3, H, W), the true query view, N draws of it (N, B, 3, H, W),
+    their spread and the error of their mean."""
+    k, n = context.shape[1], len(draws)
     scale = max(1, 96 // context.shape[-1])
-    rows = [("", [*context[i], truth[i], generated[i]]) for i in range(len(truth))]
-    atomic_write(path, png_bytes(grid(rows, scale, [(0, "context views"), (k, "ground truth"),
-                                                     (k + 1, "generated")], split=k - 1)))
+    rows = [("", [*context[i], truth[i], *draw_columns(draws[:, i], truth[i])]) for i in range(len(truth))]
+    headings = [(0, "context views"), (k, "truth"), (k + 1, f"{n} draws of z" if n > 1 else "generated")]
+    if n > 1:
+        headings += [(k + 1 + n, "spread"), (k + 2 + n, "error")]
+    atomic_write(path, png_bytes(grid(rows, scale, headings, split=k - 1)))
 
 
 # ------------------------------------------------------------------------------------------------ novel views
@@ -119,22 +166,17 @@ def sample_views(model, x, v, v_q, samples=1, seed=0, batch_size=32):
     return torch.stack(out)
 
 
-def spread(samples):
-    """(N, Q, 3, H, W) samples -> (Q, 3, H, W) grey image of their per-pixel standard deviation, mean over colours,
-    SPREAD_WHITE and above drawn white: where the model is unsure what it sees."""
-    return (samples.std(0, correction=0).mean(1, keepdim=True) / SPREAD_WHITE).clamp(0, 1).expand(-1, 3, -1, -1)
-
-
 @torch.no_grad()
 def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, pitch=None, batch_size=32,
                 samples=1, queries=None):
     """One scene's panels, images float in [0, 1].
 
     frames uint8 (S, 3, H, W) and cameras (S, 7): all of the scene's views; context: indices of the K views the
-    model sees. Returns dict(context (K, 3, H, W), ring, model (samples, Q, 3, H, W), truth (Q, 3, H, W)): the
-    model's views around a ring of new cameras (cameras.ring: the scene's distance and pitch, or `pitch`, starting at
-    the first context view's yaw), and the scene's other views with the model's views from the same cameras. With
-    `queries` (Q, 7), the model's views from those poses instead (in "ring"; no truth, no held-out views).
+    model sees. Returns dict(context (K, 3, H, W), ring, model (samples, Q, 3, H, W), truth (Q, 3, H, W),
+    context_ids, held_ids, ring_cameras (Q, 7)): the model's views around a ring of new cameras (cameras.ring: the
+    scene's distance and pitch, or `pitch`, starting at the first context view's yaw), and the scene's other views
+    (held_ids) with the model's views from the same cameras. With `queries` (Q, 7), the model's views from those
+    poses instead (in "ring"; no truth, no held-out views).
     """
     size = size or model.config["image_size"]
     context = [int(i) for i in context]
@@ -144,23 +186,39 @@ def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, p
     new = ring(cameras, n_ring, yaw0=angles(v[0])[0], pitch=pitch) if queries is None else queries
     out = sample_views(model, x, v, torch.cat([new, cameras[held]]), samples, seed, batch_size)
     return {"context": x, "ring": out[:, :len(new)], "truth": resize(frames[held], size) / 255,
-            "model": out[:, len(new):]}
+            "model": out[:, len(new):], "context_ids": context, "held_ids": held, "ring_cameras": new}
 
 
-def sample_rows(name, views):
-    """Grid rows of (samples, Q, 3, H, W) views: one row if one sample; else a row a sample and their spread."""
+def draw_rows(name, views, truth=None):
+    """Grid rows of (samples, Q, 3, H, W) views: one row `name` for one sample; else a row a draw of z, their spread
+    and, given the truth (Q, 3, H, W), the error of their mean."""
     if len(views) == 1:
         return [(name, list(views[0]))]
-    name = name.split()[0]  # "novel 2" fits the label column where "novel views 2" may not
-    return [(f"{name} {k + 1}", list(views[k])) for k in range(len(views))] + [(f"{name} spread", list(spread(views)))]
+    rows = [(f"draw {k + 1}", list(views[k])) for k in range(len(views))] + [("spread", list(spread(views)))]
+    if truth is not None:
+        rows.append(("error", list(error(views.mean(0), truth))))
+    return rows
+
+
+def panel_blocks(panels):
+    """The PNG's three blocks, each (headings, rows): the context views, the new cameras (each headed by its yaw, and
+    its pitch where they differ), the held-out views with their truth; the views are headed by their index."""
+    yaw, pitch = (torch.rad2deg(a).round().int().tolist() for a in angles(panels["ring_cameras"]))
+    one_pitch = len(set(pitch)) == 1
+    cams = [f"yaw {y}°" if one_pitch else f"{y}°, {p}°" for y, p in zip(yaw, pitch)]
+    blocks = [([(i, f"view {j}") for i, j in enumerate(panels["context_ids"])], [("context", list(panels["context"]))]),
+              (list(enumerate(cams)), draw_rows("new cameras", panels["ring"]))]
+    if len(panels["truth"]):
+        blocks.append(([(i, f"view {j}") for i, j in enumerate(panels["held_ids"])],
+                       [("truth", list(panels["truth"]))] + draw_rows("model", panels["model"], panels["truth"])))
+    return blocks
 
 
 def panels_grid(panels, scale=1):
-    """The PNG of novel_views: labelled rows context, novel views (each sample and their spread), truth, model."""
-    rows = [("context", list(panels["context"]))] + sample_rows("novel views", panels["ring"])
-    if len(panels["truth"]):
-        rows += [("truth", list(panels["truth"]))] + sample_rows("model", panels["model"])
-    return grid([(name, imgs) for name, imgs in rows if len(imgs)], scale)
+    """The PNG of novel_views: panel_blocks, one under the other, with one label column."""
+    blocks = panel_blocks(panels)
+    width = label_width([label for _, rows in blocks for label, _ in rows], scale)  # the tiles of all blocks align
+    return stack([grid(rows, scale, headings, labels_px=width) for headings, rows in blocks], 4 * GAP * scale)
 
 
 def panels_frames(panels, scale=2):

@@ -53,7 +53,8 @@ from scheduler import kl_weight, learning_rate, pixel_sigma  # noqa: E402
 
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
 IMAGE_SCENES = 8
-PRIOR_SAMPLES = 3     # generations per test scene in TensorBoard: where they differ, the model is unsure
+PRIOR_SAMPLES = 4     # generations per test scene in TensorBoard: where they differ, the model is unsure
+SAMPLE_DRAWS = 4      # draws of z per scene in samples.png
 TEST_CONTEXT = 3      # context views per test scene, as torch-gqn's test batch
 
 
@@ -466,10 +467,11 @@ def end_of_run(r, total):
     model.eval()
     n = min(IMAGE_SCENES, len(r.test_eps))
     x, v, v_q, x_q = r.test.first(n, cfg.image_size, device)
+    g = torch.Generator(device).manual_seed(cfg.seed)
     with torch.no_grad(), r.autocast:
-        generated = model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed))
+        draws = torch.stack([model.generate(x, v, v_q, generator=g).float() for _ in range(SAMPLE_DRAWS)])
     samples = os.path.join(r.run_dir, "samples.png")
-    save_samples(samples, x, x_q, generated)
+    save_samples(samples, x, x_q, draws)
     import evaluate
 
     s = evaluate.end_of_training(r.writer, total, model, r.train_ds, r.test_ds, min(TEST_CONTEXT, r.max_context),
@@ -479,7 +481,7 @@ def end_of_run(r, total):
                f"{s['mae']:.2f}")
     r.writer.close()
     r.dist.log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {r.latest}; TensorBoard: tensorboard "
-               f"--logdir {r.run_dir}; ground truth next to generated views: {samples}")
+               f"--logdir {r.run_dir}; ground truth next to {SAMPLE_DRAWS} draws, their spread and error: {samples}")
 
 
 def write_config(cfg, run_dir):

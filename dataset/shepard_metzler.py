@@ -10,8 +10,8 @@ recovered by matching silhouettes over all 15 views (both scenes agree on every 
 - camera 10/3 from the object's centre, looking at it along d = (cos p cos y, -cos p sin y, sin p), placed at
   -(10/3) d; world z is image up, image x is not mirrored; yaw a multiple of pi/50, pitch of pi/100 in
   [-43, 48] pi/100 (the range [-1.35, 1.51] of the real data);
-- the object is centred on its bounding box; a cube spans tan(10 deg) of the distance at a 20 degree field of
-  view (perspective is weak; 15-25 degrees fit the real silhouettes equally well);
+- the object is centred on its bounding box; a cube's side is tan(10 deg) = 0.176 scene units, at a 20 degree
+  field of view (perspective is weak; 15-25 degrees fit the real silhouettes equally well);
 - shading (least squares on the real frames' face colours): a light fixed in the world from about (1, 1, 1)
   lights +x/+y/+z faces, adds a little white to them and casts shadows; a camera headlight and an ambient term
   light every face; colours are saturated random hues;
@@ -20,7 +20,7 @@ Side by side with the real frames (same cameras): the real object re-rendered ma
 The shards record this camera model (camera_model): fov 20 degrees, depths 10/3 -+ 0.63 (volume.py reads them).
 
 Usage:
-    python dataset/shepard_metzler.py --out data/shepard_metzler_7_parts --train_scenes 20000 --test_scenes 2000
+    python dataset/shepard_metzler.py --out data/builtin/shepard_metzler_7_parts --train_scenes 20000 --test_scenes 2000
 """
 import concurrent.futures
 import math

@@ -42,7 +42,7 @@ def test_fast_path_equals_reference(representation, shared_core):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("representation", ["tower", "pool"])
+@pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_generate_and_reconstruct_equal_reference(representation, shared_core):
     torch.manual_seed(0)

@@ -40,15 +40,50 @@ def test_ring_keeps_the_scenes_distance_and_pitch_and_steps_evenly():
     assert torch.allclose(steps, torch.full((7,), 2 * math.pi / 8), atol=1e-5)
 
 
-def test_png_has_one_row_per_panel(setup):
+def blocks_of(panels):
+    """panel_blocks without the pixels: [(headings' texts, [(row label, tiles)])]."""
+    return [([text for _, text in headings], [(label, len(tiles)) for label, tiles in rows])
+            for headings, rows in pictures.panel_blocks(panels)]
+
+
+def test_png_has_a_block_each_for_the_context_the_new_cameras_and_the_held_out_views(setup, tmp_path):
     tmp, ckpt, data = setup
     out = tmp / "out" / "scene.png"
     render.main(["--checkpoint", ckpt, "--data_dir", data, "--scene", "1", "--out", str(out),
                  "--views", "4", "--context", "2", "--scale", "1", "--device", "cpu"])
-    im = Image.open(out)
-    cols = max(2, 4, 6 - 2)
-    assert im.size == (pictures.LABEL + cols * (SIZE + pictures.GAP), 4 * (SIZE + pictures.GAP) + pictures.GAP)
     assert [p.name for p in out.parent.iterdir()] == ["scene.png"]  # no temp file left
+    model, _ = load_model(ckpt)
+    ds = render.open_split(data, "--data_dir")
+    frames, cams = ds[1]
+    panels = pictures.novel_views(model, frames, cams, [5, 2], n_ring=4, seed=0)
+    yaw0 = round(math.degrees(cameras.angles(cams[5])[0].item()))
+    blocks = blocks_of(panels)
+    assert blocks[0] == (["view 5", "view 2"], [("context", 2)])  # headed by the views' indices, not the ring's
+    assert blocks[1][0][0] == f"yaw {yaw0}°" and blocks[1][1] == [("new cameras", 4)]
+    assert blocks[2] == (["view 0", "view 1", "view 3", "view 4"], [("truth", 4), ("model", 4)])
+    with Image.open(out) as im:
+        assert im.size == pictures.panels_grid(render_panels(ckpt, data), 1).size
+
+
+def render_panels(ckpt, data):
+    model, _ = load_model(ckpt)
+    frames, cams = render.open_split(data, "--data_dir")[1]
+    return pictures.novel_views(model, frames, cams, [5, 2], n_ring=4, seed=0)
+
+
+def test_held_out_views_with_draws_show_their_spread_beside_the_error_of_their_mean(setup):
+    tmp, ckpt, data = setup
+    model, _ = load_model(ckpt)
+    frames, cams = render.open_split(data, "--data_dir")[0]
+    panels = pictures.novel_views(model, frames, cams, [0, 1], n_ring=3, samples=4, seed=0)
+    rows = blocks_of(panels)[2][1]
+    assert rows == [("truth", 4)] + [(f"draw {k}", 4) for k in (1, 2, 3, 4)] + [("spread", 4), ("error", 4)]
+    err = pictures.panel_blocks(panels)[2][1][-1][1]
+    want = pictures.error(panels["model"].mean(0), panels["truth"])
+    assert all(torch.equal(a, b) for a, b in zip(err, want))
+    im = pictures.panels_grid(panels, 2)
+    font = pictures.font(pictures.LABEL_FONT * 2)
+    assert im.width >= font.getlength("context") + 4 * (2 * SIZE)  # the longest label fits its column
 
 
 def test_gif_plays_the_ring_then_the_held_out_views(setup):
@@ -94,10 +129,13 @@ def test_cameras_of_the_users_choosing_with_samples_and_their_spread(setup, caps
         render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), "--context_views", "0", "4",
                      "--samples", "3", "--scale", "1", "--device", "cpu", *argv])
         assert "context views [0, 4]" in capsys.readouterr().out
-        im = Image.open(out)
-        # rows: context, 3 samples, their spread; as many columns as cameras (or the 2 context views)
-        assert im.size == (pictures.LABEL + max(2, cols) * (SIZE + pictures.GAP), 5 * (SIZE + pictures.GAP) +
-                           pictures.GAP)
+        model, _ = load_model(ckpt)
+        frames, cams = render.open_split(data, "--data_dir")[0]
+        args = render.parse_args(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), *argv])
+        panels = pictures.novel_views(model, frames, cams, [0, 4], samples=3, queries=render.query_poses(args, cams))
+        # the draws of z are rows of their own, never "novel 1, 2, 3": a row a draw, their spread; no truth
+        assert blocks_of(panels)[1][1] == [("draw 1", cols), ("draw 2", cols), ("draw 3", cols), ("spread", cols)]
+        assert len(blocks_of(panels)) == 2
 
 
 def test_samples_differ_and_the_spread_is_their_standard_deviation(tmp_path):
@@ -109,7 +147,7 @@ def test_samples_differ_and_the_spread_is_their_standard_deviation(tmp_path):
     assert torch.equal(views, pictures.sample_views(model, x, v, v_q, samples=4, seed=5))  # the same seed
     assert not torch.equal(views[0], views[1])  # z drawn anew for each sample
     sd = pictures.spread(views)
-    want = (views.std(0, correction=0).mean(1) / pictures.SPREAD_WHITE).clamp(0, 1)
+    want = (views.var(0, correction=0).mean(1).sqrt() / pictures.SPREAD_WHITE).clamp(0, 1)
     assert torch.allclose(sd[:, 0], want) and torch.equal(sd[:, 0], sd[:, 2])
     assert torch.equal(pictures.spread(views[:1].expand(4, -1, -1, -1, -1)), torch.zeros_like(sd))
 

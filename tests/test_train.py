@@ -142,10 +142,11 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
     events = acc.Images("test/views")
     assert [e.step for e in events] == [3, 6]
     with Image.open(io.BytesIO(events[-1].encoded_image_string)) as im:
-        # a row for each of the 4 test scenes: 3 context views, truth, reconstruction, 3 prior samples; 96 px tiles
-        # (16 px x 6) with 12 px gaps, a wider one after the context, a line of headings on top
+        # a row for each of the 4 test scenes: 3 context views, truth, reconstruction, 4 prior samples, their spread
+        # and the error of their mean; 96 px tiles (16 px x 6) with 12 px gaps, a wider one after the context, a
+        # line of headings on top
         tile, gap = 96, 12
-        assert im.size == (gap + 8 * (tile + gap) + 2 * gap, 16 + 6 + 4 * (tile + gap))
+        assert im.size == (gap + 11 * (tile + gap) + 2 * gap, 16 + 6 + 4 * (tile + gap))
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
