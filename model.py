@@ -39,6 +39,8 @@ from volume import SAMPLES, Volume
 
 # elbo, kl, nll (B,) in nats per image, elbo = -(kl + nll); kl_steps (B, L): KL(q(z_l) || π(z_l)) of each step l
 ELBO = namedtuple("ELBO", ["elbo", "kl", "nll", "kl_steps"], defaults=(None,))
+# A scene's context views as generation needs them (GQN.encode_context): r, or volume's features, cameras and mask
+Context = namedtuple("Context", ["r", "features", "v", "mask"])
 
 
 def _f32(t):
@@ -234,8 +236,27 @@ class GQN(nn.Module):
     def generate(self, x, v, v_q, mask=None, generator=None):
         """Image (B, 3, H, W) in [0, 1] seen from v_q: the observation mean, z drawn from the prior."""
         self._check(x, v, v_q, None, mask)
-        r = self.representation(x, v, mask, v_q)
-        noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
+        return self.generate_from(self.encode_context(x, v, mask), v_q, generator)
+
+    @torch.no_grad()
+    def encode_context(self, x, v, mask=None):
+        """What generation needs of B scenes' context views, whatever the query camera -> Context: r itself for the
+        paper's representations (Σ_i f(x_i, v_i) does not depend on v_q), the context views' features and cameras
+        for `volume` (whose r reads them along each query's rays). A viewer computes it once per scene."""
+        if isinstance(self.representation, Volume):
+            return Context(None, self.representation.features(x, mask), v, mask)
+        return Context(self.representation(x, v, mask), None, None, None)
+
+    @torch.no_grad()
+    def generate_from(self, context, v_q, generator=None):
+        """generate() for query cameras v_q (Q, 7) of encode_context's scenes: Q = B, or any Q for one scene."""
+        Q = v_q.shape[0]
+        if context.r is not None:
+            r = context.r.expand(Q, *context.r.shape[1:])
+        else:
+            grow = lambda t: None if t is None else t.expand(Q, *t.shape[1:])  # noqa: E731  one scene, Q cameras
+            r = self.representation.read(grow(context.features), grow(context.v), grow(context.mask), v_q)
+        noise = torch.randn(Q, *self.noise_shape, generator=generator, device=v_q.device, dtype=v_q.dtype)
         return self._run(r, v_q, None, noise)[1]
 
     @torch.no_grad()

@@ -95,22 +95,27 @@ class Volume(nn.Module):
     def forward(self, x, v, mask, v_q, noise=None):
         """x (B, K, 3, H, W), v (B, K, 7), mask bool (B, K) or None, v_q (B, 7), noise (B, SAMPLES) for the depths
         or None -> r (B, r_dim, H/4, W/4)."""
-        B, K = x.shape[:2]
+        return self.read(self.features(x, mask), v, mask, v_q, noise)
+
+    def read(self, feats, v, mask, v_q, noise=None):
+        """The query's part of forward, from the context views' features (features(): the same for every query
+        camera of a scene, so a viewer computes them once) -> r (B, r_dim, H/4, W/4)."""
+        B, K = feats.shape[:2]
         n, D = self.rays, SAMPLES
-        feats = self.features(x, mask)
+        dtype, device = v_q.dtype, v_q.device  # the inputs' precision, not autocast's
         # points along the query rays, at depths t measured along the query camera's forward axis
         o, d, right, up = camera_frames(v_q)  # (B, 3)
-        g = (torch.arange(n, dtype=x.dtype, device=x.device) + 0.5) * (2 / n) - 1  # cell centres in [-1, 1]
+        g = (torch.arange(n, dtype=dtype, device=device) + 0.5) * (2 / n) - 1  # cell centres in [-1, 1]
         gy, gx = torch.meshgrid(g, g, indexing="ij")
         rays = d[:, None, None] + self.tan_half_fov * (gx[..., None] * right[:, None, None]
                                                        - gy[..., None] * up[:, None, None])  # (B, n, n, 3)
-        t = self.depths(B, x.dtype, x.device, noise)
+        t = self.depths(B, dtype, device, noise)
         points = o[:, None, None, None] + t[:, None, None, :, None] * rays[:, :, :, None]  # (B, n, n, D, 3)
         xy, seen = project(points.reshape(B, -1, 3), v, self.tan_half_fov)  # (B, K, N, 2), (B, K, N)
-        real = torch.full((B, 1, 1), K, dtype=x.dtype, device=x.device)  # real context views per scene
+        real = torch.full((B, 1, 1), K, dtype=dtype, device=device)  # real context views per scene
         if mask is not None:
             seen = seen & mask[:, :, None]
-            real = mask.sum(1).to(x.dtype).view(B, 1, 1).clamp(min=1)
+            real = mask.sum(1).to(dtype).view(B, 1, 1).clamp(min=1)
         sampled = F.grid_sample(feats.flatten(0, 1), xy.flatten(0, 1)[:, None], align_corners=False)
         sampled = sampled.squeeze(2).unflatten(0, (B, K))  # (B, K, c, N)
         w = seen[:, :, None].to(sampled.dtype)

@@ -13,7 +13,8 @@ COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data
             "render.py": ["--checkpoint", "c.pt", "--data_dir", "d", "--out", "x.png"], "bench.py": [],
             "bench_data.py": [], "dataset/convert2torch.py": ["src", "dst"], "dataset/download.py": ["jaco"],
             "dataset/shepard_metzler.py": ["--out", "o", "--train_scenes", "1", "--test_scenes", "1"],
-            "dataset/import_scenes.py": ["src", "dst"], "dataset/export_scenes.py": ["out", "--layout", "csv"]}
+            "dataset/import_scenes.py": ["src", "dst"], "dataset/export_scenes.py": ["out", "--layout", "csv"],
+            "view.py": [], "bench_view.py": []}
 
 
 def run(script, *argv, cwd):
@@ -47,6 +48,9 @@ def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script,
     ("dataset/import_scenes.py", ["src", "dst", "--background", "grey"], ["--background: invalid choice"]),
     ("dataset/import_scenes.py", ["src", "dst"], ["SRC src is not a folder"]),
     ("dataset/export_scenes.py", ["out"], ["--layout"]),
+    ("view.py", ["--port", "0"], ["--port: expected a positive integer"]),
+    ("view.py", [], ["--checkpoint runs/default/checkpoints/latest.pt: no such checkpoint file"]),
+    ("bench_view.py", ["--cameras", "0"], ["--cameras"]),
 ])
 def test_bad_values_and_missing_arguments_get_one_line(script, argv, words, tmp_path):
     assert_one_line(run(script, *argv, cwd=tmp_path), *words)

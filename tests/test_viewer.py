@@ -1,0 +1,149 @@
+"""view.py in a real browser: headless Chromium (Debian's package, driven by playwright; nothing downloaded) opens the
+page, the first view arrives, a drag moves the camera, and the view shown is model.generate's for the camera the page
+reports, pixel for pixel within JPEG-free rounding; bad input gets one line."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SIZE, free_port, make_checkpoint, make_data
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def start(argv, port):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "view.py"), "--port", str(port), "--device", "cpu",
+                             *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "Serving" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    assert "Serving the GQN viewer" in line, proc.stdout.read()[-2000:]
+    return proc
+
+
+def camera(page):
+    """The camera of the view shown, as the page reports it: x y z yaw pitch (radians)."""
+    values = page.locator("input").evaluate_all("els => els.map(e => e.value)")
+    found = [v for v in values if len(v.split()) == 5 and all(p.replace(".", "").replace("-", "").isdigit()
+                                                             for p in v.split())]
+    return [float(p) for p in found[0].split()] if found else None
+
+
+def view_pixels(page, size):
+    """The model's view as shown: the canvas's screenshot sampled at the centre of each of the view's pixels (the view
+    spans the canvas's height, centred) -> (size, size, 3) uint8."""
+    from PIL import Image
+    import io
+
+    canvas = page.locator("canvas").first
+    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
+    h, w = shot.shape[:2]
+    cell = h / size
+    ys = ((np.arange(size) + 0.5) * cell).astype(int)
+    xs = (w / 2 + (np.arange(size) + 0.5 - size / 2) * cell).astype(int)
+    return shot[ys][:, xs], shot
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_moves_it(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    import cameras
+    from checkpoint import load_model
+    from gqn_dataset import GQNDataset, fixed_views
+    from view import draw_seed
+
+    data = make_data(tmp_path / "test", scenes=3, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["observation.weight"] *= 30  # an untrained GQN draws nearly one grey from every camera
+    torch.save(state, ckpt)
+    port = free_port()
+    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    model, _ = load_model(str(ckpt))
+    ds = GQNDataset(data)
+    context = fixed_views(0, 0, ds.views, 3)[0].tolist()
+    frames, cams = ds.load(0, context)
+    x = frames[None].float() / 255
+
+    def expected(raw):
+        v_q = cameras.pose7(torch.tensor(raw, dtype=torch.float32))[None]
+        img = model.generate(x, cams[None], v_q, generator=torch.Generator().manual_seed(draw_seed(0, 0, 0)))
+        return (img[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy().astype(int)
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 600})
+            page.goto(f"http://localhost:{port}")
+            page.get_by_label("context cameras").uncheck()  # frustums drawn over the view would hide its pixels
+            deadline = time.time() + 60
+            while camera(page) is None and time.time() < deadline:
+                time.sleep(0.2)
+            first = camera(page)
+            assert first is not None, "no view arrived"
+            time.sleep(1.0)  # the background image reaches the canvas after the page's text
+            shown, shot = view_pixels(page, SIZE)
+            page.screenshot(path=str(tmp_path / "viewer.png"))
+            assert np.abs(shown - expected(camera(page))).mean() < 2.5
+            box = page.locator("canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx, cy)
+            page.mouse.down()
+            page.mouse.move(cx + 150, cy + 20, steps=10)
+            page.mouse.up()
+            deadline = time.time() + 30
+            while camera(page) == first and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.5)  # the last request of the drag rendered and drawn
+            moved = camera(page)
+            assert moved != first and math.dist(moved[:3], first[:3]) > 0.1
+            shown2, _ = view_pixels(page, SIZE)
+            assert np.abs(shown2.astype(int) - shown).mean() > 1  # the view changed with the camera
+            assert np.abs(shown2 - expected(moved)).mean() < 2.5  # and is the model's view from there
+            page.screenshot(path=str(tmp_path / "viewer_moved.png"))
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in out  # Ctrl-C stops it cleanly
+    shutil.copy(tmp_path / "viewer_moved.png", os.environ.get("GQN_VIEWER_SCREENSHOT", tmp_path / "kept.png"))
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "scene out of range", "port in use", "data of another size"])
+def test_bad_input_gets_one_line(tmp_path, case):
+    data = make_data(tmp_path / "test", scenes=3, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    port = free_port()
+    argv = {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt"), "--data_dir", str(data)],
+            "scene out of range": ["--checkpoint", str(ckpt), "--data_dir", str(data), "--scene", "3"],
+            "port in use": ["--checkpoint", str(ckpt), "--data_dir", str(data)],
+            "data of another size": ["--checkpoint", str(make_checkpoint(tmp_path / "c32.pt", image_size=2 * SIZE)),
+                                     "--data_dir", str(data)]}[case]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", port))
+        s.listen()
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "view.py"), "--port", str(port), "--device", "cpu",
+                            *argv], capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and err[0].startswith("error: "), r.stderr
+    words = {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
+             "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir"}[case]
+    assert words in err[0]

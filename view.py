@@ -1,0 +1,324 @@
+"""Look around a scene in the browser: a viewer that renders, with a trained GQN, each camera you orbit to.
+
+The model sees context views of one test scene (Eslami et al. 2018, figure 1: a representation r of the context,
+then the generation core, figure S2, with z from the prior) and draws the scene from the browser's camera; the
+context cameras stand in the page as frustums showing their images, in the data's world frame (z up), so one sees
+where the model was shown the scene. Built on viser (the web viewer under nerfstudio): the model's view is the
+scene's background image, drawn at the model's size and enlarged by whole pixels (crisp), centred in the viewport
+with the browser's vertical field of view set to the model's.
+
+    python view.py                         # after the default job: runs/default's model and test split
+    python view.py --checkpoint C --data_dir D/test --port 8080 --host 0.0.0.0
+    # from Python, any GQN (torch.hub's included): view.serve(model, GQNDataset("D/test")).sleep_forever()
+
+The browser's camera becomes the data's 7-d pose (DeepMind's convention, cameras.py): its position, yaw and pitch;
+a 7-d pose has no roll, so a rolled browser camera is drawn unrolled, and the page says so once. The controls: the
+test scene, which of its views are context (any number up to the model's K), the number of draws of z, a new set of
+draws, and whether the view shows one draw, the draws' mean or their per-pixel spread; the page shows the render
+time of the last view and its camera (x y z yaw pitch, as render.py --poses reads it). A camera moved while a view
+is being rendered replaces the request waiting for the renderer: nothing queues behind a slow model. The scene's
+context is encoded once (GQN.encode_context) and only the query camera's part runs per view.
+"""
+import math
+import socket
+import threading
+import time
+
+import numpy as np
+import torch
+
+import cli
+from cameras import camera_frames, from_matrix, pose7
+from checkpoint import input_size, load_model, run_seed
+from cli import UserError
+from gqn_dataset import DatasetError, MAX_CONTEXT, fixed_views, open_split, resize
+
+SHOW = ("one draw", "mean of draws", "spread")
+SPREAD_WHITE = 0.25  # as pictures.py: a per-pixel standard deviation drawn white (0-1 scale)
+ROLL_NOTE = 1.0      # degrees of browser-camera roll past which the page says once that it is dropped
+BACKDROP = (32, 32, 32)  # the viewport outside the model's square view
+# The background image's height at most: its PNG takes 8 ms to encode at 384 px against 30 ms at the 672 px of a
+# 700 px viewport (2-core EPYC); the browser stretches it the rest of the way, softening only the blocks' edges.
+MAX_HEIGHT = 400
+
+
+def camera_pose(position, wxyz):
+    """A browser camera (position (3,), orientation quaternion wxyz: OpenCV axes, +z forward, +y down) -> the data's
+    7-d pose (7,) and the roll (degrees) a 7-d pose cannot express."""
+    w, x, y, z = wxyz
+    R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                  [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                  [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    gl = np.eye(4)
+    gl[:3, 0], gl[:3, 1], gl[:3, 2], gl[:3, 3] = R[:, 0], -R[:, 1], -R[:, 2], position  # OpenGL: +y up, -z forward
+    raw, roll = from_matrix(gl)
+    return pose7(torch.tensor(raw, dtype=torch.float32)), math.degrees(float(roll))
+
+
+def pose_wxyz(v):
+    """A 7-d pose (7,) -> (position (3,), wxyz) of the camera in viser's OpenCV axes (a frustum's orientation)."""
+    o, d, right, up = (t.numpy().astype(np.float64) for t in camera_frames(v))
+    R = np.stack([right, -up, d], 1)  # columns: camera x right, y down, z forward
+    w = math.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
+    if w > 1e-6:
+        q = (w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w))
+    else:  # a half turn: read the axis off the diagonal
+        x = math.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2
+        q = (0.0, x, (R[0, 1] + R[1, 0]) / (4 * x), (R[0, 2] + R[2, 0]) / (4 * x)) if x > 1e-6 else (0.0, 0.0, 0.0, 1.0)
+    return o, np.array(q)
+
+
+def picture(view, height, width):
+    """The model's view (3, S, S) in [0, 1] -> the background image (H, W, 3) uint8 of a viewport of this shape:
+    enlarged by the largest whole factor that fits the viewport and MAX_HEIGHT (nearest neighbour: crisp pixels),
+    centred on BACKDROP."""
+    s = view.shape[-1]
+    k = max(1, min(height, width, MAX_HEIGHT) // s)
+    tile = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy().repeat(k, 0).repeat(k, 1)
+    h, w = k * s, max(k * s, round(k * s * width / max(1, height)))  # the viewport's aspect, at the view's scale
+    out = np.empty((h, w, 3), np.uint8)
+    out[:] = BACKDROP
+    left = (w - k * s) // 2
+    out[:, left:left + k * s] = tile
+    return out
+
+
+class Renderer:
+    """A scene's context encoded once, and the model's views of it from any camera: draws of z, their mean, spread."""
+
+    def __init__(self, model, ds, size, seed=0):
+        self.model, self.ds, self.size, self.seed = model, ds, size, seed
+        self.device = next(model.parameters()).device
+        self.context = self.scene = self.views = None
+
+    def set_context(self, scene, views):
+        frames, cams = self.ds.load(scene, views)
+        x = (resize(frames, self.size) / 255).to(self.device)  # (K, 3, S, S)
+        self.images, self.cameras = frames, cams
+        self.scene, self.views = scene, list(views)
+        self.context = self.model.encode_context(x[None], cams[None].to(self.device))
+
+    @torch.no_grad()
+    def render(self, v_q, samples, show, draw_set, context=None):
+        """The view from v_q (7,) -> (3, S, S) in [0, 1]: draw 0 of `samples` (the same draw whatever their number),
+        their mean or their spread. Draw k of set `draw_set` comes from its own generator (seed, set, k): the same
+        camera and set give the same picture."""
+        n = 1 if show == SHOW[0] else samples
+        context = context or self.context
+        draws = torch.cat([self.model.generate_from(context, v_q[None].to(self.device),
+                                                    torch.Generator(self.device).manual_seed(
+                                                        draw_seed(self.seed, draw_set, k)))
+                           for k in range(n)]).float().cpu()  # (n, 3, S, S)
+        if show == SHOW[2]:
+            return (draws.var(0, correction=0).mean(0).sqrt() / SPREAD_WHITE).clamp(0, 1).expand(3, -1, -1)
+        return draws.mean(0)
+
+
+def draw_seed(seed, draw_set, k):
+    return (seed * 1_000_003 + draw_set) * 1_000_003 + k
+
+
+class Viewer:
+    """The viser server, its page and a renderer thread that always takes the latest camera of each browser."""
+
+    def __init__(self, model, ds, host="localhost", port=8080, scene=0, context=None, samples=8, seed=0, size=None,
+                 fov=None, max_context=None):
+        import viser
+
+        self.model, self.ds = model, ds
+        self.size = size or model.config["image_size"]
+        self.max_context = min(ds.views - 1, max_context or MAX_CONTEXT.get(ds.dataset or "", ds.views - 1))
+        self.fov = fov or model.config.get("fov") or ds.fov or 20.0  # the model's camera, degrees
+        self.renderer = Renderer(model, ds, self.size, seed)
+        self.lock = threading.Condition()
+        self.pending, self.draw_set, self.rendered, self.closed = {}, 0, {}, False
+        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.server.scene.set_up_direction("+z")  # the data's world: z up
+        self._controls(scene, context, samples)
+        self._show_scene()
+        self.server.on_client_connect(self._connect)
+        self.thread = threading.Thread(target=self._work, name="gqn-render", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------------------------------------ the page
+
+    def _controls(self, scene, context, samples):
+        gui = self.server.gui
+        gui.add_markdown(f"**GQN viewer**: {self.ds.dataset or 'scenes'}, {len(self.ds)} test scenes; drag to orbit.")
+        self.scene_in = gui.add_slider("scene", 0, len(self.ds) - 1, 1, scene)
+        default = context or fixed_views(self.renderer.seed, scene, self.ds.views, min(3, self.max_context))[0]
+        self.context_in = gui.add_text("context views", " ".join(str(int(i)) for i in default))
+        self.samples_in = gui.add_slider("draws of z", 1, 16, 1, samples)
+        self.show_in = gui.add_dropdown("show", SHOW, initial_value=SHOW[0])
+        self.resample = gui.add_button("resample")
+        self.frustums_in = gui.add_checkbox("context cameras", True)
+        self.time_out = gui.add_text("render time", "", disabled=True)
+        self.pose_out = gui.add_text("camera (x y z yaw pitch)", "", disabled=True)
+        self.note = gui.add_markdown("")
+        self.scene_in.on_update(lambda _: self._show_scene(new_scene=True))
+        self.context_in.on_update(lambda _: self._show_scene())
+        self.frustums_in.on_update(lambda _: self._show_scene())
+        for handle in (self.samples_in, self.show_in):
+            handle.on_update(lambda _: self._rerender())
+        self.resample.on_click(lambda _: self._rerender(new_draws=True))
+
+    def _context_views(self, new_scene):
+        scene = int(self.scene_in.value)
+        if new_scene:  # a new scene: its own fixed context views, as evaluate.py picks them
+            views = fixed_views(self.renderer.seed, scene, self.ds.views, len(self.renderer.views or [0, 0, 0]))[0]
+            self.context_in.value = " ".join(str(int(i)) for i in views)
+        try:
+            views = [int(t) for t in self.context_in.value.replace(",", " ").split()]
+        except ValueError:
+            views = []
+        if not (1 <= len(views) <= self.max_context and len(set(views)) == len(views)
+                and all(0 <= j < self.ds.views for j in views)):
+            self.note.content = (f"context views: give 1 to {self.max_context} distinct views of 0..{self.ds.views - 1}"
+                                 f", e.g. `0 5 9`")
+            return None
+        return scene, views
+
+    def _show_scene(self, new_scene=False):
+        chosen = self._context_views(new_scene)
+        if chosen is None:
+            return
+        with self.lock:
+            self.renderer.set_context(*chosen)
+        self.server.scene.reset()
+        if self.frustums_in.value:
+            for j, img, cam in zip(self.renderer.views, self.renderer.images, self.renderer.cameras):
+                position, wxyz = pose_wxyz(cam)
+                self.server.scene.add_camera_frustum(
+                    f"/context/view_{j}", fov=math.radians(self.fov), aspect=1.0, scale=0.25, color=(255, 160, 40),
+                    image=img.permute(1, 2, 0).numpy(), format="png", wxyz=wxyz, position=position)
+        self._rerender()
+
+    def _connect(self, client):
+        client.camera.fov = math.radians(self.fov)  # the browser sees what the model's camera would
+        held = [j for j in range(self.ds.views) if j not in self.renderer.views]
+        o, _, _, _ = camera_frames(self.ds.load(self.renderer.scene, held[:1])[1][0])
+        client.camera.position = tuple(float(a) for a in o)
+        client.camera.look_at = (0.0, 0.0, 0.0)
+        client.camera.up_direction = (0.0, 0.0, 1.0)
+        client.camera.on_update(lambda camera: self._request(camera.client))
+        self._request(client)
+
+    # ------------------------------------------------------------------------------------------------ rendering
+
+    def _request(self, client):
+        """The client's current camera replaces whatever of its requests is still waiting."""
+        with self.lock:
+            self.pending[client.client_id] = client
+            self.lock.notify()
+
+    def _rerender(self, new_draws=False):
+        with self.lock:
+            self.draw_set += int(new_draws)
+        for client in self.server.get_clients().values():
+            self._request(client)
+
+    def _work(self):
+        roll_said = False
+        while True:
+            with self.lock:
+                while not self.pending and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                _, client = self.pending.popitem()
+                context, draw_set = self.renderer.context, self.draw_set
+            camera = client.camera
+            try:
+                v_q, roll = camera_pose(camera.position, camera.wxyz)
+                height, width = camera.image_height, camera.image_width
+            except (AssertionError, ValueError):  # a camera the browser has not reported yet
+                continue
+            t = time.perf_counter()
+            view = self.renderer.render(v_q, int(self.samples_in.value), self.show_in.value, draw_set, context)
+            ms = 1000 * (time.perf_counter() - t)
+            client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
+            self.rendered[client.client_id] = (v_q, view)
+            raw = [*v_q[:3].tolist(), math.atan2(v_q[3], v_q[4]), math.atan2(v_q[5], v_q[6])]
+            self.time_out.value = f"{ms:.1f} ms ({self.show_in.value})"
+            self.pose_out.value = " ".join(f"{a:.6f}" for a in raw)
+            if abs(roll) > ROLL_NOTE and not roll_said:
+                roll_said = True
+                self.note.content = ("The browser's camera is rolled; a GQN pose (x, y, z, yaw, pitch) has no roll, "
+                                     "so the view is drawn unrolled.")
+
+    def sleep_forever(self):
+        while True:
+            time.sleep(3600)
+
+    def stop(self):
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        self.server.stop()
+
+
+def serve(model, ds, host="localhost", port=8080, **kwargs):
+    """Serve the viewer for `model` (a GQN in eval mode, e.g. torch.hub's) on the scenes of `ds` (a GQNDataset) ->
+    Viewer; view.py's command line does this for a checkpoint."""
+    check_port(host, port)
+    return Viewer(model.eval(), ds, host, port, **kwargs)
+
+
+def check_port(host, port):
+    """One line naming the port when it cannot be served on (viser would only warn and pick another)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--port {port}: cannot serve on {host}:{port} ({e.strerror or e}); pass another "
+                            f"--port") from None
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--checkpoint", default="runs/default/checkpoints/latest.pt",
+      help="a train.py checkpoint (default: the default job's, runs/default/checkpoints/latest.pt)")
+    a("--data_dir", default=None, help="split folder of the scenes to look at (default: the run's test split)")
+    a("--scene", type=cli.nonneg_int, default=0, help="the test scene shown first (default 0)")
+    a("--port", type=cli.positive_int, default=8080, help="port to serve on (default 8080)")
+    a("--host", default="localhost", help="address to serve on (default localhost; 0.0.0.0: every interface)")
+    a("--seed", type=cli.nonneg_int, default=None, help="chooses the first context views and the draws "
+                                                        "(default: the run's --seed)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu, cuda or cuda:N (default: cuda when present)")
+    return p.parse_args(argv)
+
+
+def run(args):
+    device = cli.open_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    data_dir = args.data_dir or (ckpt.get("config") or {}).get("test_data_dir")
+    if not data_dir:
+        raise UserError(f"--data_dir: {args.checkpoint} records no test split; give --data_dir")
+    ds = open_split(data_dir, "--data_dir")
+    size = input_size(ckpt, ds, data_dir, "--data_dir")
+    if args.scene >= len(ds):
+        raise UserError(f"--scene {args.scene}: {data_dir} has scenes 0..{len(ds) - 1}")
+    try:
+        ds.load(args.scene, [0])
+    except DatasetError as e:
+        raise UserError(f"--data_dir {e}") from None
+    seed = run_seed(ckpt) if args.seed is None else args.seed
+    viewer = serve(model, ds, args.host, args.port, scene=args.scene, seed=seed, size=size,
+                   max_context=(ckpt.get("data") or {}).get("max_context"))
+    print(f"Serving the GQN viewer on http://{args.host}:{args.port} ({args.checkpoint}, {len(ds)} scenes of "
+          f"{data_dir}); Ctrl-C stops it.", flush=True)
+    try:
+        viewer.sleep_forever()
+    finally:
+        viewer.stop()
+
+
+def main(argv=None):
+    cli.main(lambda argv: run(parse_args(argv)), argv, interrupted="stopped the viewer")
+
+
+if __name__ == "__main__":
+    main()
