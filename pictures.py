@@ -21,7 +21,7 @@ from checkpoint import atomic_write
 from gqn_dataset import resize
 
 GAP = 2  # pixels between tiles (before scale)
-LABEL_FONT = 11  # row labels' font size (before scale); the label column is as wide as the longest label
+LABEL_FONT = 9  # row labels' font size (before scale); the label column is as wide as the longest label
 BACKGROUND = (255, 255, 255)
 BLANK = (200, 200, 200)  # a tile with nothing to show (a novel view has no ground truth)
 SPREAD_WHITE = 0.25  # a spread or an error (0-1 scale) drawn white: half the largest standard deviation in [0, 1]
@@ -168,7 +168,7 @@ def sample_views(model, x, v, v_q, samples=1, seed=0, batch_size=32):
 
 @torch.no_grad()
 def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, pitch=None, batch_size=32,
-                samples=1, queries=None):
+                samples=1, queries=None, held=None):
     """One scene's panels, images float in [0, 1].
 
     frames uint8 (S, 3, H, W) and cameras (S, 7): all of the scene's views; context: indices of the K views the
@@ -176,14 +176,20 @@ def novel_views(model, frames, cameras, context, n_ring=12, seed=0, size=None, p
     context_ids, held_ids, ring_cameras (Q, 7)): the model's views around a ring of new cameras (cameras.ring: the
     scene's distance and pitch, or `pitch`, starting at the first context view's yaw), and the scene's other views
     (held_ids) with the model's views from the same cameras. With `queries` (Q, 7), the model's views from those
-    poses instead (in "ring"; no truth, no held-out views).
+    poses instead (in "ring"; no truth, no held-out views). `held`: which of the other views (default: all).
     """
     size = size or model.config["image_size"]
     context = [int(i) for i in context]
-    held = [i for i in range(frames.shape[0]) if i not in context] if queries is None else []
+    if queries is not None:
+        held = []
+    elif held is None:
+        held = [i for i in range(frames.shape[0]) if i not in context]
     x = resize(frames[context], size) / 255  # (K, 3, H, W)
     v = cameras[context]
-    new = ring(cameras, n_ring, yaw0=angles(v[0])[0], pitch=pitch) if queries is None else queries
+    if queries is not None:
+        new = queries
+    else:
+        new = ring(cameras, n_ring, yaw0=angles(v[0])[0], pitch=pitch) if n_ring else cameras[:0]
     out = sample_views(model, x, v, torch.cat([new, cameras[held]]), samples, seed, batch_size)
     return {"context": x, "ring": out[:, :len(new)], "truth": resize(frames[held], size) / 255,
             "model": out[:, len(new):], "context_ids": context, "held_ids": held, "ring_cameras": new}
@@ -206,8 +212,9 @@ def panel_blocks(panels):
     yaw, pitch = (torch.rad2deg(a).round().int().tolist() for a in angles(panels["ring_cameras"]))
     one_pitch = len(set(pitch)) == 1
     cams = [f"yaw {y}°" if one_pitch else f"{y}°, {p}°" for y, p in zip(yaw, pitch)]
-    blocks = [([(i, f"view {j}") for i, j in enumerate(panels["context_ids"])], [("context", list(panels["context"]))]),
-              (list(enumerate(cams)), draw_rows("new cameras", panels["ring"]))]
+    blocks = [([(i, f"view {j}") for i, j in enumerate(panels["context_ids"])], [("context", list(panels["context"]))])]
+    if panels["ring"].shape[1]:
+        blocks.append((list(enumerate(cams)), draw_rows("new cameras", panels["ring"])))
     if len(panels["truth"]):
         blocks.append(([(i, f"view {j}") for i, j in enumerate(panels["held_ids"])],
                        [("truth", list(panels["truth"]))] + draw_rows("model", panels["model"], panels["truth"])))

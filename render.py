@@ -40,11 +40,13 @@ def parse_args(argv=None):
     a("--scene", type=cli.nonneg_int, default=0, help="scene index within the split (default 0)")
     a("--out", required=True, help="output .png (grid) or .gif (animation)")
     a("--context", type=cli.positive_int, default=3, help="context views the model sees (default 3)")
-    a("--views", type=cli.positive_int, default=12, help="novel viewpoints around the ring (default 12)")
+    a("--views", type=cli.nonneg_int, default=12, help="novel viewpoints around the ring (default 12; 0: none)")
     a("--pitch", type=float, default=None,
       help="pitch of the ring or of --yaw's cameras in degrees (default: the mean pitch of the scene's cameras)")
     a("--context_views", type=cli.nonneg_int, nargs="+", help="the context views by index (default: --context views "
                                                                 "chosen by --seed)")
+    a("--query_views", type=cli.nonneg_int, nargs="+",
+      help="which of the scene's other views to draw beside their truth, by index (default: all of them)")
     a("--yaw", type=float, nargs="+", help="cameras of your choosing instead of the ring: their yaws in degrees")
     a("--distance", type=cli.positive_float,
       help="--yaw's cameras' distance from the scene's centre (default: the scene's cameras' mean distance)")
@@ -122,10 +124,13 @@ def run(args):
     except DatasetError as e:
         raise UserError(f"--data_dir {e}") from None
     context = args.context_views or fixed_views(args.seed, args.scene, ds.views, args.context)[0].tolist()
+    if args.query_views and (set(args.query_views) & set(context) or max(args.query_views) >= ds.views):
+        raise UserError(f"--query_views {' '.join(map(str, args.query_views))}: need views of 0..{ds.views - 1} "
+                        f"that are not context views ({' '.join(map(str, context))})")
     pitch = None if args.pitch is None else math.radians(args.pitch)
     queries = query_poses(args, cameras)
     panels = novel_views(model, frames, cameras, context, args.views, args.seed, size, pitch, samples=args.samples,
-                         queries=queries)
+                         queries=queries, held=args.query_views)
     try:
         save_panels(args.out, panels, args.scale)
     except OSError as e:

@@ -165,3 +165,21 @@ def test_bad_cameras_get_one_line(setup, capsys):
                          *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and words in err[0], err
+
+
+def test_chosen_held_out_views_without_a_ring(setup, capsys):
+    tmp, ckpt, data = setup
+    out = tmp / "held.png"
+    render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), "--context_views", "0",
+                 "--query_views", "2", "5", "--views", "0", "--samples", "2", "--scale", "1", "--device", "cpu"])
+    model, _ = load_model(ckpt)
+    frames, cams = render.open_split(data, "--data_dir")[0]
+    panels = pictures.novel_views(model, frames, cams, [0], 0, samples=2, held=[2, 5])
+    assert panels["held_ids"] == [2, 5] and panels["ring"].shape[1] == 0
+    blocks = blocks_of(panels)
+    assert len(blocks) == 2 and blocks[1][0] == ["view 2", "view 5"]  # context, then only the views asked for
+    with pytest.raises(SystemExit) as e:
+        render.main(["--checkpoint", ckpt, "--data_dir", data, "--out", str(out), "--context_views", "0",
+                     "--query_views", "0", "--device", "cpu"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("error: --query_views 0: need views of 0..")
