@@ -7,17 +7,23 @@ its share of the test-set logging and checkpoints, each timed after its first, w
 fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The
 annealing schedules (scheduler.py) that span "the whole run" are resolved to that count at the same moment, and
 config.json and every checkpoint hold it, so a resumed run follows the same schedule; the steps before the
-decision anneal as if the run were its upper bound long. At every later log the clock times the last steps again
-and ends the run sooner if it would overrun (a shared machine that slowed down). Without a budget the same clock
-says, after the first steps, what a step costs here and when the run will end.
+decision anneal as if the run were its upper bound long. At every later log the clock refits the length to the
+time left at the pace of the median of the last PACE_INTERVALS log intervals: one slow interval (another job's
+burst, a slow file system) changes nothing, a machine that stays slower ends the run sooner, and when it speeds up
+again the length grows back, never past the upper bound. Without a budget the same clock says, after the first
+steps, what a step costs here and when the run will end.
 """
 import math
+import statistics
 
 import config
 
 CALIBRATION = 200  # steps trained before the count is fixed: two logs, the second (warm) one timed too
 WARMUP = 10        # first steps left out of the timing (oneDNN builds its kernels, the allocator grows)
 FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
+PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdown must last 3 to move it
+LATE = 1.05        # a run that would end later than this times its budget is shortened
+GROW = 0.02        # ... and one that could take this much longer (and at least a log interval) is lengthened
 
 
 class StepBudget:
@@ -33,6 +39,7 @@ class StepBudget:
         self.extra = [0.0, 0.0]  # seconds of the last log and checkpoint
         self.fixed = False    # the length is fixed; from then on `recent` holds the steps since the last log
         self.recent = []
+        self.paces = []       # mean step time of each log interval since the first steps (theirs included)
 
     def step(self, step, seconds):
         if step >= self.start + self.warmup:
@@ -53,15 +60,27 @@ class StepBudget:
         times = self.times if times is None else times
         return sum(times) / max(1, len(times)) + sum(e / n for e, n in zip(self.extra, self.intervals))
 
-    def shorter(self, done, elapsed, total):
-        """At a log after the length is fixed: a smaller total if the steps since the last log say the run would end
-        more than 5% past its budget (a shared machine that slowed down), else None. Never a longer one."""
+    def fix(self):
+        """The length is fixed: the timed first steps count as paces of their log intervals."""
+        n = self.intervals[0]
+        self.paces = [statistics.fmean(self.times[i:i + n]) for i in range(0, len(self.times), n)] or [0.0]
+        self.fixed = True
+
+    def refit(self, done, elapsed, total):
+        """At a log after the length is fixed: the run's new length if the time left at today's pace (the median of
+        the last PACE_INTERVALS intervals' step times) says it would end more than 5% past its budget, or could
+        take 2% (and a log interval) more steps within it, up to the cap; else None."""
         if not (self.fixed and self.recent and done % self.intervals[0] == 0):
             return None
-        per_step, self.recent = self.per_step(self.recent), []
-        if elapsed + (total - done) * per_step <= 1.05 * self.seconds:
-            return None
-        return min(total - 1, max(done + 1, done + math.floor(max(0.0, self.seconds - elapsed) / per_step)))
+        self.paces.append(statistics.fmean(self.recent))
+        self.recent = []
+        per_step = self.per_step([statistics.median(self.paces[-PACE_INTERVALS:])])
+        fits = max(done + 1, min(self.cap, done + math.floor(max(0.0, self.seconds - elapsed) / per_step)))
+        if elapsed + (total - done) * per_step > LATE * self.seconds:
+            return min(fits, total - 1)
+        if fits - total >= max(self.intervals[0], GROW * total):
+            return fits
+        return None
 
     def total(self, done, elapsed):
         """The run's gradient steps: what fits into the budget after `done` steps, `elapsed` seconds of them in this
@@ -87,7 +106,7 @@ def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
     total = dist.broadcast(clock.total(done, elapsed))
     config.fix_steps(cfg, total)
     cfg.timed_ms = round(1000 * per_step, 1)
-    clock.fixed = True
+    clock.fix()
     bar.total, bar.desc = total, "train"
     bar.refresh()
     say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
@@ -112,11 +131,12 @@ def duration(seconds):
     return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
-def shorten(cfg, clock, dist, bar, done, elapsed, record):
-    """At each log of a run whose length is fixed: end it sooner if the machine slowed down (clock.shorter); the
-    schedules that spanned the whole run span the new length from here on. -> the run's gradient steps."""
+def refit(cfg, clock, dist, bar, done, elapsed, record):
+    """At each log of a run whose length is fixed: end it sooner if the machine slowed down, later (up to the cap)
+    if it sped up again (clock.refit); the schedules that spanned the whole run span the new length from here on.
+    -> the run's gradient steps."""
     old = cfg.gradient_steps
-    total = dist.broadcast(clock.shorter(done, elapsed, old))
+    total = dist.broadcast(clock.refit(done, elapsed, old))
     if total is None:
         return old
     cfg.gradient_steps = total
@@ -126,6 +146,7 @@ def shorten(cfg, clock, dist, bar, done, elapsed, record):
     bar.refresh()
     if dist.master:
         bar.write(f"The steps have slowed down: {old} would end past --train_minutes {cfg.train_minutes:g}, so the "
-                  f"run ends at step {total} (config.json)")
+                  f"run ends at step {total} (config.json)" if total < old else
+                  f"The steps are faster again: the run ends at step {total} instead of {old} (config.json)")
     record()
     return total

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 from batch_threads import BatchThreads, usable_cpus  # noqa: E402
-from budget import StepBudget, fix_length, shorten  # noqa: E402
+from budget import StepBudget, fix_length, refit  # noqa: E402
 from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
                         save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
@@ -272,7 +272,7 @@ def run(cfg, given, dist, stop, saved, step_s):
                 total = fix_length(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record,
                                    r.device.type == "cpu")
             elif clock.fixed and done % cfg.log_interval == 0 and done < total:
-                total = shorten(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
+                total = refit(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
             step_s[0] = time.perf_counter() - t_step
             if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
                 stop.acted.set()

@@ -13,7 +13,6 @@ import torch
 import config
 import train
 from batch_threads import BatchThreads, usable_cpus
-from budget import StepBudget
 from conftest import ROOT, args, weights
 from distributed import cpu_has_bf16
 
@@ -43,23 +42,6 @@ def test_train_minutes_fixes_the_length_records_it_and_a_resume_keeps_it(data, t
     # A count asked for without a budget is a count: the run continues to it.
     train.main(args(data, tmp_path, "budget", 204, "--resume"))
     assert weights(tmp_path / "budget")["step"] == 204
-
-
-def test_the_clock_fits_the_budget_and_shortens_a_run_that_slows_down():
-    clock = StepBudget(1.0, 0, 1000, 100, 500)  # 60 s, at most 1000 steps
-    for step in range(10, 200):  # the first 10 are warm-up, not timed
-        clock.step(step, 0.05)
-    assert clock.per_step() == pytest.approx(0.05)
-    assert clock.total(200, 12.0) == 1000  # 800 more steps take 40 s: all fit
-    assert clock.total(200, 40.0) == 600   # 20 s left: 400 more
-    clock.fixed = True
-    for step in range(200, 300):  # the machine slows down twofold
-        clock.step(step, 0.1)
-    assert clock.shorter(300, 20.0, 1000) == 700  # 40 s left at 0.1 s a step
-    for step in range(300, 400):
-        clock.step(step, 0.1)
-    assert clock.shorter(400, 30.0, 700) is None  # on time again: 300 steps in the 30 s left
-    assert clock.shorter(450, 35.0, 700) is None  # only at a log
 
 
 def test_gradient_steps_alone_turns_the_budget_off_and_the_cpu_preset_has_one():

@@ -1,0 +1,88 @@
+"""--train_minutes on a simulated clock: the default job's budget (8.5 minutes, at most 6000 steps, a log every 100
+steps and a checkpoint every 500) driven as train.py drives it, by machines whose step time changes during the
+run. What a user relies on: the run ends within its budget, a passing hiccup costs almost no steps, and a run
+that slowed down gets its steps back when the machine recovers."""
+import pytest
+
+from budget import LATE, StepBudget
+
+MINUTES, CAP, LOG, SAVE = 8.5, 6000, 100, 500
+LOG_S, SAVE_S = 0.3, 0.5  # seconds a log line (with the test batch) and a checkpoint take
+
+
+def simulate(step_seconds, minutes=MINUTES):
+    """Run train.py's loop on a clock whose steps take step_seconds(step, elapsed) -> (steps done, seconds)."""
+    clock = StepBudget(minutes, 0, CAP, LOG, SAVE)
+    clock.saved(SAVE_S)
+    elapsed, total, done = 0.0, CAP, 0
+    while done < total:
+        dt = step_seconds(done, elapsed)
+        clock.step(done, dt)
+        elapsed, done = elapsed + dt, done + 1
+        if done % LOG == 0:
+            clock.logged(LOG_S)
+            elapsed += LOG_S
+        if done % SAVE == 0:
+            clock.saved(SAVE_S)
+            elapsed += SAVE_S
+        if clock.due(done) and done < total:
+            total = clock.total(done, elapsed)
+            clock.fix()
+        elif clock.fixed and done % LOG == 0 and done < total:
+            total = clock.refit(done, elapsed, total) or total
+    return done, elapsed
+
+
+def budget():
+    return 60 * MINUTES
+
+
+def steady(step, elapsed):
+    return 0.1
+
+
+def test_a_steady_machine_spends_its_budget():
+    steps, seconds = simulate(steady)
+    assert budget() * 0.97 <= seconds <= budget()
+    assert 4500 < steps < 5100
+
+
+def test_a_slow_interval_costs_almost_no_steps():
+    base, _ = simulate(steady)
+    # one log interval three times slower (another job's burst), early and late in the run
+    for start in (1000, 3000):
+        steps, seconds = simulate(lambda s, t: 0.3 if start <= s < start + LOG else 0.1)
+        assert seconds <= budget() * LATE
+        assert steps >= 0.97 * base  # the last interval's pace alone cut such a run by 26%
+
+
+def test_a_machine_that_stays_slower_still_ends_on_time():
+    for factor in (1.5, 2.0, 3.0):
+        steps, seconds = simulate(lambda s, t: 0.1 * factor if t > 120 else 0.1)
+        assert seconds <= budget() * LATE, factor
+        assert seconds >= budget() * 0.95, factor  # and still spends it
+
+
+def test_a_run_that_slowed_down_grows_back_when_the_machine_recovers():
+    base, _ = simulate(steady)
+    # twice as slow for a minute and a half, then as before: the length shrinks, then grows back
+    steps, seconds = simulate(lambda s, t: 0.2 if 120 < t < 210 else 0.1)
+    assert budget() * 0.95 <= seconds <= budget() * LATE
+    lost = 90 / 2 / 0.1  # the slow minute and a half did half its steps
+    assert steps >= base - 1.1 * lost
+
+
+def test_the_length_never_passes_its_cap():
+    steps, seconds = simulate(lambda s, t: 0.01)  # everything fits
+    assert steps == CAP and seconds < budget()
+
+
+def test_the_first_steps_fix_the_length():
+    clock = StepBudget(1.0, 0, 1000, 100, 500)  # 60 s, at most 1000 steps
+    for step in range(10, 200):  # the first 10 are warm-up, not timed
+        clock.step(step, 0.05)
+    assert clock.per_step() == pytest.approx(0.05)
+    assert clock.total(200, 12.0) == 1000  # 800 more steps take 40 s: all fit
+    assert clock.total(200, 40.0) == 600   # 20 s left: 400 more
+    clock.fix()
+    assert clock.refit(250, 20.0, 600) is None  # only at a log
