@@ -286,9 +286,7 @@ def run(argv=None):
         raise UserError(f"--device {device}: expected cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    note = check_amp(args.amp, torch.device(device))
-    if note:
-        print(note)
+    check_amp(args.amp, torch.device(device))
     configs = [dict(c) for c in PRESETS[args.preset or ("paper" if device == "cuda" else "cpu-check")]]
     if args.representation:  # a custom single configuration, the paper's defaults for what is not given
         configs = [dict(representation=args.representation, L=12, shared_core=False, batch_size=36, context=5,

@@ -23,7 +23,8 @@ WARMUP = 10        # first steps left out of the timing (oneDNN builds its kerne
 FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
 PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdown must last 3 to move it
 LATE = 1.05        # a run that would end later than this times its budget is shortened
-GROW = 0.02        # ... and one that could take this much longer (and at least a log interval) is lengthened
+EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone,
+                   # since every change moves the schedules that span the run (a machine's pace wanders by 10-20%)
 
 
 class StepBudget:
@@ -68,8 +69,8 @@ class StepBudget:
 
     def refit(self, done, elapsed, total):
         """At a log after the length is fixed: the run's new length if the time left at today's pace (the median of
-        the last PACE_INTERVALS intervals' step times) says it would end more than 5% past its budget, or could
-        take 2% (and a log interval) more steps within it, up to the cap; else None."""
+        the last PACE_INTERVALS intervals' step times) says it would end more than 5% past its budget or more than
+        5% before it (then up to the cap); else None."""
         if not (self.fixed and self.recent and done % self.intervals[0] == 0):
             return None
         self.paces.append(statistics.fmean(self.recent))
@@ -78,7 +79,7 @@ class StepBudget:
         fits = max(done + 1, min(self.cap, done + math.floor(max(0.0, self.seconds - elapsed) / per_step)))
         if elapsed + (total - done) * per_step > LATE * self.seconds:
             return min(fits, total - 1)
-        if fits - total >= max(self.intervals[0], GROW * total):
+        if elapsed + (total - done) * per_step < EARLY * self.seconds and fits > total:
             return fits
         return None
 

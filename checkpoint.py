@@ -117,8 +117,14 @@ def save_checkpoint(ckpt, paths):
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     data = buf.getvalue()
-    for path in paths:
-        atomic_write(path, data)
+    for i, path in enumerate(paths):
+        try:
+            atomic_write(path, data)
+        except OSError as e:  # disk full, a file size limit, permission lost, the folder removed
+            kept = ("the checkpoint before it is as it was" if i == 0 else
+                    f"{os.path.basename(paths[0])} holds this step")
+            raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the run stops here, and "
+                            f"{kept}") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -179,7 +179,7 @@ FLAGS = {
                                 "train/objective is the loss trained, train/elbo and train/kl_step_N the true ones"),
     "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
                                       "with avx512_bf16 or AMX), or fp16 autocast with loss scaling (V100, T4, RTX "
-                                      "20xx)"),
+                                      "20xx, CPUs with avx512_fp16); refused where emulated"),
     "compile": (str2bool, "torch.compile the model"),
     "checkpoint_activations": (str2bool, "recompute activations in the backward pass to save memory"),
     "channels_last": (str2bool, "NHWC weights and activations; the same function, meant for GPUs (no faster on "

@@ -252,13 +252,24 @@ def cpu_has_bf16():
         return True
 
 
+def cpu_has_fp16():
+    """Whether oneDNN runs float16 natively on this CPU (avx512_fp16 or AMX-FP16); True when torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())  # private in torch 2.13, as for bf16
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def check_amp(amp, device):
-    """Refuse a precision this device would emulate: one line that says why and what to use instead. -> a note to
-    print for a precision that runs but slowly here, or None."""
-    if amp == "fp16" and device.type == "cpu":
-        # measured on the 2-core EPYC: the cpu preset's step 1076-1100 ms in fp16 against 149-157 ms in float32
-        return ("note: --amp fp16 on the CPU runs (loss scaling included) but about 7x slower than float32; it is "
-                "meant for GPUs without fast bf16 (V100, T4, RTX 20xx)")
+    """Refuse a precision this device would emulate: one line that says why and what to use instead."""
+    if amp == "fp16" and device.type == "cpu" and not cpu_has_fp16():
+        # measured on the 2-core EPYC (avx512_bf16, no avx512_fp16): the cpu preset's step 1076-1100 ms in fp16
+        # against 149-157 ms in float32; the paper's networks (L=2, batch 2, 64 px, one thread) 15-40 s against
+        # 0.76-0.89 s
+        other = "--amp bf16 (this CPU has it) or --amp none" if cpu_has_bf16() else "--amp none"
+        raise UserError("--amp fp16: oneDNN has no float16 instructions to use here (avx512_fp16 or AMX-FP16: absent, "
+                        "or held back by ONEDNN_MAX_CPU_ISA), so PyTorch emulates float16, 7x (the cpu preset) to "
+                        f"20-50x (the paper's networks) slower than float32 (measured on an AVX-512 EPYC); use {other}")
     if amp != "bf16":
         return None
     if device.type == "cpu" and not cpu_has_bf16():

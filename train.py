@@ -327,9 +327,7 @@ def setup(cfg, given, dist, saved):
     # absolute, so that --resume finds the data from any working directory
     cfg.train_data_dir, cfg.test_data_dir = os.path.abspath(cfg.train_data_dir), os.path.abspath(cfg.test_data_dir)
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
-    amp_note = dist.agreed(lambda: check_amp(cfg.amp, device))
-    if amp_note:
-        log(amp_note)
+    dist.agreed(lambda: check_amp(cfg.amp, device))
     if dist.master:
         os.makedirs(checkpoint_paths(run_dir)[0], exist_ok=True)
         resolved = dataclasses.asdict(cfg)
