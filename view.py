@@ -20,6 +20,7 @@ is being rendered replaces the request waiting for the renderer: nothing queues 
 context is encoded once (GQN.encode_context) and only the query camera's part runs per view.
 """
 import math
+import signal
 import socket
 import threading
 import time
@@ -310,6 +311,10 @@ def run(args):
                    max_context=(ckpt.get("data") or {}).get("max_context"))
     print(f"Serving the GQN viewer on http://{args.host}:{args.port} ({args.checkpoint}, {len(ds)} scenes of "
           f"{data_dir}); Ctrl-C stops it.", flush=True)
+    # Ctrl-C and a service manager's SIGTERM stop it, even when started from a script that ignores SIGINT (a shell's
+    # background job): Python keeps an ignored SIGINT ignored, and the server would never stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         viewer.sleep_forever()
     finally:

@@ -21,10 +21,10 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def start(argv, port):
+def start(argv, port, preexec_fn=None):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "view.py"), "--port", str(port), "--device", "cpu",
                              *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
     deadline = time.time() + 120
     line = ""
     while time.time() < deadline and "Serving" not in line:
@@ -147,3 +147,16 @@ def test_bad_input_gets_one_line(tmp_path, case):
     words = {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
              "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir"}[case]
     assert words in err[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_server_even_when_its_shell_ignored_sigint(tmp_path, sig):
+    # a shell script's background job starts with SIGINT ignored, and Python keeps it so
+    data = make_data(tmp_path / "test", scenes=2, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], free_port(),
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in out
+    assert out.strip().splitlines()[-1] == "stopped the viewer"
