@@ -302,9 +302,10 @@ def plot_draws(axes, results):
         axes[0].plot(s["fractions"], s["oracle"], color=colour, ls=":")
         steps = range(1, len(r["kl_per_step"]) + 1)
         axes[1].plot(steps, r["kl_per_step"], marker="o", color=colour, label=views)
-    axes[0].axhline(1, color="grey", ls="--", lw=1)
-    axes[0].set(xlabel="share of informative pixels removed, most uncertain first", ylabel="RMSE of the rest / of all",
-                title="sparsification (dotted: by error; dashed: random)")
+    axes[0].plot([], [], color="grey", ls=":", label="removed by error (oracle)")
+    axes[0].axhline(1, color="grey", ls="--", lw=1, label="removed at random")
+    axes[0].set(xlabel="informative pixels removed, most uncertain first", ylabel="RMSE of the rest / of all",
+                title="sparsification")
     axes[1].set(xlabel="generation step l", ylabel="KL(q(z_l) || π(z_l)), nats/image", title="KL per step",
                 xticks=list(steps))
     for ax in axes:
