@@ -39,7 +39,7 @@ from distributed import check_amp
 from model import ELBO, GQN
 
 PRESETS = {
-    # the CPU check: tower, 5 context views, batch 4, 64 px
+    # a CPU check at the paper's image size: tower, 5 context views, batch 4, 64 px
     "cpu-check": [dict(representation="tower", L=6, shared_core=False, batch_size=4, context=5, image_size=64),
                   dict(representation="tower", L=12, shared_core=True, batch_size=4, context=5, image_size=64)],
     "small": [dict(representation="pool", L=4, shared_core=False, batch_size=4, context=3, image_size=32,

@@ -1,5 +1,7 @@
-"""Viewer benchmark: the time from a browser camera to the image view.py sends, for the cpu preset's model and for
-the paper's networks, beside the same view computed from scratch by GQN.generate (the reference) in the same run.
+"""Viewer benchmark: the time from a browser camera to the image view.py sends, against GQN.generate per camera.
+
+For the cpu preset's model and for the paper's networks, beside the same view computed from scratch by GQN.generate
+(the reference) in the same run.
 
 Camera to image is what view.py does for each camera the browser reports: the camera as a 7-d pose, the model's view
 from the scene's context encoded once (GQN.encode_context, then generate_from: with `volume` only the query rays'

@@ -29,7 +29,7 @@ each size's other fields. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against
 Images stored at another size than the model's are resized with area interpolation only when that is what
 training did (the checkpoint records the stored size it trained on); any other size mismatch is an error.
 
-    python evaluate.py --checkpoint runs/default/checkpoints/latest.pt --test_data_dir data/shepard_metzler_5_parts/test
+    python evaluate.py --checkpoint runs/default/checkpoints/latest.pt --test_data_dir data/builtin/shepard_metzler_5_parts/test
     python evaluate.py --checkpoint C --test_data_dir D --train_data_dir T --context 1 2 3 5 --samples 4 \
         --plot context.png --json results.json
 """

@@ -14,7 +14,7 @@ COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data
             "bench_data.py": [], "dataset/convert2torch.py": ["src", "dst"], "dataset/download.py": ["jaco"],
             "dataset/shepard_metzler.py": ["--out", "o", "--train_scenes", "1", "--test_scenes", "1"],
             "dataset/import_scenes.py": ["src", "dst"], "dataset/export_scenes.py": ["out", "--layout", "csv"],
-            "view.py": [], "bench_view.py": []}
+            "view.py": [], "bench_view.py": [], "plot_kl.py": ["runs/x"]}
 
 
 def run(script, *argv, cwd):
@@ -51,6 +51,7 @@ def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script,
     ("view.py", ["--port", "0"], ["--port: expected a positive integer"]),
     ("view.py", [], ["--checkpoint runs/default/checkpoints/latest.pt: no such checkpoint file"]),
     ("bench_view.py", ["--cameras", "0"], ["--cameras"]),
+    ("plot_kl.py", ["no_such_run", "--out", "k.png"], ["no_such_run: no such run folder"]),
 ])
 def test_bad_values_and_missing_arguments_get_one_line(script, argv, words, tmp_path):
     assert_one_line(run(script, *argv, cwd=tmp_path), *words)

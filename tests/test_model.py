@@ -192,7 +192,7 @@ def test_nll_is_the_gaussian_in_nats_per_image():
     x, mean = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     expected = -torch.distributions.Normal(mean, 0.7).log_prob(x).sum((1, 2, 3))
     torch.testing.assert_close(gaussian_nll(x, mean, 0.7), expected)
-    # the sigma floor the issue names: 6909 nats for a perfect 64x64x3 prediction at sigma = 0.7
+    # the sigma floor ports plateau at: 6909 nats for a perfect 64x64x3 prediction at sigma = 0.7
     assert gaussian_nll(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64), 0.7).item() == pytest.approx(6909, abs=1)
 
 
