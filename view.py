@@ -307,15 +307,16 @@ def run(args):
     except DatasetError as e:
         raise UserError(f"--data_dir {e}") from None
     seed = run_seed(ckpt) if args.seed is None else args.seed
-    viewer = serve(model, ds, args.host, args.port, scene=args.scene, seed=seed, size=size,
-                   max_context=(ckpt.get("data") or {}).get("max_context"))
-    print(f"Serving the GQN viewer on http://{args.host}:{args.port} ({args.checkpoint}, {len(ds)} scenes of "
-          f"{data_dir}); Ctrl-C stops it.", flush=True)
     # Ctrl-C and a service manager's SIGTERM stop it, even when started from a script that ignores SIGINT (a shell's
-    # background job): Python keeps an ignored SIGINT ignored, and the server would never stop.
+    # background job): Python keeps an ignored SIGINT ignored, and the server would never stop. Before the server
+    # starts, so that a signal sent as soon as it says it serves is not lost.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    viewer = serve(model, ds, args.host, args.port, scene=args.scene, seed=seed, size=size,
+                   max_context=(ckpt.get("data") or {}).get("max_context"))
     try:
+        print(f"Serving the GQN viewer on http://{args.host}:{args.port} ({args.checkpoint}, {len(ds)} scenes of "
+              f"{data_dir}); Ctrl-C stops it.", flush=True)
         viewer.sleep_forever()
     finally:
         viewer.stop()

@@ -120,7 +120,10 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
             browser.close()
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()  # never outlive the test (its own session would keep it running)
     assert proc.returncode == 130 and "Traceback" not in out  # Ctrl-C stops it cleanly
     shutil.copy(tmp_path / "viewer_moved.png", os.environ.get("GQN_VIEWER_SCREENSHOT", tmp_path / "kept.png"))
 
@@ -156,7 +159,10 @@ def test_a_signal_stops_the_server_even_when_its_shell_ignored_sigint(tmp_path, 
     ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
     proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], free_port(),
                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=30)
+    try:
+        proc.send_signal(sig)  # at once: the server says it serves only once a signal stops it
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # never outlive the test (its own session would keep it running)
     assert proc.returncode == 130 and "Traceback" not in out
     assert out.strip().splitlines()[-1] == "stopped the viewer"
