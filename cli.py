@@ -16,6 +16,13 @@ class UserError(Exception):
     """Bad input (flag, file, folder, run state): printed as one `error: ...` line, exit status 1."""
 
 
+def one_line(text):
+    """str(text) fit for a one-line error message: control characters (a newline in a name read from a file, or in
+    a library's message) escaped as repr shows them; printable text unchanged."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class Interrupted(Exception):
     """A signal stopped the command: `message` says what was kept and how to go on; exit status `code`."""
 

@@ -151,3 +151,19 @@ def make_checkpoint(path, image_size=SIZE, data_size=None, seed=0, **overrides):
                                        "image_size": data_size or image_size, "max_context": 5},
                 "rng": {}}, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing profiles
+
+# tests/test_fuzz_*.py (helpers in tests/fuzzing.py). "quick", the default, tries a fixed set of inputs
+# (derandomized: every run and CI see the same ones), 300 a reader, in under a minute on one core; "long"
+# (`python -m pytest tests/test_fuzz_*.py --hypothesis-profile long`) 10,000 new ones a reader (its properties share
+# them: fuzzing.share). Neither keeps an example database, so nothing is written into the repository (hypothesis
+# caches Unicode tables under .hypothesis/, which .gitignore leaves out).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZING = dict(database=None, deadline=10_000, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.register_profile("quick", max_examples=300, derandomize=True, **_FUZZING)
+settings.register_profile("long", max_examples=10_000, **_FUZZING)
+settings.load_profile("quick")
