@@ -22,7 +22,7 @@ import simplejpeg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.tfrecord import TFRecordError, parse_example, read_records  # noqa: E402
 from cameras import pose7  # noqa: E402
-from cli import ArgumentParser, UserError, main as cli_main, positive_int  # noqa: E402
+from cli import ArgumentParser, UserError, main as cli_main, one_line, positive_int  # noqa: E402
 from gqn_dataset import DATASETS, foreign_shards, write_shard  # noqa: E402
 from progress import progress_bar  # noqa: E402
 
@@ -38,11 +38,16 @@ def convert_shard(src, dst, dataset):
         try:
             features = parse_example(data)
         except ValueError as e:
-            raise TFRecordError(f"{src}: record {index}: {e}") from None
+            raise TFRecordError(f"{src}: record {index}: {one_line(e)}") from None
         jpegs, cams = features.get("frames", []), features.get("cameras", [])
         if len(jpegs) != s or len(cams) != s * 5:
             raise TFRecordError(f"{src}: record {index}: expected {s} frames and {s * 5} camera values for "
                                 f"{dataset}, found {len(jpegs)} and {len(cams)}")
+        if not all(isinstance(f, bytes) for f in jpegs) or any(isinstance(c, bytes) for c in cams):
+            raise TFRecordError(f"{src}: record {index}: frames must be a bytes list and cameras a list of numbers")
+        cams = np.asarray(cams, dtype=np.float32)
+        if not np.isfinite(cams).all():  # never in DeepMind's data; NaN poses would only surface as a NaN loss
+            raise TFRecordError(f"{src}: record {index}: a camera value is not finite")
         if index == 0:  # one header per shard: catches a folder of the wrong data set without slowing conversion
             try:
                 h, w, _, _ = simplejpeg.decode_jpeg_header(jpegs[0])

@@ -5,21 +5,26 @@ record: `frames` (S JPEG byte strings) and `cameras` (S*5 floats), see gqn-datas
 
 TFRecord framing, per record:
     uint64 length (little endian) | uint32 masked_crc32c(length bytes) | data[length] | uint32 masked_crc32c(data)
-Every CRC is verified; any damage raises TFRecordError naming the record index and what is wrong.
+Every CRC is verified; any damage raises TFRecordError (a cli.UserError) naming the record index and what is
+wrong. A length field is checked against the bytes left in the file before anything is read, so a damaged or
+hostile one (up to 2^64 - 1, its CRC honest) allocates nothing.
 The Example schema is built here from descriptors (tensorflow/core/example/{example,feature}.proto), so neither
 protoc nor TensorFlow is needed; parsing runs in protobuf's C (upb) backend.
 """
+import os
 import struct
 
 import crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from cli import UserError
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
 
 
-class TFRecordError(ValueError):
+class TFRecordError(UserError, ValueError):
     """A damaged TFRecord file or record; str() is '<file>: record <i>: <what is wrong>'."""
 
 
@@ -32,6 +37,7 @@ def masked_crc(data):
 def read_records(path):
     """Yield the data bytes of each record of a TFRecord file, verifying both CRCs of every record."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         index = 0
         while True:
             header = f.read(_HEADER.size)
@@ -42,9 +48,11 @@ def read_records(path):
             length, length_crc = _HEADER.unpack(header)
             if masked_crc(header[:8]) != length_crc:
                 raise TFRecordError(f"{path}: record {index}: corrupt length field (CRC32C mismatch)")
-            data = f.read(length)
-            footer = f.read(_FOOTER.size)
-            if len(data) < length or len(footer) < _FOOTER.size:
+            # f.read(n) allocates n bytes before it reads: a length beyond the file's end is refused first.
+            fits = length <= size - f.tell() - _FOOTER.size
+            data = f.read(length) if fits else b""
+            footer = f.read(_FOOTER.size) if fits else b""
+            if not fits or len(data) < length or len(footer) < _FOOTER.size:
                 raise TFRecordError(f"{path}: record {index}: truncated (file ends inside the record data, "
                                     f"{length} bytes expected)")
             if masked_crc(data) != _FOOTER.unpack(footer)[0]:
