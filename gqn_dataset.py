@@ -18,14 +18,15 @@ DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the v
 """
 import bisect
 import functools
-import gzip
 import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import simplejpeg
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cameras import pose7
-from cli import UserError
+from cli import UserError, one_line
 
 FORMAT = "gqn-jpeg-v1"
 CAMERA_KEYS = ("fov", "near", "far")  # optional shard keys: the camera model, when known
@@ -42,6 +43,9 @@ SOURCES = {"gqn-datasets": "DeepMind's gqn-datasets (dataset/convert2torch.py)",
            "renderer": "the built-in renderer (dataset/shepard_metzler.py)",
            "import": "own scenes (dataset/import_scenes.py)"}
 JPEG_QUALITY = 95  # frames this project encodes: quality and 4:2:0 chroma subsampling as in DeepMind's frames
+# Pixels a side of the largest image a shard may hold: GQN's data are 64-128; an image_size read from a damaged
+# file sizes every decoded batch, so a larger one is refused rather than allocated.
+MAX_IMAGE_SIZE = 4096
 
 # Maximum number of context views per data set (K of the paper's training procedure).
 MAX_CONTEXT = {"shepard_metzler_5_parts": 15, "shepard_metzler_7_parts": 15, "rooms_ring_camera": 5,
@@ -107,6 +111,8 @@ def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=
     s = len(frames[0]) if n else (cameras.shape[1] if cameras.ndim == 3 else 0)
     if cameras.shape != (n, s, 7):
         raise ValueError(f"{path}: cameras shape {cameras.shape} does not match {n} scenes x {s} views x 7")
+    if not 1 <= int(image_size) <= MAX_IMAGE_SIZE:  # what GQNDataset would refuse to read
+        raise DatasetError(f"{path}: image_size {image_size}: the format holds 1 to {MAX_IMAGE_SIZE} pixels a side")
     views = [bytes(f) for scene in frames for f in scene]
     if len(views) != n * s or any(len(scene) != s for scene in frames):
         raise ValueError(f"{path}: every scene must have {s} views")
@@ -168,6 +174,40 @@ class _LegacyScene:
         self.state = state
 
 
+class _LegacyArray(np.ndarray):
+    """numpy.ndarray as a Scene pickle names it. numpy's pickles build an empty array (_legacy_reconstruct) and fill
+    it with __setstate__; both are checked first, since a shape read from a hostile file would otherwise allocate
+    (and for object arrays fill) gigabytes from a few bytes."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("calls numpy.ndarray, which numpy's own pickles never do")
+
+    def __setstate__(self, state):
+        shape, dtype, raw = state[-4], np.dtype(state[-3]), state[-1]
+        if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise pickle.UnpicklingError(f"array of shape {shape!r}")
+        n = math.prod(shape)
+        held = (len(raw) if isinstance(raw, list) else
+                len(raw) // dtype.itemsize if isinstance(raw, bytes) and dtype.itemsize else -1)
+        if held != n or (isinstance(raw, bytes) and len(raw) != n * dtype.itemsize):
+            raise pickle.UnpicklingError(f"array of shape {shape} holds data for {held} elements")
+        super().__setstate__(state)
+
+
+def _legacy_reconstruct(subtype, shape, dtype):
+    # numpy's ndarray.__reduce__ always passes (ndarray, (0,), b'b'): anything else is not numpy's pickle
+    if subtype is not _LegacyArray or math.prod(shape if isinstance(shape, tuple) else (shape,)) != 0:
+        raise pickle.UnpicklingError(f"_reconstruct of a {getattr(subtype, '__name__', subtype)} of shape {shape!r}")
+    return _multiarray.multiarray._reconstruct(_LegacyArray, shape, dtype)
+
+
+def _empty_bytes(*args):
+    # Protocol-2 pickles spell b"" as bytes(); bytes(n) from a hostile file would allocate n bytes.
+    if args:
+        raise pickle.UnpicklingError("bytes() with arguments")
+    return b""
+
+
 def _latin1_encode(text, encoding="utf-8"):
     # Protocol-2 pickles spell `bytes` as _codecs.encode(str, "latin1"); no other codec is ever needed.
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
@@ -178,16 +218,19 @@ def _latin1_encode(text, encoding="utf-8"):
 _multiarray = getattr(np, "_core", None) or np.core
 # Everything a torch-gqn Scene pickle refers to (numpy object array of bytes, float32 array, the Scene class).
 _LEGACY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray.multiarray._reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _legacy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _legacy_reconstruct,
+    ("numpy", "ndarray"): _LegacyArray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
-    ("builtins", "bytes"): bytes,
+    ("builtins", "bytes"): _empty_bytes,
     ("__main__", "Scene"): _LegacyScene,
     ("__mp_main__", "Scene"): _LegacyScene,
     ("convert2torch", "Scene"): _LegacyScene,
 }
+# A scene file is JPEG bytes, which do not compress: contents beyond this many times the file are a decompression
+# bomb, refused before they are inflated.
+_LEGACY_EXPANSION = 64
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -199,6 +242,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("holds torch tensors/storages, which torch-gqn Scene files never do")
+
+
+def _unpickle(f):
+    """The next pickle in f, through _RestrictedUnpickler, after a walk over its opcodes (pickletools, which reads
+    no more than the data holds). CPython's unpickler allocates first what a pickle states: a counted bytes or str
+    (BINBYTES8: up to 2^64 - 1) before reading it, a memo table up to a PUT's index; both are refused here when the
+    data cannot justify them (a pickler numbers its memo entries in order, so an index is below the opcodes seen)."""
+    start = f.tell()
+    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:
+            raise pickle.UnpicklingError(f"memo index {arg} at opcode {count}")
+    f.seek(start)
+    return _RestrictedUnpickler(f).load()
 
 
 def _scene_fields(obj):
@@ -215,39 +271,60 @@ def _scene_fields(obj):
     raise pickle.UnpicklingError(f"payload is a {type(obj).__name__}, not a Scene(frames, cameras)")
 
 
+def _gunzip(data, limit):
+    """gzip bytes -> their contents, inflating no more than `limit` bytes."""
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = z.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise pickle.UnpicklingError(f"decompresses to more than {_LEGACY_EXPANSION}x its size, which JPEG bytes "
+                                     f"never do")
+    if not z.eof:
+        raise pickle.UnpicklingError("gzip stream ends early (truncated)")
+    return out
+
+
 def load_legacy_scene(path):
-    """Read one torch-gqn scene file (`N.pt` / `N.pt.gz`) -> (list of S JPEG bytes, float32 cameras [S, 5]).
+    """Read one torch-gqn scene file (`N.pt` / `N.pt.gz`) -> (list of S >= 1 JPEG bytes, float32 cameras [S, 5]).
 
     Raises DatasetError naming the file if it is anything else; a pickle asking for any global outside
-    _LEGACY_GLOBALS is refused before anything is called.
+    _LEGACY_GLOBALS is refused before anything is called, and so is one that would inflate or allocate more than
+    _LEGACY_EXPANSION times the file's size.
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
+        limit = _LEGACY_EXPANSION * len(data) + (1 << 20)
         if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+            data = _gunzip(data, limit)
         if data[:4] == b"PK\x03\x04":  # written by torch >= 1.6: a zip holding <name>/data.pkl
             with zipfile.ZipFile(io.BytesIO(data)) as z:
-                pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+                pkl = [i for i in z.infolist() if i.filename.endswith("data.pkl")]
                 if not pkl:
                     raise pickle.UnpicklingError("zip file without data.pkl")
-                obj = _RestrictedUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+                if pkl[0].file_size > limit:
+                    raise pickle.UnpicklingError(f"data.pkl claims {pkl[0].file_size} bytes")
+                obj = _unpickle(io.BytesIO(z.read(pkl[0])))
         else:  # legacy torch.save stream: magic, protocol, sys_info, payload, storage keys (each a pickle)
             f = io.BytesIO(data)
-            if _RestrictedUnpickler(f).load() != _LEGACY_MAGIC:
+            if _unpickle(f) != _LEGACY_MAGIC:
                 raise pickle.UnpicklingError("not a torch.save file (bad magic number)")
-            _RestrictedUnpickler(f).load()
-            _RestrictedUnpickler(f).load()
-            obj = _RestrictedUnpickler(f).load()
+            _unpickle(f)
+            _unpickle(f)
+            obj = _unpickle(f)
         frames, cameras = _scene_fields(obj)
-        frames = [bytes(x) for x in np.asarray(frames, dtype=object).reshape(-1)]
+        frames = list(np.asarray(frames, dtype=object).reshape(-1))
+        if not frames or not all(isinstance(x, bytes) for x in frames):
+            raise pickle.UnpicklingError("frames are not a list of JPEG bytes")
+        frames = [bytes(x) for x in frames]  # numpy.bytes_ -> bytes
         cameras = np.asarray(cameras, dtype=np.float32).reshape(-1, 5)
         if len(frames) != len(cameras):
             raise pickle.UnpicklingError(f"{len(frames)} frames but {len(cameras)} cameras")
+        if not np.isfinite(cameras).all():
+            raise pickle.UnpicklingError("a camera is not finite")
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise DatasetError(f"{path}: cannot read ({one_line(e.strerror or e)})") from None
     except Exception as e:  # malformed input of any kind: one clear line, never a half-loaded object
-        raise DatasetError(f"{path}: not a torch-gqn Scene file: {e}") from None
+        raise DatasetError(f"{path}: not a torch-gqn Scene file: {one_line(e)}") from None
     return frames, cameras
 
 
@@ -259,7 +336,7 @@ def _decode_into(jpeg, out, where):
     try:
         img = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out)
     except ValueError as e:
-        raise DatasetError(f"{where}: bad JPEG ({e})") from None
+        raise DatasetError(f"{where}: bad JPEG ({one_line(e)})") from None
     if img.shape != out.shape:
         raise DatasetError(f"{where}: JPEG is {img.shape[1]}x{img.shape[0]}, expected {out.shape[1]}x{out.shape[0]}")
 
@@ -276,8 +353,8 @@ def foreign_shards(folder, source):
                 other = torch.load(path, weights_only=True, mmap=True).get("source")
             except Exception:
                 other = None  # not a shard this tool can read: left to the reader to name
-            if other and other != source:
-                return f"{path} (from {SOURCES.get(other, other)})"
+            if isinstance(other, str) and other and other != source:
+                return f"{path} (from {SOURCES.get(other, one_line(other))})"
     return None
 
 
@@ -287,6 +364,47 @@ def _is_converted(path):
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+# The shard's arrays as write_shard stores them: key, dtype, rank.
+_SHARD_TENSORS = (("jpeg", torch.uint8, 1), ("offsets", torch.int64, 1), ("cameras", torch.float32, 3))
+
+
+def _plain(t, name, dtype, dim):
+    """A shard's tensor -> its numpy array, if it is what write_shard stores: dense, contiguous, on the CPU, of that
+    dtype and rank. Its size is then its bytes in the file (a stride-0 or sparse tensor could claim any size)."""
+    if (type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != dim or t.layout != torch.strided
+            or t.device.type != "cpu" or not t.is_contiguous()):
+        raise ValueError(f"{name} is not a contiguous {dim}-d {dtype} tensor")
+    return t.numpy()
+
+
+def _read_shard(path):
+    """Load and check one converted shard -> ((dataset, image_size, views), (fov, near, far), source, (jpeg,
+    offsets, cameras) as mmap'd numpy arrays). The fields are checked against each other and their ends (the
+    offsets' first and last, the cameras' shape), so that nothing is sized from a damaged or hostile value; each
+    scene's own offsets and cameras are checked when it is read (GQNDataset._scene). DatasetError names the file."""
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"no format {FORMAT!r}")
+        dataset, size, views, source = (obj.get(k) for k in ("dataset", "image_size", "views", "source"))
+        if not isinstance(dataset, str) or not (source is None or isinstance(source, str)):
+            raise ValueError("dataset or source is not a string")
+        if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or type(views) is not int or views < 0:
+            raise ValueError(f"image_size {size!r} or views {views!r} out of range")
+        jpeg, offsets, cameras = (_plain(obj.get(k), k, dtype, dim) for k, dtype, dim in _SHARD_TENSORS)
+        if (cameras.shape[1:] != (views, 7) or len(offsets) != len(cameras) * views + 1 or offsets[0] != 0
+                or offsets[-1] != len(jpeg)):
+            raise ValueError("inconsistent header")
+        if len(offsets) > 1:  # the first frame's size, so that a damaged image_size allocates nothing to decode
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg[offsets[0]:offsets[1]])
+            if (h, w) != (size, size):
+                raise ValueError(f"its first frame is {w}x{h}, its image_size {size}")
+        camera = camera_model(**{k: obj[k] for k in CAMERA_KEYS if obj.get(k) is not None})
+    except Exception as e:
+        raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e)})") from None
+    return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, (jpeg, offsets, cameras)
 
 
 class GQNDataset(torch.utils.data.Dataset):
@@ -331,33 +449,25 @@ class GQNDataset(torch.utils.data.Dataset):
         self._shards = {}
         counts = []
         for i, path in enumerate(self._paths):
-            try:
-                obj = torch.load(path, weights_only=True, mmap=True)
-                head = (obj["format"], obj["dataset"], int(obj["image_size"]), int(obj["views"]))
-                n, s = obj["cameras"].shape[:2]
-                if head[0] != FORMAT or obj["offsets"].numel() != n * s + 1 or s != head[3]:
-                    raise ValueError("inconsistent header")
-                camera = tuple(None if obj.get(k) is None else float(obj[k]) for k in CAMERA_KEYS)
-                source = obj.get("source")
-            except Exception as e:
-                raise DatasetError(f"{path}: not a converted GQN shard ({e})") from None
+            head, camera, source, arrays = _read_shard(path)
             if i == 0:
-                _, self.dataset, self.image_size, self.views = head
+                self.dataset, self.image_size, self.views = head
                 self.fov, self.near, self.far = camera
                 self.source, source_path = source, path
             elif source and self.source and source != self.source:
                 raise DatasetError(f"{self.root} holds two data sets: {source_path} is from "
-                                   f"{SOURCES.get(self.source, self.source)} and {path} from "
-                                   f"{SOURCES.get(source, source)}; keep one data set a folder")
-            elif head[1:] != (self.dataset, self.image_size, self.views):
-                raise DatasetError(f"{path}: holds {head[1]} {head[2]}px x {head[3]} views, unlike "
-                                   f"{self._paths[0]} ({self.dataset} {self.image_size}px x {self.views} views)")
+                                   f"{SOURCES.get(self.source, one_line(self.source))} and {path} from "
+                                   f"{SOURCES.get(source, one_line(source))}; keep one data set a folder")
+            elif head != (self.dataset, self.image_size, self.views):
+                raise DatasetError(f"{path}: holds {one_line(head[0])} {head[1]}px x {head[2]} views, unlike "
+                                   f"{self._paths[0]} ({one_line(self.dataset)} {self.image_size}px x {self.views} "
+                                   f"views)")
             elif camera != (self.fov, self.near, self.far):
                 raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {self._paths[0]} "
                                    f"{(self.fov, self.near, self.far)}: two data sets in one folder?")
             self.source = self.source or source
-            self._shards[i] = self._arrays(obj)  # mmap'd, so this holds no file handle and reads no JPEG bytes
-            counts.append(int(n))
+            self._shards[i] = arrays  # mmap'd, so this holds no file handle and reads no JPEG bytes
+            counts.append(len(arrays[2]))
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
 
     def _init_legacy(self, files):
@@ -371,16 +481,15 @@ class GQNDataset(torch.utils.data.Dataset):
         try:
             h, w, _, _ = simplejpeg.decode_jpeg_header(frames[0])
         except ValueError as e:
-            raise DatasetError(f"{self._paths[0]}: bad JPEG ({e})") from None
+            raise DatasetError(f"{self._paths[0]}: bad JPEG ({one_line(e)})") from None
+        if h != w or not 1 <= h <= MAX_IMAGE_SIZE:
+            raise DatasetError(f"{self._paths[0]}: frames are {w}x{h}; GQN reads square images of at most "
+                               f"{MAX_IMAGE_SIZE} pixels a side")
         self.image_size = h
         # torch-gqn folders are named like `shepard_metzler_5_parts-torch/train`: take a known name if one leads.
         parent = os.path.basename(os.path.dirname(os.path.abspath(self.root)))
         known = [n for n in DATASETS if parent.startswith(n)]
         self.dataset = max(known, key=len) if known else None
-
-    @staticmethod
-    def _arrays(obj):
-        return obj["jpeg"].numpy(), obj["offsets"].numpy(), obj["cameras"].numpy()
 
     def __getstate__(self):
         # DataLoader workers started with spawn re-open (mmap) shards themselves instead of receiving the bytes.
@@ -410,11 +519,10 @@ class GQNDataset(torch.utils.data.Dataset):
         """Scene i as stored -> (list of S JPEG bytes, cameras float32 [S, 7]), nothing decoded."""
         k, local = self._locate(i)
         if self.format == "legacy":
-            frames, cameras5 = load_legacy_scene(self._paths[k])
+            frames, cameras5 = self._legacy(k)
             return frames, pose7(cameras5)
-        jpeg, offsets, cameras = self._shard(k)
-        base = local * self.views
-        return [bytes(jpeg[offsets[base + j]:offsets[base + j + 1]]) for j in range(self.views)], cameras[local]
+        jpeg, o, cameras = self._scene(k, local)
+        return [bytes(jpeg[o[j]:o[j + 1]]) for j in range(self.views)], cameras
 
     def _locate(self, i):
         """Scene i -> (shard or file index, scene index within it)."""
@@ -428,8 +536,28 @@ class GQNDataset(torch.utils.data.Dataset):
     def _shard(self, k):
         shard = self._shards.get(k)
         if shard is None:
-            shard = self._shards[k] = self._arrays(torch.load(self._paths[k], weights_only=True, mmap=True))
+            shard = _read_shard(self._paths[k])[3]
+            if len(shard[2]) != self._starts[k + 1] - self._starts[k]:
+                raise DatasetError(f"{self._paths[k]}: changed since {self.root} was opened; open it again")
+            self._shards[k] = shard
         return shard
+
+    def _scene(self, k, local):
+        """Scene `local` of shard k -> (the shard's JPEG bytes, the scene's S+1 offsets into them, cameras [S, 7]).
+
+        Checked per scene, which costs microseconds, rather than all offsets and cameras when a folder is opened."""
+        jpeg, offsets, cameras = self._shard(k)
+        o = offsets[local * self.views:(local + 1) * self.views + 1]
+        if o[0] < 0 or o[-1] > len(jpeg) or (o[1:] < o[:-1]).any() or not np.isfinite(cameras[local]).all():
+            raise DatasetError(f"{self._paths[k]}: scene {local} is damaged (JPEG offsets out of order or out of "
+                               f"range, or a camera not finite)")
+        return jpeg, o, cameras[local]
+
+    def _legacy(self, k):
+        frames, cameras5 = load_legacy_scene(self._paths[k])
+        if len(frames) != self.views:
+            raise DatasetError(f"{self._paths[k]}: {len(frames)} views, unlike {self._paths[0]} ({self.views})")
+        return frames, cameras5
 
     def _load_into(self, i, views, outs):
         """Decode views of scene i into outs (list of [H, W, 3] uint8 arrays) -> cameras float32 [V, 7]."""
@@ -438,15 +566,14 @@ class GQNDataset(torch.utils.data.Dataset):
             if not 0 <= j < self.views:
                 raise IndexError(f"view {j} out of range for {self.views} views")
         if self.format == "legacy":
-            frames, cameras5 = load_legacy_scene(self._paths[k])
+            frames, cameras5 = self._legacy(k)
             for j, out in zip(views, outs):
                 _decode_into(frames[j], out, self._paths[k])
             return pose7(cameras5[views])
-        jpeg, offsets, cameras = self._shard(k)
-        base = local * self.views
+        jpeg, o, cameras = self._scene(k, local)
         for j, out in zip(views, outs):
-            _decode_into(jpeg[offsets[base + j]:offsets[base + j + 1]], out, self._paths[k])
-        return cameras[local, views]
+            _decode_into(jpeg[o[j]:o[j + 1]], out, self._paths[k])
+        return cameras[views]
 
 
 def open_split(folder, flag):
