@@ -60,7 +60,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cameras import direction, from_matrix, look_point, pose7  # noqa: E402
-from cli import ArgumentParser, UserError, main as cli_main, positive_float, positive_int  # noqa: E402
+from cli import ArgumentParser, UserError, main as cli_main, one_line, positive_float, positive_int  # noqa: E402
 from dataset.shepard_metzler import shard_names  # noqa: E402
 from gqn_dataset import DatasetError, camera_model, current_umask, encode_jpeg, resize, write_shard  # noqa: E402
 from progress import progress_bar  # noqa: E402
@@ -279,9 +279,9 @@ def _read_csv(folder):
                 if not row["file"].strip():
                     raise DatasetError(f"{where}: no file name")
                 files.append(os.path.join(folder, row["file"].strip()))
-                raw.append(_finite(numbers, f"{where} ({row['file'].strip()})"))
+                raw.append(_finite(numbers, f"{where} ({one_line(row['file'].strip())})"))
     except (UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"{path}: not a CSV file ({e})") from None
+        raise DatasetError(f"{path}: not a CSV file ({one_line(e)})") from None
     return files, np.array(raw).reshape(-1, 5), None, [None] * len(files)
 
 
@@ -299,28 +299,36 @@ def _read_transforms(folder, up):
     try:
         with open(path, "rb") as f:
             meta = json.loads(f.read())
+    except RecursionError:
+        raise DatasetError(f"{path}: not valid JSON (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+        raise DatasetError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list):
         raise DatasetError(f"{path}: no list of \"frames\"")
-    files, matrices, fovs = [], [], []
+    files, matrices, fovs, wheres = [], [], [], []
     for k, frame in enumerate(meta["frames"]):
         where = f"{path}: frame {k}"
         if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
             raise DatasetError(f"{where}: no \"file_path\"")
-        where += f" ({frame['file_path']})"
+        where += f" ({one_line(frame['file_path'])})"
         try:
             m = np.array(frame["transform_matrix"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float64
             raise DatasetError(f"{where}: no 4x4 \"transform_matrix\" of numbers") from None
         if m.shape not in ((4, 4), (3, 4)):
-            raise DatasetError(f"{where}: transform_matrix is {'x'.join(map(str, m.shape))}, expected 4x4")
-        matrices.append(_finite(m, where))
+            raise DatasetError(f"{where}: transform_matrix is {'x'.join(map(str, m.shape)) or 'a number'}, "
+                               f"expected 4x4")
+        matrices.append(_finite(m, where)[:3])
         files.append(_find_image(folder, frame["file_path"]))
         fovs.append(_fov_x(frame, meta, where))
+        wheres.append(where)
     if not matrices:
         return [], np.zeros((0, 5)), np.zeros(0), []
-    raw, roll = from_matrix(np.stack(matrices), up)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        raw, roll = from_matrix(np.stack(matrices), up)
+    bad = np.flatnonzero(~(np.isfinite(raw).all(-1) & np.isfinite(roll)))
+    if len(bad):  # a zero (or overflowing) axis has no direction
+        raise DatasetError(f"{wheres[bad[0]]}: transform_matrix has no rotation (a zero or overflowing axis)")
     return files, raw, roll, fovs
 
 
@@ -333,19 +341,31 @@ def _find_image(folder, file_path):
 
 
 def _fov_x(frame, meta, where):
-    """A frame's horizontal field of view in degrees (its own intrinsics, else the file's), or None; w is checked
-    against the image later."""
+    """A frame's horizontal field of view in degrees (its own intrinsics, else the file's), or None; with fl_x
+    but no w, (fl_x, None) until the image's width is known (scan_scene)."""
     def get(key):
         value = frame.get(key, meta.get(key))
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise DatasetError(f"{where}: {key} {value!r} is not a positive number")
+        if value is not None and not _positive_number(value):
+            raise DatasetError(f"{where}: {key} {one_line(repr(value)[:40])} is not a positive number")
         return value
     angle, fl_x, w = get("camera_angle_x"), get("fl_x"), get("w")
     if angle is not None:
+        if angle >= math.pi:
+            raise DatasetError(f"{where}: camera_angle_x {angle} is not below pi (180 degrees)")
         return math.degrees(angle)
     if fl_x is not None:
         return (fl_x, w)  # degrees once the image width is known, if w is absent
     return None
+
+
+def _positive_number(value):
+    """A JSON number (not a bool, which Python counts as int) that is finite and positive as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:  # an integer beyond float64
+        return False
 
 
 def scan_scene(folder, up, fov):
@@ -367,16 +387,19 @@ def scan_scene(folder, up, fov):
         return scene  # skipped by the caller: its images do not matter
     for k, path in enumerate(files):
         if not os.path.isfile(path):
-            raise DatasetError(f"{path}: missing (named in {os.path.join(folder, layouts[0])})")
+            raise DatasetError(f"{one_line(path)}: missing (named in {os.path.join(folder, layouts[0])})")
         try:
             with Image.open(path) as im:
                 size = im.size
         except Exception as e:
-            raise DatasetError(f"{path}: unreadable image ({e})") from None
+            raise DatasetError(f"{one_line(path)}: unreadable image ({one_line(e)})") from None
         scene["sizes"].append(size)
         if isinstance(fovs[k], tuple):  # fl_x: the fov needs the image width when w is not given
             fl_x, w = fovs[k]
-            fovs[k] = math.degrees(2 * math.atan((w or size[0]) / (2 * fl_x)))
+            fovs[k] = math.degrees(2 * math.atan2(float(w or size[0]), 2 * float(fl_x)))  # atan2: no overflow
+            if not 0 < fovs[k] < 180:
+                raise DatasetError(f"{os.path.join(folder, layouts[0])}: frame {k}: fl_x {fl_x} and width "
+                                   f"{w or size[0]} give no field of view between 0 and 180 degrees")
     return scene
 
 
