@@ -75,17 +75,20 @@ def read_poses(path):
             lines = [(n, line.replace(",", " ").split()) for n, line in enumerate(f, 1)]
     except OSError as e:
         raise UserError(f"--poses {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--poses {path}: not a text file ({e.reason} at byte {e.start})") from None
     rows = []
     for n, words in lines:
         if not words or words[0].startswith("#"):
             continue
         try:
-            row = [float(w) for w in words]
+            row = torch.tensor([float(w) for w in words])  # float32, as the model reads it
         except ValueError:
-            row = []
-        if len(row) not in (5, 7) or not all(math.isfinite(x) for x in row):
-            raise UserError(f"--poses {path}: line {n}: expected 7 or 5 finite numbers, got {' '.join(words)!r}")
-        rows.append(pose7(torch.tensor(row)) if len(row) == 5 else torch.tensor(row))
+            row = torch.zeros(0)
+        if len(row) not in (5, 7) or not row.isfinite().all():  # 1e39 is finite, but not in float32
+            raise UserError(f"--poses {path}: line {n}: expected 7 or 5 finite numbers, got "
+                            f"{' '.join(words)[:80]!r}")
+        rows.append(pose7(row) if len(row) == 5 else row)
     if not rows:
         raise UserError(f"--poses {path}: holds no camera")
     return torch.stack(rows)
