@@ -137,14 +137,53 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a loadable checkpoint, damaged or not one ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "step"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a GQN checkpoint (no 'model', 'model_config' and 'step')")
+    wrong = _wrong_field(ckpt)
+    if wrong:
+        raise CheckpointError(f"{path}: not a GQN checkpoint ({wrong})")
     return ckpt
+
+
+def _wrong_field(ckpt):
+    """What is wrong with the fields that the commands read from a checkpoint (a damaged one can hold any types), or
+    None: model a dict of tensors, model_config a dict, step a count, config and data dicts, data's sizes ints."""
+    if not (isinstance(ckpt["model"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in ckpt["model"].items())):
+        return "'model' is not a dict of tensors"
+    if not (isinstance(ckpt["model_config"], dict) and all(isinstance(k, str) for k in ckpt["model_config"])):
+        return "'model_config' is not a dict"
+    if type(ckpt["step"]) is not int or ckpt["step"] < 0:
+        return f"'step' is {type(ckpt['step']).__name__}, not a count"
+    for key in ("config", "data"):
+        if not isinstance(ckpt.get(key) or {}, dict):
+            return f"'{key}' is not a dict"
+    for key in ("image_size", "max_context"):
+        value = (ckpt.get("data") or {}).get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            return f"data's '{key}' is not a positive integer"
+    return None
 
 
 def build_model(ckpt):
     """The GQN a checkpoint holds, weights loaded (on the CPU, in training mode: call .to()/.eval() as needed)."""
+    _check_fit(ckpt["model_config"], ckpt["model"])
     model = GQN(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def _check_fit(config, weights):
+    """Raise ValueError unless model_config builds a model whose weights have the checkpoint's shapes, checked on
+    the meta device, where building allocates nothing: a damaged config (h_dim 10**6, L 10**9) is refused before
+    it allocates, or loops, far beyond what the file holds."""
+    if not config.get("shared_core", False) and not (isinstance(config.get("L", 12), int)
+                                                     and config.get("L", 12) <= len(weights)):
+        raise ValueError(f"L {config.get('L')!r}: more steps than the checkpoint has weights")  # each step has its own
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GQN(**config).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    if want != have:
+        k = min(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise ValueError(f"{k}: the config makes {want.get(k)}, the weights hold {have.get(k)}")
 
 
 def load_model(path, device="cpu", flag="--checkpoint"):
@@ -157,7 +196,7 @@ def load_model(path, device="cpu", flag="--checkpoint"):
         model = build_model(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"{flag} {e}{way_back(path, lambda back: f'pass {flag} {back}')}") from None
-    except (TypeError, ValueError, RuntimeError) as e:  # model_config or weights from another version
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:  # model_config or weights from another version
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{flag} {path}: weights do not fit its model_config ({first})") from None
     return model.to(device).eval(), ckpt
