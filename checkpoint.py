@@ -132,6 +132,13 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not zipped:  # torch.load reads any other file as a legacy pickle stream, allocating the lengths it states
+        raise CheckpointError(f"{path}: not a loadable checkpoint, damaged or not one (not torch.save's zip format)")
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or foreign file: name the file, not where torch failed
         raise CheckpointError(f"{path}: not a loadable checkpoint, damaged or not one ({type(e).__name__})") from None

@@ -139,3 +139,10 @@ def test_regressions_are_refused_in_one_line(field, value):
     run_seed; data's image_size a string: ValueError in input_size)."""
     _, error = load(saved({**CKPT, field: value}))
     assert error is not None
+
+
+def test_a_file_that_is_not_a_zip_is_refused_before_torch_reads_it():
+    """Regression, found by the long profile: a checkpoint whose first bytes became a pickle opcode (BINUNICODE of
+    134 MB) was read by torch.load as a legacy pickle stream, whose unpickler allocates the stated length first."""
+    _, error = load(b"X\xff\xff\xff\x7f" + VALID[5:])
+    assert "not torch.save's zip format" in str(error)
