@@ -70,6 +70,26 @@ def mutated(draw, data, region=None, max_edits=4):
     return bytes(out)
 
 
+def written(name, write):
+    """A valid file to mutate: `write(path)` makes it in a scratch folder -> (its bytes, what torch.load reads)."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, name)
+        write(path)
+        with open(path, "rb") as f:
+            return f.read(), torch.load(path, weights_only=True)
+
+
+def saved(obj):
+    """torch.save's bytes of obj: a hostile file made of a generated object."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def member_span(data, suffix):
     """(start, end) of the stored bytes of the zip member whose name ends with `suffix` (torch.save's data.pkl)."""
     with zipfile.ZipFile(io.BytesIO(data)) as z:

@@ -1,8 +1,6 @@
 """Fuzzing checkpoint loading (checkpoint.load_model, as evaluate.py, render.py and view.py call it, then run_seed
 and input_size on what it returns): mutated and hostile checkpoints give a model or one CheckpointError line
 naming the file, and a config claiming a huge model allocates nothing (tests/fuzzing.py)."""
-import os
-import tempfile
 import types
 
 import pytest
@@ -12,20 +10,13 @@ from hypothesis import given, strategies as st
 from checkpoint import CheckpointError, input_size, load_model, run_seed
 from cli import UserError
 from conftest import SIZE, make_checkpoint
-from fuzzing import member_span, mutated, put, run_reader, scratch, share
+from fuzzing import member_span, mutated, put, run_reader, saved, scratch, share, written
 from model import GQN
 
 NAME = "latest.pt"
 
 
-def _valid():
-    with tempfile.TemporaryDirectory() as folder:
-        path = make_checkpoint(os.path.join(folder, NAME))
-        with open(path, "rb") as f:
-            return f.read(), torch.load(path, weights_only=True)
-
-
-VALID, CKPT = _valid()
+VALID, CKPT = written(NAME, make_checkpoint)
 PICKLE = member_span(VALID, "data.pkl")
 
 
@@ -111,13 +102,6 @@ def hostile_checkpoints(draw):
                                                 {"image_size": "x"}, {"image_size": 0}, {"max_context": -1},
                                                 {"image_size": 2 * SIZE}]))
     return ckpt
-
-
-def saved(obj):
-    with tempfile.TemporaryFile() as f:
-        torch.save(obj, f)
-        f.seek(0)
-        return f.read()
 
 
 @share(0.5)

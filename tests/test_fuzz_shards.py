@@ -1,15 +1,13 @@
 """Fuzzing GQNDataset on converted shards (gqn_dataset.write_shard's files): mutated and hostile shards give scenes
 as written or one DatasetError line naming the shard (tests/fuzzing.py)."""
 import math
-import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fuzzing import member_span, mutated, put, run_reader, scratch, share
+from fuzzing import member_span, mutated, put, run_reader, saved, scratch, share, written
 from gqn_dataset import CAMERA_KEYS, MAX_IMAGE_SIZE, GQNDataset, encode_jpeg, write_shard
 
 SIZE, SCENES, VIEWS = 8, 2, 3
@@ -20,11 +18,8 @@ def _valid():
     frames = [[encode_jpeg(np.full((SIZE, SIZE, 3), 40 * (3 * i + j), np.uint8)) for j in range(VIEWS)]
               for i in range(SCENES)]
     cams = np.arange(SCENES * VIEWS * 7, dtype=np.float32).reshape(SCENES, VIEWS, 7) / 10
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, NAME)
-        write_shard(path, frames, cams, "shepard_metzler_5_parts", SIZE, {"fov": 30, "near": 2, "far": 6}, "import")
-        with open(path, "rb") as f:
-            return f.read(), torch.load(path, weights_only=True)
+    return written(NAME, lambda path: write_shard(path, frames, cams, "shepard_metzler_5_parts", SIZE,
+                                                  {"fov": 30, "near": 2, "far": 6}, "import"))
 
 
 VALID, OBJ = _valid()
@@ -131,13 +126,6 @@ def hostile_shards(draw):
         else:
             obj[key] = value
     return obj
-
-
-def saved(obj):
-    with tempfile.TemporaryFile() as f:
-        torch.save(obj, f)
-        f.seek(0)
-        return f.read()
 
 
 @share(0.5)
