@@ -1,9 +1,10 @@
 """The project's one error contract and command-line policy, shared by every command.
 
-train.py, evaluate.py, render.py, view.py, bench.py, bench_data.py, bench_view.py and dataset/{convert2torch,
-download,shepard_metzler,import_scenes,export_scenes}.py all parse flags with `ArgumentParser` (no abbreviated flags; a bad flag or value
-is one `error: ...` line and exit status 1, never argparse's usage block and status 2) and run through `main`,
-which turns a `UserError` (bad input: a flag, file or folder at fault, named in the message) into that line.
+train.py, evaluate.py, render.py, view.py, plot_kl.py, bench.py, bench_data.py, bench_view.py and
+dataset/{convert2torch,download,shepard_metzler,import_scenes,export_scenes}.py all parse flags with
+`ArgumentParser` (no abbreviated flags; a bad flag or value is one `error: ...` line and exit status 1, never
+argparse's usage block and status 2) and run through `main`, which turns a `UserError` (bad input: a flag, file or
+folder at fault, named in the message) into that line.
 DatasetError and CheckpointError are UserErrors. This module imports nothing of the project's, so any module may
 import it.
 """

@@ -130,9 +130,9 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
 
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    tags = acc.Tags()
     for tag in ["train/elbo", "train/kl", "train/nll", "train/bits_per_dim", "train/nll_minus_sigma_floor",
-                "test/elbo", "schedule/sigma", "schedule/lr", "speed/scenes_per_s"]:
+                "test/elbo", "schedule/sigma", "schedule/lr", "speed/scenes_per_s", "train/grad_norm",
+                "train/objective", "schedule/kl_weight", "train/kl_step_1", "train/kl_step_2"]:
         assert [e.step for e in acc.Scalars(tag)] == [3, 6], tag
     assert acc.Scalars("schedule/sigma")[0].value == pytest.approx(2.0, abs=1e-4)  # the paper schedule, step 2
     elbo, kl, nll = (acc.Scalars(f"train/{k}")[0].value for k in ("elbo", "kl", "nll"))

@@ -1,7 +1,6 @@
 """view.py in a real browser: headless Chromium (Debian's package, driven by playwright; nothing downloaded) opens the
 page, the first view arrives, a drag moves the camera, and the view shown is model.generate's for the camera the page
 reports, pixel for pixel within JPEG-free rounding; bad input gets one line."""
-import json
 import math
 import os
 import shutil
