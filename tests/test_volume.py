@@ -9,7 +9,7 @@ from checkpoint import build_model, load_checkpoint, save_checkpoint
 from dataset import shepard_metzler as sm
 from cameras import camera_frames, pose7
 from model import GQN
-from volume import Volume, project
+from volume import SAMPLES, Volume, project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,6 +82,59 @@ def test_r_ignores_view_order_and_depends_on_the_query_camera():
     perm = torch.tensor([2, 0, 3, 1])
     torch.testing.assert_close(net(x[:, perm], v[:, perm], None, v_q), r, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(net(x, v, None, v_q.roll(1, 0)), r, atol=1e-3)
+
+
+def reference_read(net, feats, v, mask, v_q, noise):
+    """Volume.read as its docstring writes it, every view weighted by whether it sees the point, autograd throughout."""
+    B, K = feats.shape[:2]
+    n, D = net.rays, SAMPLES
+    o, d, right, up = camera_frames(v_q)
+    g = (torch.arange(n, dtype=v_q.dtype) + 0.5) * (2 / n) - 1
+    gy, gx = torch.meshgrid(g, g, indexing="ij")
+    rays = d[:, None, None] + net.tan_half_fov * (gx[..., None] * right[:, None, None] - gy[..., None] * up[:, None, None])
+    t = net.depths(B, v_q.dtype, v_q.device, noise)
+    points = (o[:, None, None, None] + t[:, None, None, :, None] * rays[:, :, :, None]).reshape(B, -1, 3)
+    o, d, right, up = (a[:, :, None] for a in camera_frames(v))
+    q = points[:, None] - o
+    depth = (q * d).sum(-1)
+    scale = depth.clamp(min=1e-6) * net.tan_half_fov
+    xy = torch.stack([(q * right).sum(-1) / scale, -(q * up).sum(-1) / scale], -1)
+    seen = (depth > 0) & (xy.abs() < 1).all(-1) & mask[:, :, None]
+    sampled = torch.nn.functional.grid_sample(feats.flatten(0, 1), xy.flatten(0, 1)[:, None], align_corners=False)
+    sampled = sampled.squeeze(2).unflatten(0, (B, K))
+    w = seen[:, :, None].to(sampled.dtype)
+    views = w.sum(1)
+    mean = (sampled * w).sum(1) / views.clamp(min=1)
+    var = ((sampled - mean[:, None]) ** 2 * w).sum(1) / views.clamp(min=1)
+    real = mask.sum(1).to(v_q.dtype).view(B, 1, 1).clamp(min=1)
+    out = net.point(torch.cat([mean, var, views / real], 1).transpose(1, 2)).view(B, n, n, D, -1)
+    alpha = 1 - torch.exp(-torch.nn.functional.softplus(out[..., 0]))
+    clear = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1), -1)
+    weight = alpha * clear
+    f = (weight[..., None] * out[..., 1:]).sum(3)
+    depth = (weight * (t[:, None, None] - net.near)).sum(3, keepdim=True) / (net.far - net.near)
+    r = torch.cat([f, weight.sum(3, keepdim=True), depth], -1).permute(0, 3, 1, 2)
+    return net.out(torch.nn.functional.pixel_unshuffle(r, 2))
+
+
+def test_read_matches_the_plain_formulas_and_their_gradients():
+    """read()'s sampling of unseen points outside the image and its hand-written mean/variance backward (ViewStats)
+    give the plain formulas' r and gradients, in float64, with padded views and points no view sees."""
+    torch.manual_seed(0)
+    net = Volume(r_dim=16, image_size=16).double()
+    x, v, v_q = scenes(B=3, K=4)
+    x, v, v_q = x.double().requires_grad_(), v.double(), v_q.double()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    noise = torch.rand(3, SAMPLES, dtype=torch.float64)
+    grads = []
+    for read in (net.read, lambda *a: reference_read(net, *a)):
+        r = read(net.features(x, mask), v, mask, v_q, noise)
+        (r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view_as(r)).sum().backward()
+        grads.append([r.detach()] + [p.grad.clone() for p in (x, *net.parameters())])
+        x.grad = None
+        net.zero_grad()
+    for new, ref in zip(*grads):
+        torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_camera_settings_are_refused():
