@@ -40,12 +40,12 @@ def project(points, v, tan_half_fov):
     """points (B, N, 3), cameras v (B, K, 7) -> image coordinates (B, K, N, 2) in grid_sample's [-1, 1]
     convention (x right, y down; -1 and 1 the image's outer edges) and whether each point is in front of the
     camera and inside the image (B, K, N)."""
-    o, d, right, up = (t[:, :, None] for t in camera_frames(v))  # (B, K, 1, 3)
-    q = points[:, None] - o  # (B, K, N, 3)
-    depth = (q * d).sum(-1)
-    scale = depth.clamp(min=1e-6) * tan_half_fov
-    xy = torch.stack([(q * right).sum(-1) / scale, -(q * up).sum(-1) / scale], -1)
-    seen = (depth > 0) & (xy.abs() < 1).all(-1)
+    o, d, right, up = camera_frames(v)  # (B, K, 3)
+    # the camera's axes as columns: x right, y down, depth; one matrix product instead of three products and sums
+    q = (points[:, None] - o[:, :, None]) @ torch.stack([right, -up, d], -1)  # (B, K, N, 3)
+    depth = q[..., 2:]
+    xy = q[..., :2] / (depth.clamp(min=1e-6) * tan_half_fov)
+    seen = (depth[..., 0] > 0) & (xy.abs() < 1).all(-1)
     return xy, seen
 
 
@@ -149,7 +149,9 @@ class Volume(nn.Module):
         sampled = sampled.view(B, K, -1, xy.shape[2])  # (B, K, c, N), zero where unseen
         views = seen.sum(1, keepdim=True).to(sampled.dtype)  # (B, 1, N): how many views see each point
         mean, var = ViewStats.apply(sampled, seen[:, :, None].to(sampled.dtype), views.clamp(min=1))
-        out = self.point(torch.cat([mean, var, views / real], 1).transpose(1, 2)).view(B, n, n, D, -1)
+        # the MLP's input (B, N, 2c + 1), written once by cat from the transposed parts
+        point_in = torch.cat([mean.transpose(1, 2), var.transpose(1, 2), (views / real).transpose(1, 2)], 2)
+        out = self.point(point_in).view(B, n, n, D, -1)
         # volume rendering: weight of depth d = α_d Π_{e<d} (1 - α_e)
         alpha = 1 - torch.exp(-F.softplus(out[..., 0]))
         clear = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1), -1)
