@@ -66,6 +66,7 @@ class Config:
     log_interval: int = 100
     save_interval: int = 10_000
     keep_checkpoints: int = -1           # numbered checkpoints kept besides latest.pt, the newest; -1 = all
+    max_bad_scenes: float = 0.01         # unreadable scene reads skipped: < 1 a fraction (bad_scenes.py), else a count
     workers: int = AUTO                  # AUTO: 4, or fewer when this process may use fewer CPUs
     batch_threads: int = 1               # CPU: threads that split each step's batch (batch_threads.py); 0 = a core each
     device_ids: list = field(default_factory=lambda: [0])
@@ -104,8 +105,8 @@ PRESETS = {"paper": {}, "cpu": CPU_PRESET}
 # What may differ from the checkpoint's config on --resume: where the data is and how the run is carried out, not
 # the model, the data set or the optimisation.
 RESUME_MAY_CHANGE = {"train_data_dir", "test_data_dir", "gradient_steps", "train_minutes", "log_interval",
-                     "save_interval", "keep_checkpoints", "workers", "batch_threads", "device_ids", "amp", "compile",
-                     "checkpoint_activations", "channels_last", "resume"}
+                     "save_interval", "keep_checkpoints", "max_bad_scenes", "workers", "batch_threads", "device_ids",
+                     "amp", "compile", "checkpoint_activations", "channels_last", "resume"}
 
 # ------------------------------------------------------------------------------------------------ flags
 
@@ -151,6 +152,10 @@ FLAGS = {
     "save_interval": (positive_int, "steps between checkpoints (latest.pt and step_N.pt)"),
     "keep_checkpoints": (count_or_all, "numbered checkpoints (step_N.pt) to keep besides latest.pt, the newest: a "
                                        "number or all"),
+    "max_bad_scenes": (nonneg_float, "scenes that cannot be read are skipped, their places filled from other scenes; "
+                                     "the run stops (latest.pt at that step) when more reads than this failed: a "
+                                     "count, or below 1 that fraction of the scenes read so far (at least of one "
+                                     "epoch); 0: stop at the first"),
     "workers": (nonneg_int, "data loading processes (0 = in the training process)"),
     "batch_threads": (nonneg_int, "CPU, one process: split each step's batch over this many threads, a core each "
                                   "(0: one per CPU this process may use; 1: PyTorch's own threads)"),

@@ -22,9 +22,13 @@ generator seeded by (seed, batch, i), so the image scores repeat exactly for the
 The JSON (--json) and main()'s return value, with one context size: one flat dict, the run (checkpoint, step,
 dataset, test_data_dir, train_data_dir), then scenes, context, seed, sigma, image_size, samples, elbo, kl,
 nll, bits_per_dim, mae, rmse, psnr, ssim, [mean_of_samples_* and best_of_samples_* of the four when samples
-> 1], [mean_image_* of the four and rmse_ratio with --train_data_dir]. With several context sizes: the run,
-scenes, seed, sigma, image_size, samples, "contexts": [1, 2, ...], and "by_context": {"1": {...}, ...} with
-each size's other fields. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
+> 1], [mean_image_* of the four and rmse_ratio with --train_data_dir], kl_per_step, [the draws' scores when
+samples > 1], unreadable. With several context sizes: the run, scenes, seed, sigma, image_size, samples,
+"contexts": [1, 2, ...], and "by_context": {"1": {...}, ...} with each size's other fields.
+
+A test scene that cannot be read (a bad JPEG, a damaged or missing file) is left out of every score and named on
+stderr; "scenes" counts the scenes scored and "unreadable" lists those left out as [scene, why] (then "scenes" is
+given per context size when the sizes read different views of a damaged scene). The mean image skips them too. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
 
 Images stored at another size than the model's are resized with area interpolation only when that is what
 training did (the checkpoint records the stored size it trained on); any other size mismatch is an error.
@@ -36,6 +40,7 @@ training did (the checkpoint records the stored size it trained on); any other s
 import io
 import json
 import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -44,7 +49,8 @@ import torch
 import cli
 from checkpoint import atomic_write, input_size, load_model, run_seed
 from cli import UserError
-from gqn_dataset import FixedViews, fixed_views, open_split, resize
+from gqn_dataset import (FixedViews, Unreadable, WholeScenes, collate_readable, fixed_views, open_split,
+                         read_or_skip, resize)
 from metrics import FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict
 from pictures import novel_views, panels_grid
 from progress import progress_bar
@@ -70,16 +76,21 @@ def posterior_noise(noise_shape, seed, scenes):
 def mean_image(ds, size, max_scenes=2000, workers=0, progress=True):
     """Mean training image (3, size, size) on the 0-255 scale, over every view of up to max_scenes scenes.
 
-    The scenes are spread evenly over the split (all of them when max_scenes is 0 or larger than the split).
+    The scenes are spread evenly over the split (all of them when max_scenes is 0 or larger than the split); those
+    that cannot be read are left out (evaluate() names them).
     """
     n = len(ds)
     idx = list(range(n)) if max_scenes <= 0 or max_scenes >= n else \
         sorted(set(np.linspace(0, n - 1, max_scenes).round().astype(int).tolist()))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(WholeScenes(ds, idx), batch_size=None, num_workers=workers)
     total, count = torch.zeros(3, size, size, dtype=torch.float64), 0
-    for frames, _ in progress_bar(loader, desc="mean image", unit="scene", disable=not progress, leave=False):
-        total += resize(frames, size).double().sum(0)
-        count += frames.shape[0]
+    for item in progress_bar(loader, desc="mean image", unit="scene", disable=not progress, leave=False):
+        if isinstance(item, Unreadable):
+            continue
+        total += resize(item[0], size).double().sum(0)
+        count += item[0].shape[0]
+    if count == 0:
+        raise UserError(f"{ds.root}: none of the {len(idx)} scenes for the mean image can be read")
     return (total / count).float()
 
 
@@ -105,6 +116,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     samples: views drawn from the prior per query (mean-of-N, best-of-N and the draws' scores when > 1).
     reference: the image whose departures mark the informative pixels of the draws' scores (metrics.informative;
     default: baseline).
+    Scenes that cannot be read are left out of every score: "unreadable" lists them as [scene, why].
     """
     reference = baseline if reference is None else reference
     if samples > 1 and reference is None:
@@ -113,17 +125,21 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     size = size or model.config["image_size"]
     scenes = range(min(max_scenes, len(ds)) if max_scenes > 0 else len(ds))
     loader = torch.utils.data.DataLoader(FixedViews(ds, context, seed, scenes), batch_size=batch_size,
-                                         num_workers=workers)
+                                         num_workers=workers, collate_fn=collate_readable)
     g = torch.Generator(device=device)
     sums, n = defaultdict(float), 0
-    kl_steps, curves, spread_max = 0, {"model": [], "oracle": []}, 0.0
+    kl_steps, curves, spread_max, unreadable = 0, {"model": [], "oracle": []}, 0.0, []
 
     def add(prefix, scores):
         for k, per_image in scores.items():
             sums[prefix + k] += per_image.double().sum().item()
 
-    for batch, (x, v, x_q, v_q, scenes) in enumerate(progress_bar(loader, desc=f"evaluate {context} context views",
-                                                           unit="batch", disable=not progress)):
+    for batch, (readable, bad) in enumerate(progress_bar(loader, desc=f"evaluate {context} context views",
+                                                         unit="batch", disable=not progress)):
+        unreadable += [list(u) for u in bad]
+        if readable is None:
+            continue
+        x, v, x_q, v_q, scenes = readable
         x = (resize(x, size) / 255).to(device)  # (B, K, 3, H, W) in [0, 1]
         x_q255 = resize(x_q, size)  # (B, 3, H, W) on 0-255
         v, v_q = v.to(device), v_q.to(device)
@@ -148,6 +164,9 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         if baseline is not None:
             add("mean_image_", image_scores(baseline.expand_as(x_q255), x_q255))
         n += x.shape[0]
+    if n == 0:
+        raise UserError(f"{ds.root}: none of the {len(loader.dataset)} scenes can be read (the first: "
+                        f"{unreadable[0][1]})")
     m = {k: s / n for k, s in sums.items()}
     elbo = {k: m.pop(k) for k in ("elbo", "kl", "nll")}
     result = {"scenes": n, "context": context, "seed": seed, "sigma": SIGMA, "image_size": size, "samples": samples,
@@ -155,6 +174,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     if baseline is not None:
         result["rmse_ratio"] = ratio(m["rmse"], m["mean_image_rmse"])
     result["kl_per_step"] = (kl_steps / n).tolist()
+    result["unreadable"] = unreadable
     if samples > 1:
         result.update(draws_summary(result, {k: torch.cat(v) for k, v in curves.items()}, spread_max == 0))
     return result
@@ -200,7 +220,10 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
               "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio"):
         writer.add_scalar(f"eval/{k}", r[k], step)
     for i in np.linspace(0, len(test_ds) - 1, min(image_scenes, len(test_ds))).round().astype(int).tolist():
-        frames, cameras = test_ds[i]
+        scene = read_or_skip(lambda: test_ds[i], i)
+        if isinstance(scene, Unreadable):  # evaluate() above named it
+            continue
+        frames, cameras = scene
         ctx, _ = fixed_views(seed, i, test_ds.views, context)
         panels = novel_views(model, frames, cameras, ctx, 12, seed, size)
         writer.add_image(f"eval/novel_views/scene_{i}", np.asarray(panels_grid(panels, scale=2)), step,
@@ -216,9 +239,10 @@ def by_context(results):
     """evaluate()'s dicts, one per context size -> the JSON layout of the module docstring."""
     if len(results) == 1:
         return results[0]
-    shared = {k: results[0][k] for k in SHARED}
+    # scenes differs between sizes only when a damaged view is read by some of them: then each size says its own
+    shared = {k: results[0][k] for k in SHARED if all(r[k] == results[0][k] for r in results)}
     return {**shared, "contexts": [r["context"] for r in results],
-            "by_context": {str(r["context"]): {k: v for k, v in r.items() if k not in SHARED} for r in results}}
+            "by_context": {str(r["context"]): {k: v for k, v in r.items() if k not in shared} for r in results}}
 
 
 def predictions(samples):
@@ -357,14 +381,16 @@ def run(args):
     model, ckpt = load_model(args.checkpoint, device)
     if args.seed is None:
         args.seed = run_seed(ckpt)
-    ds = open_split(args.test_data_dir, "--test_data_dir")
+    ds = open_split(args.test_data_dir, "--test_data_dir", skip_unreadable=True)
     size = input_size(ckpt, ds, args.test_data_dir, "--test_data_dir")
     contexts = sorted(set(args.context))
     for k in contexts:
         check_context(k, ds)
     baseline = None
     if args.train_data_dir:
-        train = open_split(args.train_data_dir, "--train_data_dir")
+        train = open_split(args.train_data_dir, "--train_data_dir", skip_unreadable=True)
+        for _, why in train.unreadable:
+            print(f"warning: {why}; the mean image goes without it", file=sys.stderr)
         input_size(ckpt, train, args.train_data_dir, "--train_data_dir")
         baseline = mean_image(train, size, args.baseline_scenes, args.workers)
     # the draws' scores look at the pixels the data set's average view does not predict: the training split's mean
@@ -376,8 +402,16 @@ def run(args):
     r = {"checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
          "dataset": ds.dataset, "test_data_dir": os.path.abspath(args.test_data_dir),
          "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None,
-         **by_context(results)}
-    print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}: {r['scenes']} scenes, seed {args.seed}")
+         **by_context(results), "unreadable_files": [[path, why] for path, why in ds.unreadable]}
+    left_out = {scene: why for result in results for scene, why in result["unreadable"]}
+    for scene, why in sorted(left_out.items()):
+        print(f"warning: left out test scene {scene}, which cannot be read ({why})", file=sys.stderr)
+    for _, why in ds.unreadable:
+        print(f"warning: left out every scene of {why}", file=sys.stderr)
+    gone = f"{len(left_out)} left out" if left_out else ""
+    gone += f"{', and ' if gone else ''}{len(ds.unreadable)} unreadable file(s) left out" if ds.unreadable else ""
+    print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}: {results[0]['scenes']} scenes"
+          f"{f' ({gone})' if gone else ''}, seed {args.seed}")
     print(table(results))
     if args.plot:
         plot(args.plot, results, f"{ds.dataset}, step {r['step']}: {r['scenes']} test scenes, seed {args.seed}")

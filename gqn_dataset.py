@@ -27,6 +27,7 @@ import re
 import tempfile
 import zipfile
 import zlib
+from collections import namedtuple
 
 import numpy as np
 import simplejpeg
@@ -370,6 +371,30 @@ def _is_converted(path):
 _SHARD_TENSORS = (("jpeg", torch.uint8, 1), ("offsets", torch.int64, 1), ("cameras", torch.float32, 3))
 
 
+def _identity(path):
+    """What tells a file changed on disk: (inode, size, mtime in ns); DatasetError naming it if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({one_line(e.strerror or e)})") from None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _known(layout):
+    """GQNDataset.layout -> {file name: its scenes}; {} for None. DatasetError if it is not one."""
+    if not layout:
+        return {}
+    try:
+        names = layout["names"].split("\n")
+        scenes = layout["scenes"] if layout["format"] == "converted" else [1] * len(names)
+        if layout["format"] not in ("converted", "legacy") or len(scenes) != len(names) or \
+                not all(type(n) is int and n >= 0 for n in scenes):
+            raise ValueError(layout["format"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"the checkpoint's record of the data folder is damaged ({one_line(e)})") from None
+    return dict(zip(names, scenes))
+
+
 def _plain(t, name, dtype, dim):
     """A shard's tensor -> its numpy array, if it is what write_shard stores: dense, contiguous, on the CPU, of that
     dtype and rank. Its size is then its bytes in the file (a stride-0 or sparse tensor could claim any size)."""
@@ -402,8 +427,8 @@ def _read_shard(path):
             if (h, w) != (size, size):
                 raise ValueError(f"its first frame is {w}x{h}, its image_size {size}")
         camera = camera_model(**{k: obj[k] for k in CAMERA_KEYS if obj.get(k) is not None})
-    except Exception as e:
-        raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e)})") from None
+    except Exception as e:  # torch's zip reader adds paragraphs of advice after its first sentence
+        raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e).split('. ')[0]})") from None
     return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, (jpeg, offsets, cameras)
 
 
@@ -412,19 +437,32 @@ class GQNDataset(torch.utils.data.Dataset):
 
     ds[i] -> (frames uint8 [S, 3, H, W], cameras float32 [S, 7]); ds.load(i, views) decodes only those views.
     ds.fov, ds.near, ds.far: the camera model the data records (float, or None when not recorded).
+
+    A file that cannot be read when the folder is opened is refused (DatasetError), unless
+      - `layout` (ds.layout of the folder when a run began, as its checkpoints keep it) lists it: the folder is then
+        read as it was, those files in that order, and one that cannot be read now serves the number of scenes it
+        had, each raising DatasetError when read (training skips them), so a resumed run indexes its scenes as the
+        run it continues did;
+      - or `skip_unreadable`: it is left out (evaluation).
+    ds.unreadable lists such files as (path, why).
     """
 
-    def __init__(self, root):
+    def __init__(self, root, layout=None, skip_unreadable=False):
         self.root = str(root)
         if not os.path.isdir(self.root):
             raise DatasetError(f"data folder {self.root} does not exist" if not os.path.exists(self.root)
                                else f"{self.root} is not a folder")
+        self._known = _known(layout)
+        self._skip, self.unreadable = skip_unreadable, []
         names = sorted(n for n in os.listdir(self.root) if not n.startswith("."))
         legacy = sorted((int(m.group(1)), n) for n in names if (m := _LEGACY_NAME.match(n)))
         shards = [n for n in names if n.endswith(".pt") and not _LEGACY_NAME.match(n)]
         # A digits-only name such as `0.pt` may still be a converted shard: look inside before calling it legacy.
         if legacy and not shards and _is_converted(os.path.join(self.root, legacy[0][1])):
             shards, legacy = [n for _, n in legacy], []
+        if layout:  # the files the run began with, in its order, present or not
+            names = layout["names"].split("\n")
+            shards, legacy = (names, []) if layout["format"] == "converted" else ([], list(enumerate(names)))
         if shards and legacy:
             raise DatasetError(f"{self.root} mixes converted shards and torch-gqn scene files; keep one kind")
         if shards:
@@ -446,11 +484,16 @@ class GQNDataset(torch.utils.data.Dataset):
     def _init_converted(self, shards):
         self.format = "converted"
         self._paths = [os.path.join(self.root, n) for n in shards]
-        self._shards = {}
+        self._shards, self._mapped = {}, {}
         counts = []
         for i, path in enumerate(self._paths):
-            head, camera, source, arrays = _read_shard(path)
-            if i == 0:
+            try:
+                identity = _identity(path)
+                head, camera, source, arrays = _read_shard(path)
+            except DatasetError as e:
+                counts.append(self._unreadable(path, e))
+                continue
+            if len(self._shards) == 0:
                 self.dataset, self.image_size, self.views = head
                 self.fov, self.near, self.far = camera
                 self.source, source_path = source, path
@@ -460,15 +503,36 @@ class GQNDataset(torch.utils.data.Dataset):
                                    f"{SOURCES.get(source, one_line(source))}; keep one data set a folder")
             elif head != (self.dataset, self.image_size, self.views):
                 raise DatasetError(f"{path}: holds {one_line(head[0])} {head[1]}px x {head[2]} views, unlike "
-                                   f"{self._paths[0]} ({one_line(self.dataset)} {self.image_size}px x {self.views} "
+                                   f"{source_path} ({one_line(self.dataset)} {self.image_size}px x {self.views} "
                                    f"views)")
             elif camera != (self.fov, self.near, self.far):
-                raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {self._paths[0]} "
+                raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {source_path} "
                                    f"{(self.fov, self.near, self.far)}: two data sets in one folder?")
             self.source = self.source or source
             self._shards[i] = arrays  # mmap'd, so this holds no file handle and reads no JPEG bytes
+            self._mapped[i] = identity
             counts.append(len(arrays[2]))
+        if not self._shards:
+            raise DatasetError(self.unreadable[0][1])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+
+    def _unreadable(self, path, e):
+        """A file that cannot be read when the folder is opened -> the scenes it serves (as unreadable ones), or
+        DatasetError (see the class docstring)."""
+        name = os.path.basename(path)
+        if name not in self._known and not self._skip:
+            raise e
+        self.unreadable.append((path, str(e)))
+        return self._known.get(name, 0)
+
+    @property
+    def layout(self):
+        """The files this folder is read from, for GQNDataset(root, layout) to read it as now: {"format", "names" (one
+        string, a line each: a torch-gqn folder may hold a million files), "scenes" (each shard's; converted only)}."""
+        out = {"format": self.format, "names": "\n".join(os.path.basename(p) for p in self._paths)}
+        if self.format == "converted":
+            out["scenes"] = np.diff(self._starts).tolist()
+        return out
 
     def _init_legacy(self, files):
         self.format = "legacy"
@@ -476,14 +540,20 @@ class GQNDataset(torch.utils.data.Dataset):
         self.source = None
         self._paths = [os.path.join(self.root, n) for n in files]
         self._starts = list(range(len(files) + 1))
-        frames, _ = load_legacy_scene(self._paths[0])
+        for first in self._paths:  # the first that reads says what the scenes are; with `layout`, others may not
+            try:
+                frames, _ = load_legacy_scene(first)
+                h, w, _, _ = simplejpeg.decode_jpeg_header(frames[0])
+                break
+            except DatasetError as e:
+                self._unreadable(first, e)
+            except ValueError as e:
+                self._unreadable(first, DatasetError(f"{first}: bad JPEG ({one_line(e)})"))
+        else:
+            raise DatasetError(self.unreadable[0][1])
         self.views = len(frames)
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(frames[0])
-        except ValueError as e:
-            raise DatasetError(f"{self._paths[0]}: bad JPEG ({one_line(e)})") from None
         if h != w or not 1 <= h <= MAX_IMAGE_SIZE:
-            raise DatasetError(f"{self._paths[0]}: frames are {w}x{h}; GQN reads square images of at most "
+            raise DatasetError(f"{first}: frames are {w}x{h}; GQN reads square images of at most "
                                f"{MAX_IMAGE_SIZE} pixels a side")
         self.image_size = h
         # torch-gqn folders are named like `shepard_metzler_5_parts-torch/train`: take a known name if one leads.
@@ -534,12 +604,18 @@ class GQNDataset(torch.utils.data.Dataset):
         return k, i - self._starts[k]
 
     def _shard(self, k):
+        """Shard k's mmap'd arrays, mapped again when the file has changed on disk since they were mapped: a file
+        truncated under a mapping raises SIGBUS where the mapping reaches past its new end, which no handler can turn
+        into an error, so each read first compares the file's identity (a stat, about a microsecond)."""
+        path = self._paths[k]
+        identity = _identity(path)
         shard = self._shards.get(k)
-        if shard is None:
-            shard = _read_shard(self._paths[k])[3]
+        if shard is None or self._mapped.get(k) != identity:
+            self._shards.pop(k, None)
+            shard = _read_shard(path)[3]
             if len(shard[2]) != self._starts[k + 1] - self._starts[k]:
-                raise DatasetError(f"{self._paths[k]}: changed since {self.root} was opened; open it again")
-            self._shards[k] = shard
+                raise DatasetError(f"{path}: changed since {self.root} was opened; open it again")
+            self._shards[k], self._mapped[k] = shard, identity
         return shard
 
     def _scene(self, k, local):
@@ -576,10 +652,11 @@ class GQNDataset(torch.utils.data.Dataset):
         return cameras[views]
 
 
-def open_split(folder, flag):
-    """GQNDataset(folder) for training or evaluation; a folder that cannot serve raises DatasetError naming `flag`."""
+def open_split(folder, flag, layout=None, skip_unreadable=False):
+    """GQNDataset(folder, layout, skip_unreadable) for training or evaluation; a folder that cannot serve raises
+    DatasetError naming `flag`."""
     try:
-        ds = GQNDataset(folder)
+        ds = GQNDataset(folder, layout, skip_unreadable)
     except DatasetError as e:
         raise DatasetError(f"{flag} {e}") from None
     if len(ds) == 0:
@@ -592,7 +669,8 @@ def open_split(folder, flag):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: pure functions of (seed, step, scene), so resumed runs and DDP ranks draw what one process draws
 
-_BATCH, _VIEWS, _EPS, _FIXED, _DEPTHS = 0, 1, 2, 3, 4  # separate random streams, one per purpose
+_BATCH, _VIEWS, _EPS, _FIXED, _DEPTHS, _REFILL = 0, 1, 2, 3, 4, 5  # separate random streams, one per purpose
+REFILLS = 16  # other scenes a batch tries in the place of one it cannot read, before the step cannot be served
 # The random inputs of a training forward pass that the data draws (model.GQN.training_noise names them): stream.
 NOISE_STREAMS = {"eps": _EPS, "depth_noise": _DEPTHS}
 
@@ -643,9 +721,40 @@ def fixed_views(seed, scene, num_views, context):
     return torch.from_numpy(perm[:k]), int(perm[k])
 
 
+class Unreadable(namedtuple("Unreadable", ["scene", "why"])):
+    """What FixedViews and WholeScenes give for a scene that cannot be read (collate_readable leaves it out)."""
+
+
+def read_or_skip(load, scene):
+    """load() -> what it returns, or Unreadable(scene, why) when the scene cannot be read (DatasetError, OSError)."""
+    try:
+        return load()
+    except (DatasetError, OSError) as e:
+        return Unreadable(int(scene), one_line(e))
+
+
+def collate_readable(items):
+    """DataLoader collate_fn for FixedViews: -> (the readable items collated, or None; [Unreadable])."""
+    good = [t for t in items if not isinstance(t, Unreadable)]
+    return (torch.utils.data.default_collate(good) if good else None), [t for t in items if isinstance(t, Unreadable)]
+
+
+class WholeScenes(torch.utils.data.Dataset):
+    """Item k -> scene ids[k], every view: (frames uint8 [S, 3, H, W], cameras [S, 7]), or Unreadable."""
+
+    def __init__(self, ds, ids):
+        self.ds, self.ids = ds, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, k):
+        return read_or_skip(lambda: self.ds[self.ids[k]], self.ids[k])
+
+
 class FixedViews(torch.utils.data.Dataset):
     """Evaluation views: item k -> scene i = scenes[k] with its fixed_views, as
-    (x uint8 [K, 3, H, W], v [K, 7], x_q uint8 [3, H, W], v_q [7], i)."""
+    (x uint8 [K, 3, H, W], v [K, 7], x_q uint8 [3, H, W], v_q [7], i), or Unreadable(i, why)."""
 
     def __init__(self, ds, context, seed, scenes=None):
         self.ds, self.context, self.seed = ds, context, seed
@@ -657,7 +766,10 @@ class FixedViews(torch.utils.data.Dataset):
     def __getitem__(self, k):
         i = int(self.scenes[k])
         ctx, q = fixed_views(self.seed, i, self.ds.views, self.context)
-        frames, cameras = self.ds.load(i, [int(j) for j in ctx] + [int(q)])
+        loaded = read_or_skip(lambda: self.ds.load(i, [int(j) for j in ctx] + [int(q)]), i)
+        if isinstance(loaded, Unreadable):
+            return loaded
+        frames, cameras = loaded
         return frames[:-1], cameras[:-1], frames[-1], cameras[-1], i
 
 
@@ -677,7 +789,13 @@ class TrainBatches(torch.utils.data.Dataset):
     K = max_context (capped at S - 1) for every batch, so shapes never change; "mask" marks the real ones. `noise`
     ({name: (kind, shape)}, model.GQN.training_noise) adds each scene's random inputs of the forward pass under
     those names (scene_noise), so that nothing in a step depends on the rank, the world size, the batch's split
-    over threads or where a run was resumed. Use as
+    over threads or where a run was resumed.
+
+    A scene that cannot be read (a bad JPEG, a damaged, truncated, replaced or missing file: DatasetError or OSError)
+    gives its place to another: refill() draws the candidates from (seed, step, scene), and the place keeps its
+    views and noise, so a batch with damaged data is still a pure function of (seed, step, the data). The batch
+    says what it skipped ("bad": [(scene, why)]), and "unserved" (None, or why) when REFILLS candidates in a row
+    could not be read either. Use as
         DataLoader(TrainBatches(...), batch_size=None, sampler=range(start_step, total_steps), num_workers=w)
     """
 
@@ -696,6 +814,12 @@ class TrainBatches(torch.utils.data.Dataset):
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
 
+    def refill(self, step, scene):
+        """The scenes that fill scene's place in step's batch, in the order they are tried: scene itself, then
+        REFILLS drawn from (seed, step, scene) alone, so any rank, worker or resumed run tries the same ones."""
+        yield scene
+        yield from _rng(self.seed, _REFILL, step, scene).integers(0, len(self.dataset), REFILLS).tolist()
+
     @property
     def steps_per_epoch(self):
         return -(-len(self.dataset) // self.batch_size)
@@ -709,16 +833,26 @@ class TrainBatches(torch.utils.data.Dataset):
         mask = np.zeros((b, k), dtype=np.bool_)
         x_q = np.empty((b, h, w, 3), dtype=np.uint8)
         v_q = np.empty((b, 7), dtype=np.float32)
+        served, bad, unserved = scenes.clone(), [], None
         for n, scene in enumerate(scenes.tolist()):
             context, query = draw_views(self.seed, step, scene, ds.views, k, self.min_context)
             m = len(context)
-            cameras = ds._load_into(scene, context.tolist() + [query], list(x[n, :m]) + [x_q[n]])
-            v[n, :m], v_q[n] = cameras[:m], cameras[m]
-            mask[n, :m] = True
+            for candidate in self.refill(step, scene):
+                try:
+                    cameras = ds._load_into(candidate, context.tolist() + [query], list(x[n, :m]) + [x_q[n]])
+                except (DatasetError, OSError) as e:
+                    bad.append((candidate, one_line(e)))
+                    continue
+                v[n, :m], v_q[n] = cameras[:m], cameras[m]
+                mask[n, :m], served[n] = True, candidate
+                break
+            else:
+                unserved = unserved or (f"scene {scene} and the {REFILLS} scenes drawn to replace it cannot be read "
+                                        f"(the last: {bad[-1][1]})")
         batch = {"x": torch.from_numpy(x).permute(0, 1, 4, 2, 3).contiguous(),  # (b, K, 3, H, W)
                  "v": torch.from_numpy(v), "mask": torch.from_numpy(mask),
                  "x_q": torch.from_numpy(x_q).permute(0, 3, 1, 2).contiguous(),  # (b, 3, H, W)
-                 "v_q": torch.from_numpy(v_q), "scene": scenes}
+                 "v_q": torch.from_numpy(v_q), "scene": served, "bad": bad, "unserved": unserved}
         for name, (kind, shape) in self.noise.items():
             batch[name] = torch.from_numpy(np.stack(
                 [scene_noise(self.seed, step, s, shape, name, kind) for s in scenes.tolist()]))

@@ -38,13 +38,14 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
+from bad_scenes import BadScenes, DataStop  # noqa: E402
 from batch_threads import BatchThreads, usable_cpus  # noqa: E402
 from budget import StepBudget, fix_length, refit  # noqa: E402
 from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
                         save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
 from distributed import Dist, Stop, check_amp, pick_device, worker_ignores_signals  # noqa: E402
-from gqn_dataset import FixedViews, TrainBatches, open_split, to_model  # noqa: E402
+from gqn_dataset import DatasetError, FixedViews, TrainBatches, Unreadable, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
 from model import objective  # noqa: E402
 from pictures import save_samples, test_views_grid  # noqa: E402
@@ -63,11 +64,20 @@ class NonFiniteLoss(Exception):
 
 
 class TestViews:
-    """A fixed test batch: for scenes `ids`, TEST_CONTEXT fixed context views and one query view (FixedViews)."""
+    """A fixed test batch: for scenes `ids`, TEST_CONTEXT fixed context views and one query view (FixedViews); scenes
+    that cannot be read are left out, and named with `say`."""
 
-    def __init__(self, ds, ids, seed, max_context):
+    def __init__(self, ds, ids, seed, max_context, say=print):
         views = FixedViews(ds, min(TEST_CONTEXT, max_context), seed, ids)
-        x, v, x_q, v_q, _ = zip(*(views[k] for k in range(len(ids))))
+        items = [views[k] for k in range(len(ids))]
+        for u in items:
+            if isinstance(u, Unreadable):
+                say(f"warning: test scene {u.scene} cannot be read ({u.why}); the fixed test batch goes without it")
+        items = [t for t in items if not isinstance(t, Unreadable)]
+        if not items:
+            raise DatasetError(f"--test_data_dir {ds.root}: none of the fixed test batch's {len(ids)} scenes can be "
+                               f"read")
+        x, v, x_q, v_q, _ = zip(*items)
         self.x, self.v = torch.stack(x), torch.stack(v)          # (T, K, 3, H, W) uint8, (T, K, 7)
         self.x_q, self.v_q = torch.stack(x_q), torch.stack(v_q)  # (T, 3, H, W) uint8, (T, 7)
 
@@ -187,6 +197,7 @@ class Run:
     test: TestViews = None
     test_eps: torch.Tensor = None
     writer: object = None
+    bad: BadScenes = None     # the unreadable scenes met so far (bad_scenes.py)
 
     @property
     def latest(self):
@@ -200,8 +211,9 @@ class Run:
                     "scaler": self.scaler.state_dict(),  # {} without fp16
                     "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
                     "data": {"dataset": self.dataset, "image_size": int(self.train_ds.image_size),
-                             "max_context": int(self.max_context)},
-                    "rng": rng_state()}
+                             "max_context": int(self.max_context), "train_layout": self.train_ds.layout,
+                             "test_layout": self.test_ds.layout},
+                    "rng": rng_state(), "bad_scenes": self.bad.count if self.bad else 0}
             save_checkpoint(ckpt, [self.latest] + ([checkpoint_paths(self.run_dir, step)[2]] if numbered else []))
             keep_newest(checkpoint_paths(self.run_dir)[0], self.cfg.keep_checkpoints)
         self.saved[0] = step
@@ -247,6 +259,7 @@ def run(cfg, given, dist, stop, saved, step_s):
             t_step = time.perf_counter()
             done = step + 1
             logs = done % cfg.log_interval == 0 or done == total
+            r.bad.check(step, batch)  # DataStop when the data cannot serve this step
             s = train_step(r, step, batch, total, stop, logs)
             values, stopped, skipped = s.values, s.stopped, skipped + s.skipped
             clock.step(step, time.perf_counter() - t_step)
@@ -279,6 +292,9 @@ def run(cfg, given, dist, stop, saved, step_s):
                 break
             if done == total:  # a --train_minutes run that fixed its length below the loader's upper bound
                 break
+    except DataStop as e:
+        bar.close()
+        stopped_by_data(r, step, e)
     except NonFiniteLoss as e:
         bar.close()
         raise UserError(f"{e}; stopped without updating the weights. The last good checkpoint is kept: {r.latest} "
@@ -315,12 +331,15 @@ def setup(cfg, given, dist, saved):
             f"configuration.")
         cfg.train_data_dir, cfg.test_data_dir = builtin_data(dist)
 
-    def open_data():
-        train_ds = open_split(cfg.train_data_dir, "--train_data_dir")
-        test_ds = open_split(cfg.test_data_dir, "--test_data_dir")
+    def open_data():  # a resumed run reads the files its run began with, damaged or not, as that run did
+        layouts = (ckpt or {}).get("data", {})
+        train_ds = open_split(cfg.train_data_dir, "--train_data_dir", layouts.get("train_layout"))
+        test_ds = open_split(cfg.test_data_dir, "--test_data_dir", layouts.get("test_layout"))
         return train_ds, test_ds, config.resolve_dataset(cfg.dataset, train_ds, test_ds, cfg)
 
     train_ds, test_ds, (dataset, max_context, k_from) = dist.agreed(open_data)
+    for _, why in train_ds.unreadable + test_ds.unreadable:
+        log(f"warning: {why}; its scenes are skipped where met")
     cfg.dataset = dataset  # resolved, so config.json and the checkpoints say what was trained on
     from_data = config.camera_from_data(cfg, given, train_ds) if ckpt is None else {}
     dist.agreed(lambda: config.check_camera(cfg))  # the data's values beside any given by flag
@@ -382,13 +401,16 @@ def prepare_steps(r):
     # The fixed test batch, the same for every run with this seed; ranks split its test ELBO between them.
     t = min(TEST_SCENES, len(r.test_ds))
     r.test = TestViews(r.test_ds, np.linspace(0, len(r.test_ds) - 1, t).round().astype(int).tolist(), cfg.seed,
-                       r.max_context)
+                       r.max_context, r.dist.log)
     r.test_eps = torch.randn((t, *r.model.noise_shape), generator=torch.Generator().manual_seed(cfg.seed))
+    r.test_eps = r.test_eps[:len(r.test.x)]  # one for each scene kept
     if r.dist.master:
         from tensorboardX import SummaryWriter
 
         # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it starts from.
         r.writer = SummaryWriter(logdir=r.run_dir, purge_step=r.start + 1)
+    r.bad = BadScenes(cfg.max_bad_scenes, len(r.train_ds), cfg.batch_size, r.dist,
+                      r.ckpt.get("bad_scenes", 0) if r.ckpt else 0)
     # bf16 or fp16 autocast (or nothing), built once; the loss itself is always taken in float32.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     r.autocast = torch.autocast(r.device.type, dtype=half) if half else nullcontext()
@@ -474,12 +496,26 @@ def end_of_run(r, total):
 
     s = evaluate.end_of_training(r.writer, total, model, r.train_ds, r.test_ds, min(TEST_CONTEXT, r.max_context),
                                  cfg.seed, device, cfg.image_size)
-    r.dist.log(f"Test split ({s['scenes']} scenes, {s['context']} context views): RMSE {s['rmse']:.2f} vs "
+    left_out = f", {len(s['unreadable'])} left out: they cannot be read" if s["unreadable"] else ""
+    r.dist.log(f"Test split ({s['scenes']} scenes{left_out}, {s['context']} context views): RMSE {s['rmse']:.2f} vs "
                f"{s['mean_image_rmse']:.2f} for the mean training image (ratio {s['rmse_ratio']:.3f}), MAE "
                f"{s['mae']:.2f}")
     r.writer.close()
+    if r.bad.count:
+        r.dist.log(f"Skipped {r.bad.count} reads of unreadable training scenes (each named above), their places "
+                   f"filled from other scenes")
     r.dist.log(f"Done: {total} step{'s' if total != 1 else ''}. Checkpoint {r.latest}; TensorBoard: tensorboard "
                f"--logdir {r.run_dir}; ground truth next to {SAMPLE_DRAWS} draws, their spread and error: {samples}")
+
+
+def stopped_by_data(r, step, e):
+    """The data cannot serve `step`: latest.pt at the step reached (rank 0, as after SIGTERM), then one line."""
+    if r.dist.master:
+        if r.saved[0] != step:
+            r.save(step, False)
+        r.writer.close()
+    raise UserError(f"{e}. {r.latest} holds step {step}: repair or remove the damaged files (named above), or raise "
+                    f"--max_bad_scenes, then continue with the same command and --resume") from None
 
 
 def write_config(cfg, run_dir):
@@ -542,6 +578,7 @@ def log_metrics(r, bar, step, means, ms_step, scenes_s, last, scaling=None):
         for l, kl_l in enumerate(means[4:].tolist(), 1):
             writer.add_scalar(f"train/kl_step_{l}", kl_l, step)
         writer.add_scalar("speed/scenes_per_s", scenes_s, step)
+        writer.add_scalar("data/skipped_scenes", r.bad.count, step)
         writer.add_scalar("speed/ms_per_step", 1000 * ms_step, step)
         if scaling is not None:  # fp16: steps skipped in this interval (gradients overflowed), the loss scale now
             writer.add_scalar("amp/skipped_steps", scaling[0], step)
@@ -558,7 +595,8 @@ def log_metrics(r, bar, step, means, ms_step, scenes_s, last, scaling=None):
         bar.write(f"step {step:>7d} | ELBO {elbo:9.1f} KL {kl:7.2f} NLL {nll:9.1f} (sigma floor {floor:7.1f}) | "
                   f"test ELBO {test_means[0]:9.1f} | {bits_per_dim(-elbo, dims):.3f} bits/dim | sigma {sigma:.3f} "
                   f"lr {lr:.2e} | {1000 * ms_step:6.0f} ms/step {scenes_s:6.1f} scenes/s" +
-                  (f" | fp16: {scaling[0]} skipped, scale {scaling[1]:g}" if scaling is not None else ""))
+                  (f" | fp16: {scaling[0]} skipped, scale {scaling[1]:g}" if scaling is not None else "") +
+                  (f" | {r.bad.count} unreadable scene reads skipped" if r.bad.count else ""))
     model.train()
 
 

@@ -234,6 +234,7 @@ def test_train_batches_content(converted):
     tb = TrainBatches(ds, batch_size=4, max_context=15, seed=3,
                       noise={"eps": ("normal", (2, 3, 4, 4)), "depth_noise": ("uniform", (5,))})
     batch = tb[5]
+    assert batch.pop("bad") == [] and batch.pop("unserved") is None  # every scene could be read
     k = 14
     shapes = {"x": (4, k, 3, 64, 64), "v": (4, k, 7), "mask": (4, k), "x_q": (4, 3, 64, 64), "v_q": (4, 7),
               "scene": (4,), "eps": (4, 2, 3, 4, 4), "depth_noise": (4, 5)}
@@ -266,12 +267,18 @@ def test_train_batches_ranks_and_resume_match_one_process(converted):
     for step in (0, 7):
         split = [p[step] for p in parts]
         for key, value in whole[step].items():
-            assert torch.equal(value, torch.cat([s[key] for s in split])), key
+            if key == "bad":  # what each rank skipped: its share of the whole batch's report
+                assert value == sum((s[key] for s in split), [])
+            elif key == "unserved":
+                assert value is None and all(s[key] is None for s in split)
+            else:
+                assert torch.equal(value, torch.cat([s[key] for s in split])), key
     loader = torch.utils.data.DataLoader(whole, batch_size=None, sampler=range(0, 4), num_workers=2)
     run = list(loader)
     resumed = list(torch.utils.data.DataLoader(whole, batch_size=None, sampler=range(2, 4)))
     for a, b in zip(run[2:], resumed):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
     with pytest.raises(ValueError, match="divisible"):
         TrainBatches(ds, 5, 15, 0, world_size=2)
 

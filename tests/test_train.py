@@ -119,7 +119,10 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
     ckpt = weights(run)
     assert ckpt["step"] == 6 and {"model", "model_config", "optimizer", "config", "data", "rng"} <= set(ckpt)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    assert ckpt["data"] == {"dataset": "shepard_metzler_3_parts", "image_size": 64, "max_context": 15}
+    assert ckpt["data"] == {"dataset": "shepard_metzler_3_parts", "image_size": 64, "max_context": 15,
+                            "train_layout": {"format": "converted", "names": "001-of-001.pt", "scenes": [12]},
+                            "test_layout": {"format": "converted", "names": "001-of-001.pt", "scenes": [4]}}
+    assert ckpt["bad_scenes"] == 0
     assert ckpt["config"]["layers"] == 2 and ckpt["model_config"]["image_size"] == 16
     assert json.loads((run / "config.json").read_text())["seed"] == 3
     from checkpoint import build_model, load_checkpoint
