@@ -153,8 +153,10 @@ class Volume(nn.Module):
         point_in = torch.cat([mean.transpose(1, 2), var.transpose(1, 2), (views / real).transpose(1, 2)], 2)
         out = self.point(point_in).view(B, n, n, D, -1)
         # volume rendering: weight of depth d = α_d Π_{e<d} (1 - α_e)
-        alpha = 1 - torch.exp(-F.softplus(out[..., 0]))
-        clear = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1), -1)
+        # α = 1 - exp(-softplus(logit)) (a density of softplus(logit)) is sigmoid(logit), and 1 - α sigmoid(-logit)
+        logit = out[..., 0]
+        alpha = torch.sigmoid(logit)
+        clear = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), torch.sigmoid(-logit[..., :-1])], -1), -1)
         weight = alpha * clear  # (B, n, n, D)
         f = (weight[..., None] * out[..., 1:]).sum(3)
         depth = (weight * (t[:, None, None] - self.near)).sum(3, keepdim=True) / (self.far - self.near)
