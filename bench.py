@@ -14,12 +14,14 @@ over the steps, i.e. activations, gradients and Adam state, not the weights and 
     python bench.py --preset cpu-check               # tower, 5 views, batch 4, 64 px: unshared L=6, shared L=12
     python bench.py --preset cpu-check --amp bf16    # the same in bf16 (pays on CPUs with AVX-512 bf16 or AMX)
     python bench.py --preset small                   # a quick small configuration
+    python bench.py --preset cpu --threads 1 --no_reference --against HEAD~3   # a cpu preset share, two revisions
     python bench.py --preset paper --device cuda --amp bf16 --compile --checkpoint_activations
     python bench.py --representation pool --layers 8 --shared_core False --batch_size 8 --context 3
 """
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import statistics
@@ -44,11 +46,16 @@ PRESETS = {
                   dict(representation="tower", L=12, shared_core=True, batch_size=4, context=5, image_size=64)],
     "small": [dict(representation="pool", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
                    r_dim=64, h_dim=32, u_dim=32)],
+    # one share of train.py's `cpu` preset step (batch 8 split over 2 threads): volume, L=4, 3x3 cores, 32 px, up to
+    # 3 context views (a ragged mask, as the data draws them), the depth jitter drawn by the data
+    "cpu": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
+                 r_dim=64, h_dim=32, u_dim=32, kernel_size=3)],
     # the paper's configuration (context: up to 5 views for rooms/jaco-like data; 5 here)
     "paper": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
               dict(representation="pool", L=12, shared_core=False, batch_size=36, context=5, image_size=64)],
 }
-MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size")
+MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size", "kernel_size")
+MODEL_MODULES = ("model", "core", "conv_lstm", "representation", "volume", "cameras")
 
 
 # ----------------------------------------------------------------------------------------- the reference
@@ -146,6 +153,31 @@ def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
 
 # ----------------------------------------------------------------------------------------- measuring
 
+def model_at(rev):
+    """GQN as model.py and its modules define it at git revision `rev`, imported beside this checkout's own."""
+    import importlib
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = tempfile.mkdtemp(prefix="gqn-bench-")
+    for name in MODEL_MODULES:
+        try:
+            text = subprocess.run(["git", "-C", here, "show", f"{rev}:{name}.py"], capture_output=True, check=True).stdout
+        except subprocess.CalledProcessError as e:
+            raise UserError(f"--against {rev}: git show {rev}:{name}.py failed: {e.stderr.decode().strip()}") from None
+        with open(os.path.join(folder, f"{name}.py"), "wb") as f:
+            f.write(text)
+    current = {name: sys.modules.pop(name, None) for name in MODEL_MODULES}
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("model").GQN
+    finally:
+        sys.path.remove(folder)
+        for name, module in current.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
+
+
 def _maxrss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -178,25 +210,41 @@ def measure(spec):
         x_q = x_q.contiguous(memory_format=torch.channels_last)
     eps = torch.randn(B, *model.noise_shape, device=device)
     sigma = 2.0
+    extra = {}  # volume: cameras around the object, 1 to M real views per scene, the depth jitter
+    if cfg["representation"] == "volume":
+        from cameras import look_at
+        yaw, pitch = 2 * math.pi * torch.rand(B, M + 1), 0.8 * torch.rand(B, M + 1) - 0.4
+        cams = look_at(10 / 3, yaw, pitch).to(device)  # (B, M + 1, 7)
+        v, v_q = cams[:, :M].contiguous(), cams[:, M].contiguous()
+        extra = dict(mask=torch.arange(M, device=device) < torch.arange(B, device=device)[:, None] % M + 1,
+                     depth_noise=torch.rand(B, model.training_noise()["depth_noise"][1][0], device=device))
     fns = {"fast": torch.compile(model, mode=spec["compile_mode"]) if spec["compile"] else model,
            "reference": lambda *a, **k: reference_elbo(ref_model, *a, **k)}
     # fused Adam: the same for both paths, and the cheapest (on the CPU ~8x faster than the foreach default)
     opts = {"fast": torch.optim.Adam(model.parameters(), lr=5e-4, fused=True)}
     opts["reference"] = opts["fast"] if ref_model is model else \
         torch.optim.Adam(ref_model.parameters(), lr=5e-4, fused=True)
+    if spec.get("against"):  # the same step with the model code of another revision, on a copy of the same weights
+        old = model_at(spec["against"])(**{k: cfg[k] for k in MODEL_KEYS if k in cfg},
+                                         checkpoint_activations=spec["checkpoint_activations"]).to(device)
+        old.load_state_dict(model.state_dict())
+        fns["against"] = torch.compile(old, mode=spec["compile_mode"]) if spec["compile"] else old
+        opts["against"] = torch.optim.Adam(old.parameters(), lr=5e-4, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     threads = BatchThreads(spec.get("batch_threads", 1))
 
     def loss_of(path, share):
         # the reference is float32 whatever the flags: it is the baseline
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16" and path == "fast"):
-            out = fns[path](x[share], v[share], v_q[share], x_q[share], sigma, eps=eps[share])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["amp"] == "bf16" and path != "reference"):
+            out = fns[path](x[share], v[share], v_q[share], x_q[share], sigma, eps=eps[share],
+                            **{k: t[share] for k, t in extra.items()})
         return -out.elbo.float().sum() / B, None  # the batch's mean loss, share by share
 
     def step(path):
-        if path == "fast":  # the batch split over threads, a core each, as train.py's --batch_threads
-            threads.step(lambda share: loss_of(path, share), B, model.parameters())
+        if path != "reference":  # the batch split over threads, a core each, as train.py's --batch_threads
+            threads.step(lambda share: loss_of(path, share), B, fns[path].parameters() if path == "against" else
+                         model.parameters())
         else:
             loss_of(path, slice(0, B))[0].backward()
         opts[path].step()
@@ -221,7 +269,17 @@ def measure(spec):
                 peak[path] = max(peak[path], torch.cuda.max_memory_allocated())
     if device.type == "cpu":
         peak = {p: _maxrss_bytes() - base for p in paths}
-    return dict(ms=ms, peak=peak)
+    result = dict(ms=ms, peak=peak)
+    if spec.get("profile"):  # where the fast path's time goes, by operator's self time
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(spec["profile"]):
+                step("fast")
+            sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40)
+    return result
 
 
 def run_isolated(spec):
@@ -273,7 +331,12 @@ def run(argv=None):
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
     p.add_argument("--batch_threads", type=positive_int, default=1,
                    help="split the fast path's batch over this many threads, a core each, as train.py does (default 1)")
-    p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36)")
+    p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36; it has "
+                   "no volume representation, so the cpu preset always skips it)")
+    p.add_argument("--against", metavar="REV", help="also time the model code (model.py and its modules) of this git "
+                   "revision on the same weights, step by step alternating with this checkout's")
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
+                   help="after timing, profile N more steps of this checkout's model and print the top operators")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -305,7 +368,13 @@ def run(argv=None):
                              (f"compile {args.compile_mode or ''}".strip(), args.compile),
                              ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last),
                              (f"batch over {args.batch_threads} threads", args.batch_threads > 1)) if on]
-    paths = ["fast"] + ([] if args.no_reference else ["reference"])
+    if args.against:  # one error line for a revision git does not know, before any worker starts
+        here = os.path.dirname(os.path.abspath(__file__))
+        if subprocess.run(["git", "-C", here, "cat-file", "-e", f"{args.against}:model.py"],
+                          capture_output=True).returncode:
+            raise UserError(f"--against {args.against}: not a git revision of this checkout with a model.py")
+    volume = any(c["representation"] == "volume" for c in configs)
+    paths = ["fast"] + (["against"] if args.against else []) + ([] if args.no_reference or volume else ["reference"])
     name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU, {args.threads} threads"
     print(f"# GQN training step (forward, backward, fused Adam), {name}, torch {torch.__version__}; {warmup} "
           f"warm-up + {steps} timed steps of each path per run, {args.repeats} runs")
@@ -313,11 +382,14 @@ def run(argv=None):
     base = dict(device=device, threads=args.threads, batch_threads=args.batch_threads, amp=args.amp,
                 compile=args.compile,
                 compile_mode=args.compile_mode, checkpoint_activations=args.checkpoint_activations,
-                channels_last=args.channels_last)
+                channels_last=args.channels_last, against=args.against)
     timing, memory = {}, {}
     for rep in range(args.repeats):
         for i, c in enumerate(configs):
-            r = run_isolated(dict(base, config=c, paths=paths, steps=steps, warmup=warmup))
+            r = run_isolated(dict(base, config=c, paths=paths, steps=steps, warmup=warmup,
+                                  profile=args.profile if rep == args.repeats - 1 else 0))
+            if r.get("profile"):
+                print(f"# profile of {args.profile} steps, {describe(c)}\n{r['profile']}", file=sys.stderr)
             timing.setdefault(i, []).append(r["ms"])
             if not cpu:
                 for path in paths:
@@ -329,20 +401,23 @@ def run(argv=None):
             for path in paths:
                 r = run_isolated(dict(base, config=c, paths=[path], steps=1, warmup=1))
                 memory[(i, path)] = r["peak"][path]
-    rows = ["| configuration | path | ms/step (median) | steps/s | peak memory | speed-up vs reference (per run) |",
+    rows = ["| configuration | path | ms/step (median) | steps/s | peak memory | speed-up (per run) |",
             "|---|---|---:|---:|---:|---|"]
+    names = {"reference": "reference (float32)", "against": f"model.py at {args.against}"}
     out = []
     for i, c in enumerate(configs):
         runs = timing[i]
         for path in paths:
             med = statistics.median([t for r in runs for t in r[path]])
-            label = "model.py" + (f" ({', '.join(flags)})" if flags else "") if path == "fast" else \
-                "reference (float32)"
-            speedup = ""
-            if path == "fast" and "reference" in paths:
-                ref_med = statistics.median([t for r in runs for t in r["reference"]])
-                per = [statistics.median(r["reference"]) / statistics.median(r["fast"]) for r in runs]
-                speedup = f"**{ref_med / med:.2f}x** ({', '.join(f'{s:.2f}' for s in per)})"
+            label = "model.py" + (f" ({', '.join(flags)})" if flags else "") if path == "fast" else names[path]
+            speedup = []
+            for base_path in ("reference", "against") if path == "fast" else ():
+                if base_path in paths:
+                    ref_med = statistics.median([t for r in runs for t in r[base_path]])
+                    per = [statistics.median(r[base_path]) / statistics.median(r["fast"]) for r in runs]
+                    speedup.append(f"**{ref_med / med:.2f}x** ({', '.join(f'{s:.2f}' for s in per)}) vs "
+                                   f"{names[base_path].split(' (')[0]}")
+            speedup = "; ".join(speedup)
             peak = memory[(i, path)]
             rows.append(f"| {describe(c)} | {label} | {med:.0f} | {1000 / med:.2f} | {fmt_bytes(peak)} | {speedup} |")
             out.append(dict(config=c, path=path, flags=flags, ms_median=med, peak_bytes=peak,

@@ -183,6 +183,18 @@ def test_bench_times_the_batch_split(tmp_path):
     assert out.stat().st_size > 0
 
 
+def test_bench_times_a_cpu_preset_share_against_another_revision():
+    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--preset", "cpu", "--image_size", "16", "--steps", "1",
+           "--warmup", "0", "--repeats", "1", "--threads", "1"]
+    r = subprocess.run(cmd + ["--against", "HEAD", "--profile", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| volume L=4 unshared B=4 M=3 16px | model.py at HEAD |" in r.stdout and "vs model.py at HEAD" in r.stdout
+    assert "reference" not in r.stdout and "aten::convolution_backward" in r.stderr  # the profile
+    r = subprocess.run(cmd + ["--against", "no-such-revision"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --against no-such-revision: not a git revision of this checkout with a model.py"]
+
+
 def test_bench_data_runs_on_a_fresh_clone_with_the_renderers_scenes(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_data.py"), "--scenes", "8", "--batch", "4",
                         "--steps", "2", "--scenes_from", "renderer"], capture_output=True, text=True, timeout=300)
