@@ -228,7 +228,7 @@ def measure(spec):
         old = model_at(spec["against"])(**{k: cfg[k] for k in MODEL_KEYS if k in cfg},
                                          checkpoint_activations=spec["checkpoint_activations"]).to(device)
         old.load_state_dict(model.state_dict())
-        fns["against"] = torch.compile(old, mode=spec["compile_mode"]) if spec["compile"] else old
+        fns["against"] = old  # eager, as the reference: with --compile, `--against HEAD` times what compiling gives
         opts["against"] = torch.optim.Adam(old.parameters(), lr=5e-4, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -252,9 +252,13 @@ def measure(spec):
 
     paths = spec["paths"]
     base = _maxrss_bytes()
+    first = {}  # the first step of each path, with --compile its compilation
     for _ in range(spec["warmup"]):
         for path in paths:
+            t0 = time.perf_counter()
             step(path)
+            sync()
+            first.setdefault(path, (time.perf_counter() - t0) * 1000)
     sync()
     ms, peak = {p: [] for p in paths}, {p: 0 for p in paths}
     for _ in range(spec["steps"]):
@@ -269,7 +273,7 @@ def measure(spec):
                 peak[path] = max(peak[path], torch.cuda.max_memory_allocated())
     if device.type == "cpu":
         peak = {p: _maxrss_bytes() - base for p in paths}
-    result = dict(ms=ms, peak=peak)
+    result = dict(ms=ms, peak=peak, first=first)
     if spec.get("profile"):  # where the fast path's time goes, by operator's self time
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -310,7 +314,7 @@ def run(argv=None):
                    "paper on CUDA); the flags below override or, with --representation, replace it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the model (not the reference)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (not the reference)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (not the reference, nor --against's)")
     p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="torch.compile mode; reduce-overhead adds CUDA graphs (implies --compile)")
     p.add_argument("--checkpoint_activations", action="store_true", help="recompute generation steps in backward")
@@ -395,7 +399,9 @@ def run(argv=None):
                 for path in paths:
                     memory[(i, path)] = max(memory.get((i, path), 0), r["peak"][path])
             print(f"  run {rep + 1}: {describe(c)}: " + ", ".join(
-                f"{p} {statistics.median(r['ms'][p]):.0f} ms/step" for p in paths), file=sys.stderr, flush=True)
+                f"{p} {statistics.median(r['ms'][p]):.0f} ms/step" for p in paths) + (
+                f" (the first step {r['first']['fast'] / 1000:.1f} s)" if args.compile and r["first"] else ""),
+                file=sys.stderr, flush=True)
     if cpu:  # the CPU's peak RSS is per process: one short run per path
         for i, c in enumerate(configs):
             for path in paths:
@@ -403,7 +409,8 @@ def run(argv=None):
                 memory[(i, path)] = r["peak"][path]
     rows = ["| configuration | path | ms/step (median) | steps/s | peak memory | speed-up (per run) |",
             "|---|---|---:|---:|---:|---|"]
-    names = {"reference": "reference (float32)", "against": f"model.py at {args.against}"}
+    names = {"reference": "reference (float32)", "against": f"model.py at {args.against}" + (
+        " (eager)" if args.compile else "")}
     out = []
     for i, c in enumerate(configs):
         runs = timing[i]
