@@ -25,8 +25,9 @@ class DataStop(UserError):
 
 
 class BadScenes:
-    def __init__(self, max_bad, num_scenes, batch_size, dist, count=0):
+    def __init__(self, max_bad, num_scenes, batch_size, dist, count=0, device="cpu"):
         self.max_bad, self.num_scenes, self.batch_size, self.dist = max_bad, num_scenes, batch_size, dist
+        self.device = device  # NCCL sums CUDA tensors only
         self.count = int(count)  # skipped reads of all ranks since the run began (the checkpoint carries it)
         self.named = set()       # this rank's (scene, why) already in the log
 
@@ -52,7 +53,7 @@ class BadScenes:
         if not self.dist.started and not batch["bad"] and batch["unserved"] is None:
             return  # nothing to add: one process skips the sum
         stats = self.dist.all_reduce(torch.tensor([len(batch["bad"]), batch["unserved"] is not None],
-                                                  dtype=torch.float64))
+                                                  dtype=torch.float64, device=self.device)).cpu()
         count = self.count + int(stats[0])  # kept only if the step runs: a resumed run reads its batch again
         if stats[1] > 0:
             raise DataStop(f"step {step}: {batch['unserved'] or 'a place in another rank' + chr(39) + 's batch'} "

@@ -25,6 +25,12 @@ PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdo
 LATE = 1.05        # a run that would end later than this times its budget is shortened
 EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone,
                    # since every change moves the schedules that span the run (a machine's pace wanders by 10-20%)
+# The default job's score by its length: RMSE over the mean training image's, one draw at 3 context views, 500 test
+# scenes, as train.py scores it at the end; one run each of `python train.py --gradient_steps N --seed 1` (the
+# schedules span N) on the 2-core EPYC (docs/speed.md#what-a-cpu-will-give). Between 2500 and 6000 steps the seed
+# moves the score more than the length does (another seed's 4981 steps: 0.795), so a user is told the nearest
+# measured lengths and that spread, not a curve.
+DEFAULT_JOB_SCORES = ((2500, 0.879), (3500, 0.860), (5000, 0.923), (6000, 0.879))
 
 
 class StepBudget:
@@ -91,10 +97,10 @@ class StepBudget:
         return max(done + 1, min(self.cap, done + more))
 
 
-def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
+def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu, default_job=False):
     """After the first steps: with --train_minutes, fix the run's length to what fits (rank 0's clock, sent to every
-    rank) and record it (`record()` rewrites config.json); without, say what a step costs and when the run will end.
-    -> the run's gradient steps."""
+    rank) and record it (`record()` rewrites config.json), and for the default job say what that length has scored;
+    without, say what a step costs and when the run will end. -> the run's gradient steps."""
     per_step = dist.broadcast(clock.per_step())
     say = bar.write if dist.master else (lambda text: None)  # under the progress bar, not into it
     if not clock.seconds:
@@ -113,11 +119,39 @@ def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu):
     say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
         f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
         f"--gradient_steps is {total} (config.json)")
+    if default_job:
+        say(expectation(total))
     if total < 2 * done:  # the timed steps annealed as if the run were clock.cap long: most of the anneal is left
         say(f"note: the {done} timed steps are most of this run, and they annealed σ and the learning rate as if it "
             f"were {clock.cap} steps long; for a run this short, give --gradient_steps instead of --train_minutes")
     record()
     return total
+
+
+def measured_near(steps, table=DEFAULT_JOB_SCORES):
+    """The measured (steps, score) of the lengths nearest `steps`: the one it equals, or the two around it; [] below
+    the shortest."""
+    if steps < table[0][0]:
+        return []
+    for (n0, s0), (n1, s1) in zip(table, table[1:]):
+        if steps in (n0, n1):
+            return [(steps, s0 if steps == n0 else s1)]
+        if n0 < steps < n1:
+            return [(n0, s0), (n1, s1)]
+    return [table[-1]]
+
+
+def expectation(steps):
+    """The line a default job prints once its length is fixed: what default jobs of about its length scored."""
+    near = measured_near(steps)
+    if not near:
+        n, s = DEFAULT_JOB_SCORES[0]
+        return (f"{steps} steps are fewer than the shortest default job measured ({n} steps scored {s:.2f}x the mean "
+                f"image's RMSE): expect a worse score")
+    runs = " and ".join(f"{n}" for n, _ in near)
+    scores = " and ".join(f"{s:.2f}x" for _, s in near)
+    return (f"default jobs of {runs} steps scored {scores} the mean image's RMSE (one draw at 3 context views, one "
+            f"seed; another seed moved a score by up to 0.13: docs/speed.md)")
 
 
 def duration(seconds):

@@ -259,6 +259,13 @@ def parse_args(argv=None):
     return cfg, given
 
 
+def is_cpu_preset(cfg):
+    """Whether cfg trains the cpu preset's model the preset's way (its length, and how the run is carried out, may
+    differ)."""
+    run = RESUME_MAY_CHANGE | {"lr_n", "sigma_n", "seed", "root_log_dir", "log_dir"}
+    return all(getattr(cfg, k) == v for k, v in CPU_PRESET.items() if k not in run)
+
+
 def fix_steps(cfg, total):
     """Set the run's length; schedules over the whole run become counts of steps, so config.json and the
     checkpoints hold them and a resumed run follows them."""

@@ -198,6 +198,7 @@ class Run:
     test_eps: torch.Tensor = None
     writer: object = None
     bad: BadScenes = None     # the unreadable scenes met so far (bad_scenes.py)
+    default_job: bool = False  # the cpu preset as it is, on the built-in data: budget.DEFAULT_JOB_SCORES applies
 
     @property
     def latest(self):
@@ -283,7 +284,7 @@ def run(cfg, given, dist, stop, saved, step_s):
             record = lambda: write_config(cfg, r.run_dir) if dist.master else None  # noqa: E731
             if clock.due(done) and done < total:
                 total = fix_length(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record,
-                                   r.device.type == "cpu")
+                                   r.device.type == "cpu", r.default_job)
             elif clock.fixed and done % cfg.log_interval == 0 and done < total:
                 total = refit(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
             step_s[0] = time.perf_counter() - t_step
@@ -384,7 +385,8 @@ def setup(cfg, given, dist, saved):
         scaler.load_state_dict(ckpt["scaler"])
     return Run(cfg=cfg, dist=dist, run_dir=run_dir, ckpt=ckpt, train_ds=train_ds, test_ds=test_ds, dataset=dataset,
                max_context=max_context, device=device, model=model, wrapped=wrapped, optimizer=optimizer,
-               scaler=scaler, start=start, saved=saved, threads=BatchThreads(threads))
+               scaler=scaler, start=start, saved=saved, threads=BatchThreads(threads),
+               default_job=default_job and config.is_cpu_preset(cfg))
 
 
 def share_threads(cfg, device, dist):
@@ -410,7 +412,7 @@ def prepare_steps(r):
         # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint it starts from.
         r.writer = SummaryWriter(logdir=r.run_dir, purge_step=r.start + 1)
     r.bad = BadScenes(cfg.max_bad_scenes, len(r.train_ds), cfg.batch_size, r.dist,
-                      r.ckpt.get("bad_scenes", 0) if r.ckpt else 0)
+                      r.ckpt.get("bad_scenes", 0) if r.ckpt else 0, r.device)
     # bf16 or fp16 autocast (or nothing), built once; the loss itself is always taken in float32.
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     r.autocast = torch.autocast(r.device.type, dtype=half) if half else nullcontext()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from budget import LATE, StepBudget
+from budget import DEFAULT_JOB_SCORES, LATE, StepBudget, expectation, measured_near
 
 MINUTES, CAP, LOG, SAVE = 8.5, 6000, 100, 500
 LOG_S, SAVE_S = 0.3, 0.5  # seconds a log line (with the test batch) and a checkpoint take
@@ -100,3 +100,13 @@ def test_the_first_steps_fix_the_length():
     assert clock.total(200, 40.0) == 600   # 20 s left: 400 more
     clock.fix()
     assert clock.refit(250, 20.0, 600) is None  # only at a log
+
+
+def test_the_default_job_says_what_its_length_has_scored():
+    for n, score in DEFAULT_JOB_SCORES:  # a measured length gives what was measured
+        assert measured_near(n) == [(n, score)] and f"of {n} steps scored {score:.2f}x" in expectation(n)
+    (n0, s0), (n1, s1) = DEFAULT_JOB_SCORES[:2]
+    assert measured_near((n0 + n1) // 2) == [(n0, s0), (n1, s1)]  # between two: both
+    assert f"of {n0} and {n1} steps scored {s0:.2f}x and {s1:.2f}x" in expectation(n0 + 1)
+    assert all(measured_near(n) for n in range(n0, CAP + 1))  # the budget's whole range is covered
+    assert measured_near(n0 - 1) == [] and "expect a worse score" in expectation(201)

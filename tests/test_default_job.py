@@ -30,6 +30,7 @@ def test_python_train_py_with_no_data_then_evaluate(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 201 and ckpt["model_config"]["representation"] == "volume"
     assert "Timed the first 200 steps" in r.stdout and ckpt["config"]["gradient_steps"] == 201
+    assert "201 steps are fewer than the shortest default job measured" in r.stdout  # budget.expectation
 
     data = tmp_path / "data" / "builtin" / "shepard_metzler_5_parts"
     out = tmp_path / "eval.json"
