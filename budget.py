@@ -25,12 +25,12 @@ PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdo
 LATE = 1.05        # a run that would end later than this times its budget is shortened
 EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone,
                    # since every change moves the schedules that span the run (a machine's pace wanders by 10-20%)
-# The default job's score by its length: RMSE over the mean training image's, one draw at 3 context views, 500 test
-# scenes, as train.py scores it at the end; one run each of `python train.py --gradient_steps N --seed 1` (the
-# schedules span N) on the 2-core EPYC (docs/speed.md#what-a-cpu-will-give). Between 2500 and 6000 steps the seed
-# moves the score more than the length does (another seed's 4981 steps: 0.795), so a user is told the nearest
+# What default jobs (the preset's seed 0) scored by the length they fixed: RMSE over the mean training image's, one
+# draw at 3 context views, 500 test scenes, as train.py scores it at the end; one fresh clone each on the 2-core EPYC,
+# given half the budget, held to one core, and as it is (docs/speed.md#what-a-cpu-will-give). Between 2500 and 6000
+# steps the seed moves the score more than the length does (seed 1: 0.86-0.92), so a user is told the nearest
 # measured lengths and that spread, not a curve.
-DEFAULT_JOB_SCORES = ((2500, 0.879), (3500, 0.860), (5000, 0.923), (6000, 0.879))
+DEFAULT_JOB_SCORES = ((2825, 0.871), (3513, 0.884), (4981, 0.795), (6000, 0.808))
 
 
 class StepBudget:
@@ -150,8 +150,8 @@ def expectation(steps):
                 f"image's RMSE): expect a worse score")
     runs = " and ".join(f"{n}" for n, _ in near)
     scores = " and ".join(f"{s:.2f}x" for _, s in near)
-    return (f"default jobs of {runs} steps scored {scores} the mean image's RMSE (one draw at 3 context views, one "
-            f"seed; another seed moved a score by up to 0.13: docs/speed.md)")
+    return (f"default jobs of {runs} steps scored {scores} the mean image's RMSE (one draw at 3 context views; "
+            f"another seed moved a score by up to 0.13: docs/speed.md)")
 
 
 def duration(seconds):
