@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import evaluate
+import gqn_dataset
 import train
 from bad_scenes import BadScenes
 from cli import UserError
@@ -155,22 +156,42 @@ def test_max_bad_scenes_counts_reads(data):
 
 # ------------------------------------------------------------------------------------------------ train.py
 
-def test_one_process_resumed_over_damaged_data_equals_running_through(data, tmp_path, capsys):
-    train.main(flags(data, tmp_path, "through", 3))
-    train.main(flags(data, tmp_path, "resumed", 3))
-    damage(data)  # after the runs began: a fresh run refuses a folder it cannot read
-    train.main(flags(data, tmp_path, "through", 12, "--resume"))
+def damaged_once_open(monkeypatch, data):
+    """train.py's run damages `data` once it has opened both splits, before its first step."""
+    opened = []
+
+    def open_then_damage(*a, **k):
+        ds = gqn_dataset.open_split(*a, **k)
+        opened.append(ds)
+        if len(opened) == 2:
+            damage(data)
+        return ds
+
+    monkeypatch.setattr(train, "open_split", open_then_damage)
+
+
+def test_one_process_stopped_and_resumed_over_damaged_data_equals_an_uninterrupted_run(clean, tmp_path, monkeypatch,
+                                                                                     capsys):
+    runs = {}
+    for name in ("uninterrupted", "resumed"):  # each on its own copy of the data, damaged after the run began
+        shutil.copytree(clean, tmp_path / name / "data")
+        runs[name] = (str(tmp_path / name / "data" / "train"), str(tmp_path / name / "data" / "test"))
+    with monkeypatch.context() as m:
+        damaged_once_open(m, runs["uninterrupted"])
+        train.main(flags(runs["uninterrupted"], tmp_path, "uninterrupted-run", 12))
     out = capsys.readouterr()
-    assert "Skipped" in out.out and skipped_named(out.err)
-    train.main(flags(data, tmp_path, "resumed", 7, "--resume"))
-    train.main(flags(data, tmp_path, "resumed", 12, "--resume"))
-    through, resumed = weights(tmp_path / "through"), weights(tmp_path / "resumed")
-    assert through["step"] == resumed["step"] == 12
-    assert through["bad_scenes"] == resumed["bad_scenes"] > 0
-    for k in through["model"]:
-        assert torch.equal(through["model"][k], resumed["model"][k]), k
-    with pytest.raises(SystemExit) as e:  # a fresh run on the damaged folder: one line naming the file
-        train.main(flags(data, tmp_path, "fresh", 3))
+    assert "Skipped" in out.out and BAD_JPEG_SCENE in skipped_named(out.err)
+    with monkeypatch.context() as m:
+        damaged_once_open(m, runs["resumed"])
+        train.main(flags(runs["resumed"], tmp_path, "resumed-run", 7))
+    train.main(flags(runs["resumed"], tmp_path, "resumed-run", 12, "--resume"))  # reads the damaged folder
+    whole, resumed = weights(tmp_path / "uninterrupted-run"), weights(tmp_path / "resumed-run")
+    assert whole["step"] == resumed["step"] == 12
+    assert whole["bad_scenes"] == resumed["bad_scenes"] > 0
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], resumed["model"][k]), k
+    with pytest.raises(SystemExit) as e:  # a fresh run on a damaged folder: one line naming the file
+        train.main(flags(runs["resumed"], tmp_path, "fresh", 3))
     assert e.value.code == 1 and TRUNCATED in capsys.readouterr().err
 
 
