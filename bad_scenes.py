@@ -25,11 +25,13 @@ class DataStop(UserError):
 
 
 class BadScenes:
+    """One rank's view of the unreadable scenes of a run: check(step, batch) before each step."""
+
     def __init__(self, max_bad, num_scenes, batch_size, dist, count=0, device="cpu"):
         self.max_bad, self.num_scenes, self.batch_size, self.dist = max_bad, num_scenes, batch_size, dist
         self.device = device  # NCCL sums CUDA tensors only
         self.count = int(count)  # skipped reads of all ranks since the run began (the checkpoint carries it)
-        self.named = set()       # this rank's (scene, why) already in the log
+        self.named = set()       # the scenes this rank has named in the log
 
     def limit(self, step):
         """Most skipped reads allowed by the end of `step` (0-based)."""
@@ -56,8 +58,8 @@ class BadScenes:
                                                   dtype=torch.float64, device=self.device)).cpu()
         count = self.count + int(stats[0])  # kept only if the step runs: a resumed run reads its batch again
         if stats[1] > 0:
-            raise DataStop(f"step {step}: {batch['unserved'] or 'a place in another rank' + chr(39) + 's batch'} "
-                           f"could not be filled: the training data cannot serve")
+            why = batch["unserved"] or "another rank's batch has a place no scene could fill"
+            raise DataStop(f"step {step}: {why}; the training data cannot serve")
         if count > self.limit(step):
             raise DataStop(f"step {step}: {count} scene reads failed, more than --max_bad_scenes {self.max_bad:g} "
                            f"allows ({self.limit(step):g} by this step)")

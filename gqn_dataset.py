@@ -847,8 +847,8 @@ class TrainBatches(torch.utils.data.Dataset):
                 mask[n, :m], served[n] = True, candidate
                 break
             else:
-                unserved = unserved or (f"scene {scene} and the {REFILLS} scenes drawn to replace it cannot be read "
-                                        f"(the last: {bad[-1][1]})")
+                unserved = unserved or (f"neither scene {scene} nor any of the {REFILLS} scenes drawn to replace it "
+                                        f"can be read (the last: {bad[-1][1]})")
         batch = {"x": torch.from_numpy(x).permute(0, 1, 4, 2, 3).contiguous(),  # (b, K, 3, H, W)
                  "v": torch.from_numpy(v), "mask": torch.from_numpy(mask),
                  "x_q": torch.from_numpy(x_q).permute(0, 3, 1, 2).contiguous(),  # (b, 3, H, W)

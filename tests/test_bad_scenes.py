@@ -133,7 +133,7 @@ def test_a_place_no_scene_can_fill_stops_the_step(data):
     for name in os.listdir(data[0]):
         os.truncate(os.path.join(data[0], name), 100)
     b = TrainBatches(ds, 4, 3, seed=0)[0]
-    assert b["unserved"] and f"the {REFILLS} scenes drawn to replace it" in b["unserved"]
+    assert b["unserved"] and f"nor any of the {REFILLS} scenes drawn to replace it" in b["unserved"]
 
 
 def test_max_bad_scenes_counts_reads(data):
@@ -156,15 +156,15 @@ def test_max_bad_scenes_counts_reads(data):
 
 # ------------------------------------------------------------------------------------------------ train.py
 
-def damaged_once_open(monkeypatch, data):
-    """train.py's run damages `data` once it has opened both splits, before its first step."""
+def damaged_once_open(monkeypatch, data, harm=damage):
+    """train.py's run does harm(data) once it has opened both splits, before its first step."""
     opened = []
 
     def open_then_damage(*a, **k):
         ds = gqn_dataset.open_split(*a, **k)
         opened.append(ds)
         if len(opened) == 2:
-            damage(data)
+            harm(data)
         return ds
 
     monkeypatch.setattr(train, "open_split", open_then_damage)
@@ -193,6 +193,17 @@ def test_one_process_stopped_and_resumed_over_damaged_data_equals_an_uninterrupt
     with pytest.raises(SystemExit) as e:  # a fresh run on a damaged folder: one line naming the file
         train.main(flags(runs["resumed"], tmp_path, "fresh", 3))
     assert e.value.code == 1 and TRUNCATED in capsys.readouterr().err
+
+
+def test_a_training_folder_gone_during_the_run_stops_it_with_latest(data, tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+        damaged_once_open(m, data, lambda d: shutil.rmtree(d[0]))
+        train.main(flags(data, tmp_path, "r", 12))
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert e.value.code == 1 and "Traceback" not in err and len(errors) == 1
+    assert f"nor any of the {REFILLS} scenes drawn to replace it can be read" in errors[0] and "cannot serve" in errors[0]
+    assert "latest.pt holds step 0" in errors[0] and weights(tmp_path / "r")["step"] == 0
 
 
 def test_max_bad_scenes_0_stops_with_latest_at_the_step_reached(data, tmp_path, capsys):
