@@ -27,8 +27,9 @@ samples > 1], unreadable. With several context sizes: the run, scenes, seed, sig
 "contexts": [1, 2, ...], and "by_context": {"1": {...}, ...} with each size's other fields.
 
 A test scene that cannot be read (a bad JPEG, a damaged or missing file) is left out of every score and named on
-stderr; "scenes" counts the scenes scored and "unreadable" lists those left out as [scene, why] (then "scenes" is
-given per context size when the sizes read different views of a damaged scene). The mean image skips them too. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
+stderr; "scenes" counts the scenes scored and "unreadable" lists those left out as [scene, why] ("scenes" is given
+per context size when the sizes read different views of a damaged scene); "unreadable_files" lists the files left
+out whole. The mean image skips them too. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
 
 Images stored at another size than the model's are resized with area interpolation only when that is what
 training did (the checkpoint records the stored size it trained on); any other size mismatch is an error.

@@ -202,7 +202,8 @@ def test_a_training_folder_gone_during_the_run_stops_it_with_latest(data, tmp_pa
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert e.value.code == 1 and "Traceback" not in err and len(errors) == 1
-    assert f"nor any of the {REFILLS} scenes drawn to replace it can be read" in errors[0] and "cannot serve" in errors[0]
+    assert f"nor any of the {REFILLS} scenes drawn to replace it can be read" in errors[0]
+    assert "the training data cannot serve" in errors[0]
     assert "latest.pt holds step 0" in errors[0] and weights(tmp_path / "r")["step"] == 0
 
 
