@@ -29,7 +29,9 @@ samples > 1], unreadable. With several context sizes: the run, scenes, seed, sig
 A test scene that cannot be read (a bad JPEG, a damaged or missing file) is left out of every score and named on
 stderr; "scenes" counts the scenes scored and "unreadable" lists those left out as [scene, why] ("scenes" is given
 per context size when the sizes read different views of a damaged scene); "unreadable_files" lists the files left
-out whole. The mean image skips them too. --plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
+out whole. The mean image skips them too.
+
+--plot FILE.png draws RMSE, MAE, PSNR and SSIM against the number of context views.
 
 Images stored at another size than the model's are resized with area interpolation only when that is what
 training did (the checkpoint records the stored size it trained on); any other size mismatch is an error.
@@ -409,10 +411,10 @@ def run(args):
         print(f"warning: left out test scene {scene}, which cannot be read ({why})", file=sys.stderr)
     for _, why in ds.unreadable:
         print(f"warning: left out every scene of {why}", file=sys.stderr)
-    gone = f"{len(left_out)} left out" if left_out else ""
-    gone += f"{', and ' if gone else ''}{len(ds.unreadable)} unreadable file(s) left out" if ds.unreadable else ""
+    gone = [f"{n} {what} left out" for n, what in ((len(left_out), "unreadable scene(s)"),
+                                                   (len(ds.unreadable), "unreadable file(s)")) if n]
     print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}: {results[0]['scenes']} scenes"
-          f"{f' ({gone})' if gone else ''}, seed {args.seed}")
+          f"{' (' + ', '.join(gone) + ')' if gone else ''}, seed {args.seed}")
     print(table(results))
     if args.plot:
         plot(args.plot, results, f"{ds.dataset}, step {r['step']}: {r['scenes']} test scenes, seed {args.seed}")

@@ -670,6 +670,7 @@ def open_split(folder, flag, layout=None, skip_unreadable=False):
 # Sampling: pure functions of (seed, step, scene), so resumed runs and DDP ranks draw what one process draws
 
 _BATCH, _VIEWS, _EPS, _FIXED, _DEPTHS, _REFILL = 0, 1, 2, 3, 4, 5  # separate random streams, one per purpose
+UNREADABLE = (DatasetError, OSError)  # what reading a scene raises when its bytes are damaged or gone
 REFILLS = 16  # other scenes a batch tries in the place of one it cannot read, before the step cannot be served
 # The random inputs of a training forward pass that the data draws (model.GQN.training_noise names them): stream.
 NOISE_STREAMS = {"eps": _EPS, "depth_noise": _DEPTHS}
@@ -726,10 +727,10 @@ class Unreadable(namedtuple("Unreadable", ["scene", "why"])):
 
 
 def read_or_skip(load, scene):
-    """load() -> what it returns, or Unreadable(scene, why) when the scene cannot be read (DatasetError, OSError)."""
+    """load() -> what it returns, or Unreadable(scene, why) when the scene cannot be read (UNREADABLE)."""
     try:
         return load()
-    except (DatasetError, OSError) as e:
+    except UNREADABLE as e:
         return Unreadable(int(scene), one_line(e))
 
 
@@ -840,7 +841,7 @@ class TrainBatches(torch.utils.data.Dataset):
             for candidate in self.refill(step, scene):
                 try:
                     cameras = ds._load_into(candidate, context.tolist() + [query], list(x[n, :m]) + [x_q[n]])
-                except (DatasetError, OSError) as e:
+                except UNREADABLE as e:
                     bad.append((candidate, one_line(e)))
                     continue
                 v[n, :m], v_q[n] = cameras[:m], cameras[m]
