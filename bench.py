@@ -20,6 +20,7 @@ over the steps, i.e. activations, gradients and Adam state, not the weights and 
 """
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -49,12 +50,13 @@ PRESETS = {
     # one share of train.py's `cpu` preset step (batch 8 split over 2 threads): volume, L=4, 3x3 cores, 32 px, up to
     # 3 context views (a ragged mask, as the data draws them), the depth jitter drawn by the data
     "cpu": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
-                 r_dim=64, h_dim=32, u_dim=32, kernel_size=3)],
+                 r_dim=64, h_dim=32, u_dim=32, kernel_size=3, image_from_r=True)],
     # the paper's configuration (context: up to 5 views for rooms/jaco-like data; 5 here)
     "paper": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
               dict(representation="pool", L=12, shared_core=False, batch_size=36, context=5, image_size=64)],
 }
-MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size", "kernel_size")
+MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size", "kernel_size",
+              "image_from_r")
 MODEL_MODULES = ("model", "core", "conv_lstm", "representation", "volume", "cameras")
 
 
@@ -139,7 +141,10 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
             kl.append(kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3)))
         c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
         u = u + F.conv_transpose2d(h_g, T[k], stride=4)
-    return (torch.stack(kl, 1) if x_q is not None else None), torch.sigmoid(model.observation(u))
+    logit = model.observation(u)
+    if model.image_from_r is not None:
+        logit = logit + model.image_from_r(r.expand(-1, -1, s, s))
+    return (torch.stack(kl, 1) if x_q is not None else None), torch.sigmoid(logit)
 
 
 def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
@@ -225,9 +230,12 @@ def measure(spec):
     opts["reference"] = opts["fast"] if ref_model is model else \
         torch.optim.Adam(ref_model.parameters(), lr=5e-4, fused=True)
     if spec.get("against"):  # the same step with the model code of another revision, on a copy of the same weights
-        old = model_at(spec["against"])(**{k: cfg[k] for k in MODEL_KEYS if k in cfg},
-                                         checkpoint_activations=spec["checkpoint_activations"]).to(device)
-        old.load_state_dict(model.state_dict())
+        Old = model_at(spec["against"])
+        known = inspect.signature(Old).parameters  # a revision before a model flag builds the model without it
+        old = Old(**{k: cfg[k] for k in MODEL_KEYS if k in cfg and k in known},
+                  checkpoint_activations=spec["checkpoint_activations"]).to(device)
+        weights = model.state_dict()
+        old.load_state_dict({k: weights[k] for k in old.state_dict()})
         fns["against"] = old  # eager, as the reference: with --compile, `--against HEAD` times what compiling gives
         opts["against"] = torch.optim.Adam(old.parameters(), lr=5e-4, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

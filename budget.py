@@ -5,13 +5,15 @@ The default job has to finish in the same wall time on every 2-core CPU, and CPU
 trains normally for its first CALIBRATION steps, measures what a step costs here (data, forward, backward, Adam, and
 its share of the test-set logging and checkpoints, each timed after its first, which builds kernels once), and
 fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The
-annealing schedules (scheduler.py) that span "the whole run" are resolved to that count at the same moment, and
-config.json and every checkpoint hold it, so a resumed run follows the same schedule; the steps before the
-decision anneal as if the run were its upper bound long. At every later log the clock refits the length to the
-time left at the pace of the median of the last PACE_INTERVALS log intervals: one slow interval (another job's
-burst, a slow file system) changes nothing, a machine that stays slower ends the run sooner, and when it speeds up
-again the length grows back, never past the upper bound. Without a budget the same clock says, after the first
-steps, what a step costs here and when the run will end.
+annealing schedules (scheduler.py) that span "the whole run" or a share of it are resolved to counts at the same
+moment, and config.json and every checkpoint hold them, so a resumed run follows the same schedule; the steps
+before the decision anneal as if the run were its upper bound long. At every later log the clock refits the length
+to the time left at the pace of the median of the last PACE_INTERVALS log intervals: one slow interval (another
+job's burst, a slow file system) changes nothing, a machine that stays slower ends the run sooner, and when it
+speeds up again the length grows back, never past the upper bound. A refit moves only the end: the schedules keep
+the counts of the first fit, since moving σ and the learning rate mid-run disturbs training (the `cpu` preset
+anneals σ over 0.8 of the run, so a run cut by up to a fifth still ends at its final σ). Without a budget the same
+clock says, after the first steps, what a step costs here and when the run will end.
 """
 import math
 import statistics
@@ -23,8 +25,8 @@ WARMUP = 10        # first steps left out of the timing (oneDNN builds its kerne
 FIRST_WORD = 3     # without a budget: say what a step costs after this many (one step may take minutes)
 PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdown must last 3 to move it
 LATE = 1.05        # a run that would end later than this times its budget is shortened
-EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone,
-                   # since every change moves the schedules that span the run (a machine's pace wanders by 10-20%)
+EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone
+                   # (a machine's pace wanders by 10-20%, and every change is said on the console)
 # What default jobs (the preset's seed 0) scored by the length they fixed: RMSE over the mean training image's, one
 # draw at 3 context views, 500 test scenes, as train.py scores it at the end; one fresh clone each on the 2-core EPYC,
 # given half the budget, held to one core, and as it is (docs/speed.md#what-a-cpu-will-give). Between 2500 and 6000
@@ -169,15 +171,13 @@ def duration(seconds):
 
 def refit(cfg, clock, dist, bar, done, elapsed, record):
     """At each log of a run whose length is fixed: end it sooner if the machine slowed down, later (up to the cap)
-    if it sped up again (clock.refit); the schedules that spanned the whole run span the new length from here on.
-    -> the run's gradient steps."""
+    if it sped up again (clock.refit); the schedules keep the counts the first fit gave them. -> the run's gradient
+    steps."""
     old = cfg.gradient_steps
     total = dist.broadcast(clock.refit(done, elapsed, old))
     if total is None:
         return old
     cfg.gradient_steps = total
-    cfg.lr_n = total if cfg.lr_n == old else cfg.lr_n
-    cfg.sigma_n = total if cfg.sigma_n == old else cfg.sigma_n
     bar.total = total
     bar.refresh()
     if dist.master:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from batch_threads import usable_cpus
 from cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, str2bool
 from gqn_dataset import MAX_CONTEXT
+from scheduler import anneal_steps
 
 WHOLE_RUN = 0  # --lr_n / --sigma_n 0: anneal over --gradient_steps, whatever the run's length
 AUTO = -1      # --workers: as many as the machine gives this process, at most 4
@@ -39,6 +40,7 @@ class Config:
     z_dim: int = 3
     u_dim: int = 128
     kernel_size: int = 5                 # the cores' gate convolutions and the prior/posterior heads: k x k
+    image_from_r: bool = False           # η_r: a path from r straight to the image (model.py; not the paper's)
     image_size: int = 64                 # the model's; stored images of another size are resized (area)
     fov: float = 20.0                    # representation "volume" only: the cameras' field of view in degrees,
     near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
@@ -87,15 +89,19 @@ class Config:
 # reads the context along the query rays with the cameras' geometry and gets under 0.8x. Small batches buy more
 # steps. The latent: at 32x32 the likelihood prices what z could say about the query view at 1/(2 sigma^2) nats a
 # unit of squared error, and with the paper's sigma (2.0 -> 0.7) that is less than z's KL costs, so z carried
-# nothing (KL 0.02 nats); it is used once sigma falls below about 0.45, hence sigma 2.0 -> 0.1 (the high start
-# learns the geometry first). Training with 1-3 context views (as the test's 1 and 3) puts the ambiguity of one view
-# in training and helped the 3-view score too (0.857 against 0.870 after 2500 steps).
+# nothing (KL 0.02 nats); it is used once sigma falls below about 0.45, hence sigma 2.0 -> 0.4 over the first 0.8
+# of the run and 0.4 for the last fifth (the high start learns the geometry first; at 0.4 z says what one view
+# cannot tell and three views leave it nearly unused, where 0.1 made every draw a noisier guess). The learning rate
+# 2e-3 -> 2e-4 learns faster than 1e-3 -> 1e-4 (3e-3 collapsed the latent). image_from_r (model.py's η_r) shows
+# the volume's rendering in the image from the first steps: after 3000 steps 0.655x at 3 views instead of 0.845x,
+# after 6000 0.615x instead of 0.740x (docs/default-run.md). Training with 1-3 context views (as the test's 1 and 3)
+# puts the ambiguity of one view in training and helped the 3-view score too (0.857 against 0.870 after 2500 steps).
 CPU_PRESET = dict(
     representation="volume", layers=4, r_dim=64, h_dim=32, z_dim=3, u_dim=32, image_size=32,
     min_context=1, max_context=3,
-    gradient_steps=6000, batch_size=8, lr_i=1e-3, lr_f=1e-4, lr_n=WHOLE_RUN, sigma_i=2.0, sigma_f=0.1,
-    sigma_n=WHOLE_RUN, log_interval=100, save_interval=500, workers=0, seed=0, kernel_size=3, train_minutes=8.5,
-    batch_threads=0,
+    image_from_r=True, gradient_steps=6000, batch_size=8, lr_i=2e-3, lr_f=2e-4, lr_n=WHOLE_RUN, sigma_i=2.0,
+    sigma_f=0.4, sigma_n=0.8, log_interval=100, save_interval=500, workers=0, seed=0, kernel_size=3,
+    train_minutes=8.5, batch_threads=0,
 )
 BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)
 # <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<< end of CPU PRESET <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
@@ -142,10 +148,10 @@ FLAGS = {
     "batch_size": (positive_int, "scenes per step, global over all devices and ranks"),
     "lr_i": (positive_float, "initial learning rate"),
     "lr_f": (positive_float, "final learning rate"),
-    "lr_n": (float, "steps over which the learning rate anneals (0: the whole run)"),
+    "lr_n": (float, "steps over which the learning rate anneals (0: the whole run; under 1: that share of it)"),
     "sigma_i": (positive_float, "initial pixel sigma"),
     "sigma_f": (positive_float, "final pixel sigma"),
-    "sigma_n": (float, "steps over which sigma anneals (0: the whole run)"),
+    "sigma_n": (float, "steps over which sigma anneals (0: the whole run; under 1: that share of it)"),
     "root_log_dir": (str, "root of run folders"),
     "log_dir": (str, "run folder name under --root_log_dir"),
     "log_interval": (positive_int, "steps between logs (TensorBoard, log line)"),
@@ -171,6 +177,8 @@ FLAGS = {
     "u_dim": (positive_int, "channels of the canvas u"),
     "kernel_size": (positive_int, "size of the cores' and the prior/posterior heads' convolutions (odd)"),
     "image_size": (positive_int, "the model's image size (stored images are resized to it, area)"),
+    "image_from_r": (str2bool, "a path from r straight to the image (model.py: η_r, zero at the start; not in the "
+                               "paper): the representation's view shows before the cores learn to carry it"),
     "fov": (float, "volume: the cameras' field of view in degrees (taken from the data when it records it)"),
     "near": (float, "volume: nearest depth sampled along the query rays (taken from the data when it records it)"),
     "far": (float, "volume: farthest depth sampled along the query rays (taken from the data when it records it)"),
@@ -206,6 +214,8 @@ def _shown(name, value):
         return " ".join(map(str, value))
     if (name, value) in words:
         return words[(name, value)]
+    if name in ("lr_n", "sigma_n") and 0 < value < 1:
+        return f"{value:g} of the run"
     return f"{value:g}" if isinstance(value, float) else value
 
 
@@ -267,11 +277,11 @@ def is_cpu_preset(cfg):
 
 
 def fix_steps(cfg, total):
-    """Set the run's length; schedules over the whole run become counts of steps, so config.json and the
-    checkpoints hold them and a resumed run follows them."""
+    """Set the run's length; schedules over the whole run or a share of it become counts of steps, so config.json
+    and the checkpoints hold them and a resumed run follows them."""
     cfg.gradient_steps = int(total)
-    cfg.lr_n = cfg.lr_n or cfg.gradient_steps
-    cfg.sigma_n = cfg.sigma_n or cfg.gradient_steps
+    cfg.lr_n = anneal_steps(cfg.lr_n, cfg.gradient_steps)
+    cfg.sigma_n = anneal_steps(cfg.sigma_n, cfg.gradient_steps)
 
 
 def check_config(cfg, world_size):
@@ -293,7 +303,7 @@ def check_config(cfg, world_size):
 # own (check_camera), once the data has filled in what the flags did not give.
 MODEL_FLAGS = {"representation": "representation", "layers": "L", "shared_core": "shared_core", "r_dim": "r_dim",
                "h_dim": "h_dim", "z_dim": "z_dim", "u_dim": "u_dim", "image_size": "image_size",
-               "kernel_size": "kernel_size"}
+               "kernel_size": "kernel_size", "image_from_r": "image_from_r"}
 
 
 def check_model(cfg):
@@ -366,8 +376,8 @@ def same_value(flag, value, old):
     saved = getattr(old, flag)
     if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
         return value == saved or stands_for(value, saved)
-    if flag in ("lr_n", "sigma_n") and value == WHOLE_RUN:  # resolved to the run's length once that was fixed
-        return saved in (WHOLE_RUN, old.gradient_steps)
+    if flag in ("lr_n", "sigma_n") and value < 1:  # the whole run or a share: a count once the length was fixed
+        return saved == value or saved >= 1
     return value == saved
 
 

@@ -4,8 +4,17 @@ Eslami et al. 2018, supplementary section "Training": Adam's learning rate mu is
 mu_i = 5e-4 to mu_f = 5e-5 over the first 1.6M steps, and the pixel standard deviation sigma of the Gaussian
 likelihood linearly from sigma_i = 2.0 to sigma_f = 0.7 over the first 200K steps; both stay flat afterwards.
 Being functions of the step alone, a resumed run needs nothing but the step to continue both schedules.
-`step` is the index of the gradient step being taken (0 for the first one).
+`step` is the index of the gradient step being taken (0 for the first one). The n of either schedule may also be
+given as a share of the run (anneal_steps), resolved to a count once the run's length is fixed.
 """
+
+
+def anneal_steps(n, total):
+    """--lr_n / --sigma_n -> steps: 0 the whole run (`total` steps), a value between 0 and 1 that share of it, else
+    the count itself."""
+    if n == 0:
+        return total
+    return max(1, round(n * total)) if n < 1 else n
 
 
 def _linear(step, start, end, n):

@@ -50,7 +50,7 @@ from metrics import bits_per_dim, nll_floor  # noqa: E402
 from model import objective  # noqa: E402
 from pictures import save_samples, test_views_grid  # noqa: E402
 from progress import progress_bar  # noqa: E402
-from scheduler import kl_weight, learning_rate, pixel_sigma  # noqa: E402
+from scheduler import anneal_steps, kl_weight, learning_rate, pixel_sigma  # noqa: E402
 
 TEST_SCENES = 32      # the fixed test batch: test ELBO (spread over ranks), and the first IMAGE_SCENES as images
 IMAGE_SCENES = 8
@@ -119,7 +119,7 @@ def model_and_optimizer(cfg, ckpt, device, dist, threads=1):
     model = GQN(representation=cfg.representation, L=cfg.layers, shared_core=cfg.shared_core, r_dim=cfg.r_dim,
                 h_dim=cfg.h_dim, z_dim=cfg.z_dim, u_dim=cfg.u_dim, image_size=cfg.image_size,
                 checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far,
-                kernel_size=cfg.kernel_size)
+                kernel_size=cfg.kernel_size, image_from_r=cfg.image_from_r)
     # fused: one kernel for all parameters instead of a loop of small ops (the paper model's step: 390 -> 50 ms on CPU)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_i, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  fused=True)
@@ -425,9 +425,9 @@ def train_step(r, step, batch, total, stop, logs=False):
     """One gradient step on `batch` -> Step: the batch's ELBO, KL, NLL sums over all ranks, whether every rank stops
     after it, sigma, lr, whether fp16's scaler skipped it, and with `logs` the gradient's norm (else None)."""
     cfg, device, model = r.cfg, r.device, r.model
-    # lr_n/sigma_n are 0 (the whole run) only until a --train_minutes run has fixed its length
-    lr = learning_rate(step, cfg.lr_i, cfg.lr_f, cfg.lr_n or total)
-    sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n or total)
+    # lr_n/sigma_n are the whole run (0) or a share of it only until a --train_minutes run has fixed its length
+    lr = learning_rate(step, cfg.lr_i, cfg.lr_f, anneal_steps(cfg.lr_n, total))
+    sigma = pixel_sigma(step, cfg.sigma_i, cfg.sigma_f, anneal_steps(cfg.sigma_n, total))
     beta = kl_weight(step, cfg.kl_warmup)
     for group in r.optimizer.param_groups:
         group["lr"] = lr

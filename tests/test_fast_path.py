@@ -42,6 +42,30 @@ def test_fast_path_equals_reference(representation, shared_core):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("representation", ["tower", "pool"])
+def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representation):
+    torch.manual_seed(0)
+    paper = GQN(representation, L=3, **TINY).double()
+    torch.manual_seed(0)
+    model = GQN(representation, L=3, image_from_r=True, **TINY).double()
+    args, kwargs = inputs(model)
+    # η_r is zero at the start: the same ELBO as the paper's model with the same other weights, and a gradient
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args, 0.8, **kwargs).elbo, paper(*args, 0.8, **kwargs).elbo)
+    _, grads = elbo_and_grads(model, model, args, kwargs)
+    assert dict(zip([n for n, _ in model.named_parameters()], grads))["image_from_r.weight"].abs().sum() > 0
+    with torch.no_grad():  # weights of its own, so that the path counts in the comparison
+        model.image_from_r.weight.normal_(0, 0.3)
+        model.image_from_r.bias.normal_(0, 0.3)
+    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
+    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
+    assert not torch.allclose(fast.elbo, paper(*args, 0.8, **kwargs).elbo)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_generate_and_reconstruct_equal_reference(representation, shared_core):

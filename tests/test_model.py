@@ -144,12 +144,13 @@ def test_eps_makes_forward_deterministic_and_generator_makes_generate_determinis
 
 
 def test_config_rebuilds_the_model():
-    model = GQN("tower", L=2, shared_core=True, **TINY)
+    model = GQN("tower", L=2, shared_core=True, image_from_r=True, **TINY)
     clone = GQN(**model.config)
     clone.load_state_dict(model.state_dict())
-    assert clone.config == model.config
+    assert clone.config == model.config and clone.image_from_r is not None
     assert set(model.config) == {"representation", "L", "shared_core", "x_channels", "v_dim", "r_dim", "h_dim",
-                                 "z_dim", "u_dim", "image_size", "checkpoint_activations", "kernel_size"}
+                                 "z_dim", "u_dim", "image_size", "checkpoint_activations", "kernel_size",
+                                 "image_from_r"}
 
 
 def test_bad_construction_is_one_clear_error():

@@ -49,7 +49,7 @@ def test_gradient_steps_alone_turns_the_budget_off_and_the_cpu_preset_has_one():
     cpu, _ = config.parse_args([])
     assert cpu.train_minutes > 0 and cpu.lr_n == config.WHOLE_RUN  # resolved when the clock fixes the length
     exact, _ = config.parse_args(["--gradient_steps", "300"])
-    assert exact.train_minutes == 0 and (exact.gradient_steps, exact.lr_n, exact.sigma_n) == (300, 300, 300)
+    assert exact.train_minutes == 0 and (exact.gradient_steps, exact.lr_n, exact.sigma_n) == (300, 300, 240)
     both, _ = config.parse_args(["--gradient_steps", "300", "--train_minutes", "5"])
     assert both.train_minutes == 5 and both.gradient_steps == 300  # the most it may take
 

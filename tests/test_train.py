@@ -52,11 +52,16 @@ def test_presets():
 def test_cpu_schedules_follow_gradient_steps_and_paper_schedules_keep_the_papers_steps():
     from scheduler import learning_rate, pixel_sigma
 
-    short, _ = parse_args(["--gradient_steps", "300"])  # the cpu preset: annealed over the run, whatever its length
-    assert (short.lr_n, short.sigma_n) == (300, 300)
-    assert pixel_sigma(300, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.1)  # low: z is used
-    assert learning_rate(300, short.lr_i, short.lr_f, short.lr_n) == pytest.approx(1e-4)
-    assert parse_args([])[0].sigma_n == config.WHOLE_RUN  # --train_minutes: resolved once the clock fixes the length
+    # the cpu preset: the learning rate annealed over the run and sigma over 0.8 of it, whatever its length
+    short, _ = parse_args(["--gradient_steps", "300"])
+    assert (short.lr_n, short.sigma_n) == (300, 240)
+    assert pixel_sigma(240, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.4)  # low: z is used
+    assert pixel_sigma(299, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.4)  # the last fifth
+    assert pixel_sigma(120, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(1.2)
+    assert learning_rate(300, short.lr_i, short.lr_f, short.lr_n) == pytest.approx(2e-4)
+    assert parse_args([])[0].sigma_n == 0.8  # --train_minutes: resolved once the clock fixes the length
+    share, _ = parse_args(["--gradient_steps", "1000", "--lr_n", "0.25", "--sigma_n", "0"])
+    assert (share.lr_n, share.sigma_n) == (250, 1000)
     paper, _ = parse_args(["--train_data_dir", "a", "--test_data_dir", "b", "--gradient_steps", "300"])
     assert (paper.lr_n, paper.sigma_n) == (1.6e6, 2e5)
     own, _ = parse_args(["--gradient_steps", "300", "--sigma_n", "100", "--lr_i", "3e-3", "--sigma_f", "0.5"])
@@ -74,7 +79,8 @@ def test_help_shows_the_defaults_each_preset_applies(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--layers N L, the number of generation steps (paper: 12; cpu: 4)" in text
     assert "(paper: pool; cpu: volume)" in text and "(paper: 2000000; cpu: 6000)" in text
-    assert "--sigma_n X steps over which sigma anneals (0: the whole run) (paper: 200000; cpu: the whole run)" in text
+    assert ("--sigma_n X steps over which sigma anneals (0: the whole run; under 1: that share of it) "
+            "(paper: 200000; cpu: 0.8 of the run)") in text
 
 
 class FakeData:
