@@ -116,10 +116,8 @@ def model_and_optimizer(cfg, ckpt, device, dist, threads=1):
     from model import GQN
 
     torch.manual_seed(cfg.seed)
-    model = GQN(representation=cfg.representation, L=cfg.layers, shared_core=cfg.shared_core, r_dim=cfg.r_dim,
-                h_dim=cfg.h_dim, z_dim=cfg.z_dim, u_dim=cfg.u_dim, image_size=cfg.image_size,
-                checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far,
-                kernel_size=cfg.kernel_size, image_from_r=cfg.image_from_r)
+    model = GQN(**{kw: getattr(cfg, flag) for flag, kw in config.MODEL_FLAGS.items()},
+                checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near, far=cfg.far)
     # fused: one kernel for all parameters instead of a loop of small ops (the paper model's step: 390 -> 50 ms on CPU)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_i, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                  fused=True)
