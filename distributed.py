@@ -147,7 +147,7 @@ class Dist:
 class Stop:
     """SIGINT (Ctrl-C) and SIGTERM (a cluster preempting the job, torchrun stopping its workers).
 
-    While `training` is set, the first signal only asks for a stop (`requested`): the loop finishes the step in
+    In the `phase` "training", the first signal only asks for a stop (`requested`): the loop finishes the step in
     flight, writes latest.pt and exits. Otherwise it interrupts the main thread (KeyboardInterrupt, whose message
     says what is saved), or under torchrun (`at_once`) ends the process with that message: torchrun is stopping
     every worker, and a teardown could wait on a dead one. A watcher thread hears every signal even while the main
@@ -159,7 +159,8 @@ class Stop:
     def __init__(self, grace, give_up, at_once=False):
         self.grace, self.give_up = grace, give_up  # () -> seconds; (signal name, why) -> the line printed on exit
         self.at_once = at_once
-        self.training, self.requested, self.acted = False, None, threading.Event()
+        self.phase = "setup"  # "setup", "training" (a signal asks for a stop), "score" (training has finished)
+        self.requested, self.acted = None, threading.Event()
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
@@ -179,7 +180,7 @@ class Stop:
         self._watcher.join(5)
 
     def _handler(self, signum, frame):
-        if not self.training:
+        if self.phase != "training":
             self.acted.set()
             if self.at_once:
                 self._exit(signal.Signals(signum).name, "outside the training loop")
@@ -212,8 +213,19 @@ class Stop:
             self._exit(name, f"{name} not acted on within {grace:.0f} s")
 
     def _exit(self, name, why):
-        os.write(2, f"\n{self.give_up(name, why)}\n".encode())  # os.write: no lock a blocked thread may hold
+        text = self.give_up(name, why)
+        if text:  # os.write: no lock a blocked thread may hold
+            os.write(2, f"\n{text}\n".encode())
         os._exit(128 + signal.Signals[name].value)
+
+
+def pause_for_test(moment):
+    """A test's hook: with GQN_TEST_PAUSE=<moment> ("step N": after step N, its checkpoint included; "score": before
+    the end-of-run score), the process stops itself (SIGSTOP) there, so that a test can signal, kill or damage a
+    running job at a moment chosen by its progress, on a machine of any speed, and continue it with SIGCONT. Signals
+    sent while it is stopped are handled when it continues, before it moves on."""
+    if os.environ.get("GQN_TEST_PAUSE") == moment:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def worker_ignores_signals(worker_id):

@@ -44,7 +44,7 @@ from budget import StepBudget, fix_length, refit  # noqa: E402
 from checkpoint import (atomic_write, checkpoint_paths, keep_newest, rng_state, run_to_resume,  # noqa: E402
                         save_checkpoint, set_rng_state)
 from cli import UserError  # noqa: E402
-from distributed import Dist, Stop, check_amp, pick_device, worker_ignores_signals  # noqa: E402
+from distributed import Dist, Stop, check_amp, pause_for_test, pick_device, worker_ignores_signals  # noqa: E402
 from gqn_dataset import DatasetError, FixedViews, TrainBatches, Unreadable, open_split, to_model  # noqa: E402
 from metrics import bits_per_dim, nll_floor  # noqa: E402
 from model import objective  # noqa: E402
@@ -151,7 +151,8 @@ def model_and_optimizer(cfg, ckpt, device, dist, threads=1):
 
 def train(cfg, given):
     """One run; SIGINT/SIGTERM stop it in a state the same command with --resume continues exactly."""
-    latest = checkpoint_paths(os.path.join(cfg.root_log_dir, cfg.log_dir))[1]
+    run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
+    latest = checkpoint_paths(run_dir)[1]
     saved, step_s = [None], [1.0]  # the step latest.pt holds (None: nothing saved yet); seconds a step takes
     with Dist() as dist:
         def continue_with():
@@ -159,7 +160,14 @@ def train(cfg, given):
                 return "nothing was saved: run the same command again"
             return f"{latest} holds step {saved[0]}: continue with the same command and --resume (or --resume auto)"
 
+        def scored_later(name):  # training is over: only the end-of-run score was lost
+            return (f"training finished at step {saved[0]} ({latest} holds it); {name} interrupted the end-of-run "
+                    f"score: for the score, python evaluate.py --checkpoint {latest} --test_data_dir "
+                    f"{stop.test_data_dir} --train_data_dir {stop.train_data_dir}")
+
         def give_up(name, why):  # the last word of a process that cannot stop at a step's end
+            if stop.phase == "score":
+                return scored_later(name) if dist.master else ""
             return f"error: rank {dist.rank} stopped by {name} ({why}; blocked in a collective?); {continue_with()}"
 
         with Stop(lambda: 10 + 3 * step_s[0], give_up, at_once=dist.started) as stop:
@@ -167,9 +175,12 @@ def train(cfg, given):
                 run(cfg, given, dist, stop, saved, step_s)
             except KeyboardInterrupt as e:
                 name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"  # Stop names the signal
+                code = 128 + signal.Signals[name].value
+                if stop.phase == "score":
+                    raise cli.Interrupted(scored_later(name), code) from None
                 raise cli.Interrupted(f"interrupted by {name} {'before' if saved[0] is None else 'at'} "
                                       f"{'the first checkpoint' if saved[0] is None else f'step {saved[0]}'}: "
-                                      f"{continue_with()}", 128 + signal.Signals[name].value) from None
+                                      f"{continue_with()}", code) from None
 
 
 @dataclasses.dataclass
@@ -252,7 +263,7 @@ def run(cfg, given, dist, stop, saved, step_s):
     stream = iter(loader)  # draws the loader's base seed from the global RNG, as at the start of a fresh run
     if r.ckpt is not None:  # and from here on the RNG continues where the interrupted run left it
         set_rng_state(r.ckpt["rng"])
-    stop.training, stopped, done = True, False, r.start
+    stop.phase, stopped, done = "training", False, r.start
     try:
         for step, batch in enumerate(stream, r.start):
             t_step = time.perf_counter()
@@ -286,6 +297,7 @@ def run(cfg, given, dist, stop, saved, step_s):
             elif clock.fixed and done % cfg.log_interval == 0 and done < total:
                 total = refit(cfg, clock, dist, bar, done, time.perf_counter() - t_start, record)
             step_s[0] = time.perf_counter() - t_step
+            pause_for_test(f"step {done}")
             if stopped or (stop.requested and not dist.started):  # one process: the step in flight is the last
                 stop.acted.set()
                 break
@@ -301,11 +313,13 @@ def run(cfg, given, dist, stop, saved, step_s):
     except Exception as e:
         raise dist.lost_contact(e, r.latest) or e
     finally:
-        stop.training = False
+        stop.phase = "score" if done == total and not stop.acted.is_set() else "setup"
         r.threads.close()
     bar.close()
     if stop.acted.is_set():
         stopped_at(r, done, stop.requested or "SIGTERM")  # a peer's signal
+    stop.train_data_dir, stop.test_data_dir = cfg.train_data_dir, cfg.test_data_dir
+    pause_for_test("score")
     end_of_run(r, total)
     dist.finish()
 

@@ -5,6 +5,7 @@ import math
 import os
 import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,15 +81,63 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(argv, rdzv=False):
-    """`torchrun --nproc_per_node 2 train.py ...`, or with rdzv the README's several-node form on one node."""
+def torchrun(argv, rdzv=False, pause=None):
+    """`torchrun --nproc_per_node 2 train.py ...`, or with rdzv the README's several-node form on one node; `pause`:
+    every rank stops itself at that moment (paused_env)."""
     port = str(free_port())
     launch = (["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"] if rdzv
               else ["--master_port", port])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *launch,
            os.path.join(ROOT, "train.py"), *argv]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return cmd, env
+    return cmd, paused_env(pause, env) if pause else env
+
+
+# ------------------------------------------------------------------------------------------------ a job's moments
+# A test that signals, kills or damages a running job picks the moment by the job's progress, never by sleeping:
+# with GQN_TEST_PAUSE the job stops itself (SIGSTOP) at a step or before its end-of-run score
+# (distributed.pause_for_test), the test acts, then continues it with SIGCONT.
+
+def paused_env(moment, env=None):
+    """The environment of a job that stops itself at `moment` ("step N" or "score")."""
+    return {**(os.environ if env is None else env), "GQN_TEST_PAUSE": moment, "PYTHONUNBUFFERED": "1"}
+
+
+def proc_state(pid):
+    """The state letter of /proc/<pid>/stat (R, S, T stopped, Z ...), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def wait_until(condition, what, seconds=600):
+    """Poll condition() until it holds; fail naming `what` after `seconds` (a bound for a hung job, not a timing)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.02)
+
+
+def wait_paused(pid, proc=None):
+    """Until process `pid` has stopped itself (GQN_TEST_PAUSE); `proc`: the job, which must not have ended first."""
+    def check():
+        assert proc is None or proc.poll() is None, f"the job ended before pausing: {proc.returncode}"
+        return proc_state(pid) == "T"
+    wait_until(check, f"process {pid} paused")
+
+
+def signal_pending(pid, sig):
+    """Whether `sig` waits to be delivered to the stopped process `pid` (/proc/<pid>/status: SigPnd, ShdPnd)."""
+    with open(f"/proc/{pid}/status") as f:
+        masks = [int(line.split()[1], 16) for line in f if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m >> (sig - 1) & 1 for m in masks)
+
+
+def rank_pid(proc, r):
+    """torchrun's worker of rank r (a child of the agent `proc`, found by its RANK), or None."""
+    return next((c for c in children(proc.pid) if env_of(c).get(b"RANK") == str(r).encode()), None)
 
 
 def children(pid):

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import gqn_dataset
 import train
 from bad_scenes import BadScenes
 from cli import UserError
-from conftest import ROOT, TINY, children, torchrun, weights
+from conftest import ROOT, TINY, children, paused_env, rank_pid, torchrun, wait_paused, wait_until, weights
 from gqn_dataset import REFILLS, DatasetError, GQNDataset, TrainBatches
 
 BAD_JPEG_SCENE = 2  # of the first training shard
@@ -225,22 +224,25 @@ def test_max_bad_scenes_0_stops_with_latest_at_the_step_reached(data, tmp_path, 
 
 
 def run_damaged_while_running(data, root, argv, procs):
-    """Start train.py, damage the data while it runs (paused after its first log), let it finish -> stderr."""
+    """Start train.py, damage the data while it runs (every training process paused after step 1, their DataLoader
+    workers stopped), let it finish -> stdout, stderr."""
     if procs == 1:
-        cmd, env = [sys.executable, os.path.join(ROOT, "train.py"), *argv], dict(os.environ)
+        cmd, env = [sys.executable, os.path.join(ROOT, "train.py"), *argv], paused_env("step 1")
     else:
-        cmd, env = torchrun(argv)
-    p = subprocess.Popen(cmd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    for line in p.stdout:
-        if line.startswith("step "):  # the first log: the run is under way
-            break
-    tree = [p.pid] + children(p.pid) + [c for k in children(p.pid) for c in children(k)]
-    for pid in tree:
+        cmd, env = torchrun(argv, pause="step 1")
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if procs == 1:
+        trainers = [p.pid]
+    else:
+        wait_until(lambda: p.poll() is not None or all(rank_pid(p, r) for r in range(procs)), "torchrun's ranks")
+        trainers = [rank_pid(p, r) for r in range(procs)]
+    for pid in trainers:
+        wait_paused(pid, p)
+    workers = [c for t in trainers for c in children(t)]
+    for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     damage(data)
-    time.sleep(0.2)
-    for pid in tree:
+    for pid in workers + trainers:
         os.kill(pid, signal.SIGCONT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]

@@ -11,7 +11,8 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT, args, children, env_of, tiny_default_job, torchrun, weights
+from conftest import (ROOT, args, paused_env, proc_state, rank_pid, signal_pending, tiny_default_job, torchrun, wait_paused,
+                      wait_until, weights)
 
 
 def same_weights(a, b, atol=1e-5):
@@ -19,18 +20,21 @@ def same_weights(a, b, atol=1e-5):
         torch.testing.assert_close(b["model"][k], a["model"][k], atol=atol, rtol=0)
 
 
-def start(argv, cwd):
-    """train.py in a process group of its own, as a shell starts a job: Ctrl-C reaches it and its workers."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start(argv, cwd, pause):
+    """train.py in a process group of its own, as a shell starts a job (Ctrl-C reaches it and its workers), stopping
+    itself at `pause` ("step N" or "score"): -> the process, once paused there."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd, env=paused_env(pause),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_paused(proc.pid, proc)
+    return proc
 
 
-def wait_for(path, proc, seconds=120):
-    deadline = time.time() + seconds
-    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert os.path.exists(path), f"{path} never appeared"
+def signal_paused(pids, sig, send):
+    """send() a signal to paused processes; once it is pending in each, continue them: it lands where they stopped."""
+    send()
+    wait_until(lambda: all(signal_pending(pid, sig) for pid in pids), f"{sig.name} pending")
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
 
 
 def one_error(capsys, argv):
@@ -130,17 +134,17 @@ def test_preemption_loses_no_step(data, tmp_path, sig, workers):
     it, and the same command with --resume auto ends where an uninterrupted run does."""
     run = args(data, tmp_path, "run", 300, "--save_interval", "100", "--log_interval", "50", "--workers", workers,
                "--resume", "auto")
-    proc = start(run, tmp_path)
-    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
-    time.sleep(3)  # well inside the run, between checkpoints
-    sent = time.time()
-    os.killpg(proc.pid, sig)  # the whole group, DataLoader workers included, as Ctrl-C in a terminal does
+    proc = start(run, tmp_path, "step 150")  # between checkpoints
+    # the whole group, DataLoader workers included, as Ctrl-C in a terminal does
+    signal_paused([proc.pid], sig, lambda: os.killpg(proc.pid, sig))
     _, err = proc.communicate(timeout=60)
-    assert time.time() - sent < 10 and proc.returncode == 128 + sig
+    assert proc.returncode == 128 + sig
     lines = [line for line in err.splitlines() if line.startswith("stopped by")]
     assert len(lines) == 1, err[-2000:]
+    # A signal sent to a process may reach any of its threads: the main thread, continued, may finish the step after
+    # the pause before it hears of it. Either way the step in flight is the last.
     step = weights(tmp_path / "run")["step"]
-    assert lines[0].startswith(f"stopped by {sig.name} at step {step}:") and 0 < step < 300
+    assert step in (150, 151) and lines[0].startswith(f"stopped by {sig.name} at step {step}:")
     assert "--resume" in lines[0] and "Traceback" not in err
     train.main(run)
     train.main(args(data, tmp_path, "whole", 300, "--save_interval", "100", "--log_interval", "50"))
@@ -148,16 +152,31 @@ def test_preemption_loses_no_step(data, tmp_path, sig, workers):
 
 
 @pytest.mark.slow
+def test_a_signal_during_the_end_of_run_score_says_training_finished(data, tmp_path):
+    run = args(data, tmp_path, "run", 6)
+    proc = start(run, tmp_path, "score")
+    signal_paused([proc.pid], signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
+    _, err = proc.communicate(timeout=60)
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    assert proc.returncode == 143 and weights(tmp_path / "run")["step"] == 6
+    assert err.strip().splitlines()[-1] == (
+        f"training finished at step 6 ({latest} holds it); SIGTERM interrupted the end-of-run score: for the score, "
+        f"python evaluate.py --checkpoint {latest} --test_data_dir {data[1]} --train_data_dir {data[0]}")
+    assert not (tmp_path / "run" / "samples.png").exists()
+
+
+@pytest.mark.slow
 def test_tensorboard_drops_what_was_logged_after_the_checkpoint_resumed(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = args(data, tmp_path, "run", 100_000, "--save_interval", "100000", "--log_interval", "3")
-    proc = start(run, tmp_path)
-    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
-    time.sleep(3)
-    proc.kill()  # SIGKILL: latest.pt holds step 0, TensorBoard holds steps 3, 6, ...
+    proc = start(run, tmp_path, "step 30")
+    proc.kill()  # SIGKILL: latest.pt holds step 0, TensorBoard holds steps 3, 6, ..., 30
     proc.wait()
     assert weights(tmp_path / "run")["step"] == 0
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/elbo")] == list(range(3, 31, 3))
     train.main(args(data, tmp_path, "run", 9, "--save_interval", "100000", "--log_interval", "3", "--resume"))
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()
@@ -166,8 +185,11 @@ def test_tensorboard_drops_what_was_logged_after_the_checkpoint_resumed(data, tm
 
 @pytest.mark.slow
 def test_a_second_signal_ends_the_process_at_once(data, tmp_path):
-    proc = start(args(data, tmp_path, "run", 100_000, "--save_interval", "100000"), tmp_path)
-    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                             *args(data, tmp_path, "run", 100_000, "--save_interval", "100000")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: os.path.exists(tmp_path / "run" / "checkpoints" / "latest.pt") or proc.poll() is not None,
+               "the first checkpoint")
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=20)
@@ -177,33 +199,35 @@ def test_a_second_signal_ends_the_process_at_once(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ torchrun
 
-def rank(proc, r, ready):
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(ready):
-            pid = next((c for c in children(proc.pid) if env_of(c).get(b"RANK") == str(r).encode()), None)
-            if pid:
-                return pid
-        time.sleep(0.05)
-    raise AssertionError(f"rank {r} not found")
+def paused_ranks(proc):
+    """Both ranks of a torchrun job started with a pause, once each has stopped itself -> their pids."""
+    pids = []
+    for r in (0, 1):
+        wait_until(lambda: proc.poll() is not None or rank_pid(proc, r) is not None, f"rank {r}")
+        pids.append(rank_pid(proc, r))
+        wait_paused(pids[-1], proc)
+    return pids
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(data, tmp_path):
     steps = args(data, tmp_path, "run", 60, "--save_interval", "6", "--log_interval", "6", "--resume", "auto")
-    cmd, env = torchrun(steps, rdzv=True)  # c10d rendezvous: each restart gets a fresh round (a static one hangs)
+    # c10d rendezvous: each restart gets a fresh round (a static one hangs); the restarted ranks start at step 13
+    cmd, env = torchrun(steps, rdzv=True, pause="step 12")
     cmd.insert(cmd.index("--nproc_per_node"), "--max-restarts")
     cmd.insert(cmd.index("--nproc_per_node"), "1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        os.kill(rank(proc, 1, tmp_path / "run" / "checkpoints" / "step_00000012.pt"), signal.SIGKILL)
+        zero, one = paused_ranks(proc)
+        os.kill(one, signal.SIGKILL)
+        os.kill(zero, signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert "Resuming" in out and out.count("Done: 60 steps") == 1
+    assert "Resuming" in out and "at step 12" in out and out.count("Done: 60 steps") == 1
     train.main(args(data, tmp_path, "whole", 60, "--save_interval", "6", "--log_interval", "6"))
     same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-4)
 
@@ -212,14 +236,17 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tmp_path):
     run = args(data, tmp_path, "run", 200, "--save_interval", "100", "--log_interval", "50", "--resume", "auto")
-    cmd, env = torchrun(run)
+    cmd, env = torchrun(run, pause="step 150")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(tmp_path / "run" / "checkpoints" / "latest.pt", proc)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
-    out, _ = proc.communicate(timeout=90)
-    step = weights(tmp_path / "run")["step"]
-    assert f"stopped by SIGTERM at step {step}:" in out and 0 < step < 200, out[-3000:]
+    try:
+        # torchrun passes SIGTERM on to every worker; the stop flag travels with the next step's sums
+        signal_paused(paused_ranks(proc), signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = weights(tmp_path / "run")["step"]  # 151 or 152: as for one process, and the flag takes one more step
+    assert step in (151, 152) and f"stopped by SIGTERM at step {step}:" in out, out[-3000:]
     cmd, env = torchrun(run)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr[-3000:]
@@ -227,24 +254,34 @@ def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tm
     same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-4)
 
     # Rank 1 frozen: rank 0 waits in a collective that never returns; SIGTERM still ends it within its grace.
-    cmd, env = torchrun(args(data, tmp_path, "frozen", 100_000, "--save_interval", "100000"))
+    cmd, env = torchrun(args(data, tmp_path, "frozen", 100_000, "--save_interval", "100000"), pause="step 5")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        one = rank(proc, 1, tmp_path / "frozen" / "checkpoints" / "latest.pt")
-        zero = rank(proc, 0, tmp_path / "frozen" / "checkpoints" / "latest.pt")
-        time.sleep(2)
-        os.kill(one, signal.SIGSTOP)
-        time.sleep(1)
-        sent = time.time()
+        zero, one = paused_ranks(proc)
+        os.kill(zero, signal.SIGCONT)  # on into step 6, whose sums wait for rank 1
+        sent = time.monotonic()
         os.kill(zero, signal.SIGTERM)
-        deadline = time.time() + 60
-        while time.time() < deadline and os.path.exists(f"/proc/{zero}") and \
-                open(f"/proc/{zero}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
-            time.sleep(0.1)
-        assert time.time() - sent < 30, "rank 0 did not end"
+        wait_until(lambda: proc_state(zero) in (None, "Z"), "rank 0 ended", seconds=60)
+        assert time.monotonic() - sent < 30, "rank 0 did not end within its grace"
     finally:
-        os.kill(one, signal.SIGCONT)
         os.kill(one, signal.SIGKILL)
         proc.kill()
         out, _ = proc.communicate(timeout=60)
     assert "rank 0 stopped by SIGTERM" in out and "blocked" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_torchrun_signalled_during_the_end_of_run_score_says_training_finished(data, tmp_path):
+    cmd, env = torchrun(args(data, tmp_path, "run", 6), pause="score")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        signal_paused(paused_ranks(proc), signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    assert f"training finished at step 6 ({latest} holds it); SIGTERM interrupted the end-of-run score: for the " \
+           f"score, python evaluate.py --checkpoint {latest}" in err, err[-3000:]
+    assert "blocked in a collective" not in err

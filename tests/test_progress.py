@@ -3,7 +3,7 @@ import io
 import os
 import subprocess
 import sys
-import time
+import types
 
 import progress
 from conftest import ROOT, args
@@ -15,11 +15,12 @@ class NotATerminal(io.StringIO):
 
 
 def test_a_bar_in_a_file_writes_a_line_every_so_often_and_a_short_task_none(monkeypatch):
-    monkeypatch.setattr(progress, "LINE_EVERY", 0.1)
+    now = [0.0]  # the bar's clock, moved by the test: a quarter of a second a step
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     out = NotATerminal()
-    bar = progress.progress_bar(total=30, desc="train", unit="step", file=out)
+    bar = progress.progress_bar(total=30, desc="train", unit="step", file=out, mininterval=0)
     for i in range(30):
-        time.sleep(0.01)
+        now[0] += progress.LINE_EVERY / 4
         bar.update(1)
         if i == 15:
             progress.write_line("step 16 | a log line", file=out)
@@ -27,8 +28,8 @@ def test_a_bar_in_a_file_writes_a_line_every_so_often_and_a_short_task_none(monk
     text = out.getvalue()
     lines = text.splitlines()
     assert "\r" not in text and "step 16 | a log line" in lines
-    assert 2 <= sum(line.startswith("train: ") for line in lines) <= 5  # about one per 0.1 s of 0.3 s, and the end
-    assert lines[-1].startswith("train: 30/30 step")
+    counts = [line.split()[1] for line in lines if line.startswith("train: ")]
+    assert counts == [f"{n}/30" for n in range(4, 30, 4)] + ["30/30"]  # one every LINE_EVERY seconds, and the end
     quick = NotATerminal()
     for _ in progress.progress_bar(range(3), desc="quick", file=quick):
         pass

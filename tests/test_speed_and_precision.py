@@ -5,7 +5,7 @@ import os
 import re
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 import torch
@@ -77,11 +77,25 @@ def test_batch_threads_split_evenly_and_sum_gradients_in_share_order_whoever_fin
     # share finishes last; summed in share order the gradient is still 1.
     p = torch.nn.Parameter(torch.zeros(()))
     coefficient = [1e8, -1e8, 1.0]
+    others_done = threading.Semaphore(0)  # released by shares 1 and 2 at the end of their backward
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            ctx.k = k
+            return x * coefficient[k]
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.k:
+                others_done.release()
+            else:  # share 0 finishes last
+                others_done.acquire()
+                others_done.acquire()
+            return grad * coefficient[ctx.k], None
 
     def loss_of(share):
-        if share.start == 0:
-            time.sleep(0.3)
-        return p * coefficient[share.start], torch.tensor(float(share.start))
+        return Scale.apply(p, share.start), torch.tensor(float(share.start))
 
     for _ in range(3):
         p.grad = None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SIZE, free_port, make_checkpoint, make_data
+from conftest import ROOT, SIZE, free_port, make_checkpoint, make_data, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -57,6 +57,12 @@ def view_pixels(page, size):
     return shot[ys][:, xs], shot
 
 
+def shows_the_model(page, expected):
+    """Whether the canvas shows model.generate's view for the camera the page reports (within JPEG-free rounding)."""
+    raw = camera(page)
+    return raw is not None and np.abs(view_pixels(page, SIZE)[0] - expected(raw)).mean() < 2.5
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
 def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_moves_it(tmp_path):
@@ -91,30 +97,25 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
             page = browser.new_page(viewport={"width": 1400, "height": 600})
             page.goto(f"http://localhost:{port}")
             page.get_by_label("context cameras").uncheck()  # frustums drawn over the view would hide its pixels
-            deadline = time.time() + 60
-            while camera(page) is None and time.time() < deadline:
-                time.sleep(0.2)
+            wait_until(lambda: camera(page) is not None, "the first view")
             first = camera(page)
-            assert first is not None, "no view arrived"
-            time.sleep(1.0)  # the background image reaches the canvas after the page's text
-            shown, shot = view_pixels(page, SIZE)
+            # the background image reaches the canvas after the page's text: until then the view is not the model's
+            wait_until(lambda: shows_the_model(page, expected), "the model's view from the camera the page reports")
+            shown, _ = view_pixels(page, SIZE)
             page.screenshot(path=str(tmp_path / "viewer.png"))
-            assert np.abs(shown - expected(camera(page))).mean() < 2.5
             box = page.locator("canvas").first.bounding_box()
             cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             page.mouse.move(cx, cy)
             page.mouse.down()
             page.mouse.move(cx + 150, cy + 20, steps=10)
             page.mouse.up()
-            deadline = time.time() + 30
-            while camera(page) == first and time.time() < deadline:
-                time.sleep(0.2)
-            time.sleep(1.5)  # the last request of the drag rendered and drawn
+            wait_until(lambda: camera(page) != first, "a new camera after the drag")
+            # the last request of the drag rendered and drawn: the view shown is the model's from the camera reported
+            wait_until(lambda: shows_the_model(page, expected), "the model's view after the drag")
             moved = camera(page)
             assert moved != first and math.dist(moved[:3], first[:3]) > 0.1
             shown2, _ = view_pixels(page, SIZE)
             assert np.abs(shown2.astype(int) - shown).mean() > 1  # the view changed with the camera
-            assert np.abs(shown2 - expected(moved)).mean() < 2.5  # and is the model's view from there
             page.screenshot(path=str(tmp_path / "viewer_moved.png"))
             browser.close()
     finally:
