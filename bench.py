@@ -1,21 +1,19 @@
 """Benchmark GQN training steps (Eslami et al. 2018; the paper's configuration: tower or pool, L=12 unshared, batch 36).
 
-Times forward + backward + Adam steps of model.py's GQN against a plain, paper-faithful reference computation
-that lives here (`reference_elbo`: the representation network run view by view in a Python loop, the cores'
-inputs concatenated again at every step, four separate gate convolutions per ConvLSTM, the 64x64 canvas built
-and downsampled at every step, float32) on the SAME weights, and prints a Markdown table with the ratio.
+Times forward + backward + Adam steps of model.py's GQN against the plain, paper-faithful reference computation of
+reference.py (`reference_elbo`) on the SAME weights, and prints a Markdown table with the ratio.
 Each run is a fresh subprocess that alternates fast and reference training steps on the same model, so both
 see the same machine load (the ratio per run is printed too); runs repeat, interleaved over the configurations.
 Peak memory: on CUDA torch.cuda.max_memory_allocated per step (everything allocated: weights, Adam state,
 activations); on the CPU a separate short process per path and the growth of its peak RSS (getrusage maxrss)
 over the steps, i.e. activations, gradients and Adam state, not the weights and data that exist before.
 
-    python bench.py                                  # CPU: --preset cpu-check; CUDA present: --preset paper
+    python bench.py                                  # CPU: --preset cpu-check; CUDA present: --preset paper-nets
     python bench.py --preset cpu-check               # tower, 5 views, batch 4, 64 px: unshared L=6, shared L=12
     python bench.py --preset cpu-check --amp bf16    # the same in bf16 (pays on CPUs with AVX-512 bf16 or AMX)
     python bench.py --preset small                   # a quick small configuration
-    python bench.py --preset cpu --threads 1 --no_reference --against HEAD~3   # a cpu preset share, two revisions
-    python bench.py --preset paper --device cuda --amp bf16 --compile --checkpoint_activations
+    python bench.py --preset cpu-share --threads 1 --no_reference --against HEAD~3   # a cpu preset share, two revisions
+    python bench.py --preset paper-nets --device cuda --amp bf16 --compile --checkpoint_activations
     python bench.py --representation pool --layers 8 --shared_core False --batch_size 8 --context 3
 """
 import argparse
@@ -31,15 +29,15 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.distributions import Normal, kl_divergence
 
 import cli
-from checkpoint import atomic_write
+from config import MODEL_FLAGS
+from files import atomic_write
 from cli import UserError, nonneg_int, positive_int, str2bool
 from batch_threads import BatchThreads
 from distributed import check_amp
-from model import ELBO, GQN
+from model import GQN
+from reference import reference_elbo
 
 PRESETS = {
     # a CPU check at the paper's image size: tower, 5 context views, batch 4, 64 px
@@ -49,111 +47,14 @@ PRESETS = {
                    r_dim=64, h_dim=32, u_dim=32)],
     # one share of train.py's `cpu` preset step (batch 8 split over 2 threads): volume, L=4, 3x3 cores, 32 px, up to
     # 3 context views (a ragged mask, as the data draws them), the depth jitter drawn by the data
-    "cpu": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
+    "cpu-share": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
                  r_dim=64, h_dim=32, u_dim=32, kernel_size=3, image_from_r=True)],
     # the paper's configuration (context: up to 5 views for rooms/jaco-like data; 5 here)
-    "paper": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
+    "paper-nets": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
               dict(representation="pool", L=12, shared_core=False, batch_size=36, context=5, image_size=64)],
 }
-MODEL_KEYS = ("representation", "L", "shared_core", "r_dim", "h_dim", "z_dim", "u_dim", "image_size", "kernel_size",
-              "image_from_r")
+MODEL_KEYS = tuple(MODEL_FLAGS.values())  # GQN's keywords, which a spec may set
 MODEL_MODULES = ("model", "core", "conv_lstm", "representation", "volume", "cameras")
-
-
-# ----------------------------------------------------------------------------------------- the reference
-
-def _gate_convs(inp, gates):
-    """The paper's four gate convolutions (f, i, o, s), one at a time; gates = [(weight, bias)] * 4."""
-    return [F.conv2d(inp, w, b, padding=w.shape[-1] // 2) for w, b in gates]
-
-
-def _lstm(gates, c):
-    f, i, o, s = gates
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(s)
-    return c, torch.sigmoid(o) * torch.tanh(c)
-
-
-def reference_run(model, x, v, v_q, x_q, noise, mask=None):
-    """The GQN's L steps computed the straightforward way on `model`'s weights -> (KL of each step (B, L) or None,
-    mean image).
-
-    Follows the step equations in model.py's docstring literally: the weights of each layer's gate convolution
-    are the model's fused ones, cut back into the paper's layout [invariant inputs, per-step inputs, h] and into
-    four gates; D_l and T_l are the model's stacked 4x4/4 (transposed) convolutions, sliced per layer. With x_q,
-    z_l comes from the posterior (noise = eps); with x_q None, from the prior (generation).
-    """
-    cfg = model.config
-    B, M = x.shape[:2]
-    L, h, u_dim, xc, vd = cfg["L"], cfg["h_dim"], cfg["u_dim"], cfg["x_channels"], cfg["v_dim"]
-    s = cfg["image_size"] // 4
-
-    # representation: one view at a time, summed per scene
-    net = model.representation.net
-    rs = []
-    for b in range(B):
-        r_b = 0
-        for i in range(M):
-            if mask is None or mask[b, i]:
-                r_b = r_b + net(x[b, i:i + 1], v[b, i:i + 1])
-        rs.append(r_b)
-    r = torch.cat(rs)  # (B, r_dim, 16 or 1, 16 or 1)
-    spatial = r.shape[-1] > 1
-
-    ic, gc = model.inference_core, model.generation_core
-    n = 1 if cfg["shared_core"] else L
-
-    def gate_weights(core, lead):
-        """Per layer: the four gates' (weight, bias) over [lead-in spatial channels, v, r, per-step inputs, h].
-
-        Cut once per forward pass with chunk/split (whose backward is one concatenation), as a model with
-        separate per-gate parameters would hold them; the cutting costs a copy of the weights, nothing per step.
-        """
-        wb = core.invariant_broadcast.weight.chunk(n, 0)
-        wi = core.invariant.weight.chunk(n, 0) if core.invariant is not None else [None] * n
-        layers = []
-        for k in range(n):
-            w_r = wi[k][:, lead:] if spatial else wb[k][:, vd:]
-            parts = ([wi[k][:, :lead]] if lead else []) + [wb[k][:, :vd], w_r, core.cells[k].gates.weight]
-            layers.append(list(zip(torch.cat(parts, 1).chunk(4, 0), core.cells[k].gates.bias.chunk(4, 0))))
-        return layers
-
-    gates_e, gates_g = gate_weights(ic, xc), gate_weights(gc, 0)
-    D, T = ic.downsample_u.weight.chunk(n, 0), gc.upsample.weight.chunk(n, 0)
-
-    u = v_q.new_zeros(B, u_dim, 4 * s, 4 * s)  # the canvas (B, 128, 64, 64)
-    zeros = v_q.new_zeros(B, h, s, s)
-    c_g, h_g, c_e, h_e = zeros, zeros, zeros, zeros
-    kl = []
-    for l in range(L):
-        k = 0 if cfg["shared_core"] else l
-        # the step's inputs, broadcast and concatenated again at every step
-        v_up = v_q[:, :, None, None].expand(-1, -1, s, s)
-        r_up = r.expand(-1, -1, s, s)
-        mu_p, logstd_p = model.prior(h_g).chunk(2, 1)
-        if x_q is None:
-            z = mu_p + logstd_p.exp() * noise[:, l]
-        else:
-            x_down = F.conv2d(x_q, ic.downsample_x.weight, stride=4)
-            u_down = F.conv2d(u, D[k], stride=4)
-            c_e, h_e = _lstm(_gate_convs(torch.cat([x_down, v_up, r_up, h_g, u_down, h_e], 1), gates_e[k]), c_e)
-            mu_q, logstd_q = model.posterior(h_e).chunk(2, 1)
-            z = mu_q + logstd_q.exp() * noise[:, l]
-            kl.append(kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3)))
-        c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
-        u = u + F.conv_transpose2d(h_g, T[k], stride=4)
-    logit = model.observation(u)
-    if model.image_from_r is not None:
-        logit = logit + model.image_from_r(r.expand(-1, -1, s, s))
-    return (torch.stack(kl, 1) if x_q is not None else None), torch.sigmoid(logit)
-
-
-def reference_elbo(model, x, v, v_q, x_q, sigma, mask=None, eps=None):
-    """model(x, v, v_q, x_q, sigma, mask, eps) computed the straightforward way -> ELBO(elbo, kl, nll, kl_steps)."""
-    if eps is None:
-        eps = torch.randn(x.shape[0], *model.noise_shape, dtype=x_q.dtype, device=x_q.device)
-    kl_steps, mean = reference_run(model, x, v, v_q, x_q, eps, mask)
-    kl, nll = kl_steps.sum(1), -Normal(mean, sigma).log_prob(x_q).sum((1, 2, 3))
-    return ELBO(-(kl + nll), kl, nll, kl_steps)
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -319,7 +220,7 @@ def run(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configurations (default: cpu-check on the CPU, "
-                   "paper on CUDA); the flags below override or, with --representation, replace it")
+                   "paper-nets on CUDA); the flags below override or, with --representation, replace it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast the model (not the reference)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (not the reference, nor --against's)")
@@ -344,7 +245,7 @@ def run(argv=None):
     p.add_argument("--batch_threads", type=positive_int, default=1,
                    help="split the fast path's batch over this many threads, a core each, as train.py does (default 1)")
     p.add_argument("--no_reference", action="store_true", help="skip the reference (it is slow at batch 36; it has "
-                   "no volume representation, so the cpu preset always skips it)")
+                   "no volume representation, so cpu-share always skips it)")
     p.add_argument("--against", metavar="REV", help="also time the model code (model.py and its modules) of this git "
                    "revision on the same weights, step by step alternating with this checkout's")
     p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
@@ -362,7 +263,7 @@ def run(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     check_amp(args.amp, torch.device(device))
-    configs = [dict(c) for c in PRESETS[args.preset or ("paper" if device == "cuda" else "cpu-check")]]
+    configs = [dict(c) for c in PRESETS[args.preset or ("paper-nets" if device == "cuda" else "cpu-check")]]
     if args.representation:  # a custom single configuration, the paper's defaults for what is not given
         configs = [dict(representation=args.representation, L=12, shared_core=False, batch_size=36, context=5,
                         image_size=64)]

@@ -30,7 +30,7 @@ VIEWPORT = (700, 1400)
 def preset_model(preset):
     """GQN kwargs of a train.py preset."""
     cfg = dataclasses.replace(config.Config(), **config.PRESETS[preset])
-    return {kw: getattr(cfg, flag) for flag, kw in config.MODEL_FLAGS.items()}
+    return config.gqn_kwargs(cfg)
 
 
 MODELS = {"cpu preset (volume, L=4, 32 px)": preset_model("cpu"),

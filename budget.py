@@ -4,9 +4,10 @@ The default job has to finish in the same wall time on every 2-core CPU, and CPU
 `cpu` preset costs about 1.8x more on an AVX2-only EPYC than on one with AVX-512). With --train_minutes M the run
 trains normally for its first CALIBRATION steps, measures what a step costs here (data, forward, backward, Adam, and
 its share of the test-set logging and checkpoints, each timed after its first, which builds kernels once), and
-fixes --gradient_steps to what fits into M minutes, never more than the --gradient_steps it was given. The
+fixes the run's length to what fits into M minutes, never more than the --gradient_steps it was given. The
 annealing schedules (scheduler.py) that span "the whole run" or a share of it are resolved to counts at the same
-moment, and config.json and every checkpoint hold them, so a resumed run follows the same schedule; the steps
+moment; the run's state (config.RunState) holds them and config.json and every checkpoint save it, so a resumed run
+follows the same schedule; the steps
 before the decision anneal as if the run were its upper bound long. At every later log the clock refits the length
 to the time left at the pace of the median of the last PACE_INTERVALS log intervals: one slow interval (another
 job's burst, a slow file system) changes nothing, a machine that stays slower ends the run sooner, and when it
@@ -17,8 +18,6 @@ clock says, after the first steps, what a step costs here and when the run will 
 """
 import math
 import statistics
-
-import config
 
 CALIBRATION = 200  # steps trained before the count is fixed: two logs, the second (warm) one timed too
 WARMUP = 10        # first steps left out of the timing (oneDNN builds its kernels, the allocator grows)
@@ -99,35 +98,30 @@ class StepBudget:
         return max(done + 1, min(self.cap, done + more))
 
 
-def fix_length(cfg, clock, dist, bar, done, elapsed, record, on_cpu, default_job=False):
+def fix_length(cfg, state, clock, dist, say, done, elapsed, on_cpu, default_job=False):
     """After the first steps: with --train_minutes, fix the run's length to what fits (rank 0's clock, sent to every
-    rank) and record it (`record()` rewrites config.json), and for the default job say what that length has scored;
-    without, say what a step costs and when the run will end. -> the run's gradient steps."""
+    rank) in `state`, and for the default job say what that length has scored; without, say what a step costs and
+    when the run will end. -> whether the state changed. `say` writes a line on rank 0."""
     per_step = dist.broadcast(clock.per_step())
-    say = bar.write if dist.master else (lambda text: None)  # under the progress bar, not into it
     if not clock.seconds:
-        left = (cfg.gradient_steps - done) * per_step
+        left = (state.steps - done) * per_step
         say(f"note: a step takes {1000 * per_step:.0f} ms here (with logging and checkpoints): the "
-            f"{cfg.gradient_steps - done} steps left take about {duration(left)}" +
+            f"{state.steps - done} steps left take about {duration(left)}" +
             ("; for a run sized for a CPU: the same command with --preset cpu" if on_cpu and left > 3600 and
              cfg.preset != "cpu" else ""))
-        return cfg.gradient_steps
+        return False
     total = dist.broadcast(clock.total(done, elapsed))
-    config.fix_steps(cfg, total)
-    cfg.timed_ms = round(1000 * per_step, 1)
+    state.fix(cfg, total, round(1000 * per_step, 1))
     clock.fix()
-    bar.total, bar.desc = total, "train"
-    bar.refresh()
-    say(f"Timed the first {done} steps: {cfg.timed_ms:.0f} ms a step here, with logging and checkpoints; "
-        f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so "
-        f"--gradient_steps is {total} (config.json)")
+    say(f"Timed the first {done} steps: {state.timed_ms:.0f} ms a step here, with logging and checkpoints; "
+        f"{total} steps fit into --train_minutes {cfg.train_minutes:g} (at most {clock.cap}), so the run takes "
+        f"{total} steps (config.json: state)")
     if default_job:
         say(expectation(total))
     if total < 2 * done:  # the timed steps annealed as if the run were clock.cap long: most of the anneal is left
         say(f"note: the {done} timed steps are most of this run, and they annealed σ and the learning rate as if it "
             f"were {clock.cap} steps long; for a run this short, give --gradient_steps instead of --train_minutes")
-    record()
-    return total
+    return True
 
 
 def measured_near(steps, table=DEFAULT_JOB_SCORES):
@@ -168,20 +162,16 @@ def duration(seconds):
     return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
-def refit(cfg, clock, dist, bar, done, elapsed, record):
+def refit(cfg, state, clock, dist, say, done, elapsed):
     """At each log of a run whose length is fixed: end it sooner if the machine slowed down, later (up to the cap)
-    if it sped up again (clock.refit); the schedules keep the counts the first fit gave them. -> the run's gradient
-    steps."""
-    old = cfg.gradient_steps
+    if it sped up again (clock.refit); the schedules keep the counts the first fit gave them. -> whether the state
+    changed."""
+    old = state.steps
     total = dist.broadcast(clock.refit(done, elapsed, old))
     if total is None:
-        return old
-    cfg.gradient_steps = total
-    bar.total = total
-    bar.refresh()
-    if dist.master:
-        bar.write(f"The steps have slowed down: {old} would end past --train_minutes {cfg.train_minutes:g}, so the "
-                  f"run ends at step {total} (config.json)" if total < old else
-                  f"The steps are faster again: the run ends at step {total} instead of {old} (config.json)")
-    record()
-    return total
+        return False
+    state.steps = total
+    say(f"The steps have slowed down: {old} would end past --train_minutes {cfg.train_minutes:g}, so the run ends "
+        f"at step {total} (config.json: state)" if total < old else
+        f"The steps are faster again: the run ends at step {total} instead of {old} (config.json: state)")
+    return True

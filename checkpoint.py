@@ -2,12 +2,17 @@
 
 A checkpoint is what train.py needs to continue the paper's training procedure (Eslami et al. 2018,
 supplementary "Training": Adam with annealed learning rate and pixel sigma, both functions of the step alone),
-stored as a dict of plain types and tensors that loads with `torch.load(path, weights_only=True)`:
+stored as a dict of plain types and tensors that loads with `torch.load(path, weights_only=True)`; train.py writes
+it through `training_checkpoint` and reads it back through `restore` and `saved_state`, nowhere else:
     {"model": state_dict (no `module.`/`_orig_mod.` prefixes), "model_config": GQN kwargs, "optimizer": Adam's
-     state_dict, "step": completed gradient steps, "config": the run's resolved config (plain types),
-     "data": {"dataset", "image_size", "max_context"}, "rng": {"torch", "cuda", "numpy", "python"}}
+     state_dict, "scaler": fp16's GradScaler state_dict ({} otherwise), "step": completed gradient steps,
+     "config": the run's Config (config.py, plain types), "state": its RunState (the length and the schedules'
+     counts; older checkpoints kept them in "config"), "data": {"dataset", "image_size", "max_context",
+     "train_layout", "test_layout" (the files of each split folder when the run began: GQNDataset.layout)},
+     "rng": {"torch", "cuda", "numpy", "python"}, "bad_scenes": unreadable scene reads skipped so far}
 Files: <run>/checkpoints/latest.pt and <run>/checkpoints/step_00001000.pt; what a run folder offers --resume
-(run_to_resume), keeping the newest numbered ones, and the way back from a damaged latest.pt.
+(run_to_resume), keeping the newest numbered ones, and the way back from a damaged latest.pt. Other commands read
+only "model", "model_config", "step", "config" and "data".
 
     from checkpoint import load_checkpoint, build_model
     ckpt = load_checkpoint("runs/default/checkpoints/latest.pt")
@@ -18,12 +23,12 @@ import io
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from cli import UserError
+from files import atomic_write
 from model import GQN
 
 
@@ -36,24 +41,6 @@ def checkpoint_paths(run_dir, step=None):
     folder = os.path.join(run_dir, "checkpoints")
     numbered = os.path.join(folder, f"step_{step:08d}.pt") if step is not None else None
     return folder, os.path.join(folder, "latest.pt"), numbered
-
-
-def atomic_write(path, data):
-    """Write bytes to path through a temp file in the same folder and os.replace: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name does (a crash keeps the old file)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def numbered(folder):
@@ -127,6 +114,38 @@ def save_checkpoint(ckpt, paths):
                             f"{kept}") from None
 
 
+def training_checkpoint(step, model, optimizer, scaler, cfg, state, data, bad_scenes):
+    """The checkpoint of a run at `step` (the schema above): `model` the raw module, `data` what the run was resolved
+    with (resolve.Resolved: its data sets and K)."""
+    record = {"dataset": cfg.dataset, "image_size": int(data.train_ds.image_size),
+              "max_context": int(data.max_context), "train_layout": data.train_ds.layout,
+              "test_layout": data.test_ds.layout}
+    return {"model": model.state_dict(), "model_config": dict(model.config), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": int(step), "config": cfg.to_dict(), "state": state.to_dict(),
+            "data": record, "rng": rng_state(), "bad_scenes": int(bad_scenes)}
+
+
+def restore(ckpt, model, optimizer, scaler):
+    """Weights, Adam's state and fp16's loss scale from a checkpoint (on the CPU) -> the step it holds."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["step"])
+
+
+def saved_state(ckpt):
+    """The RunState a checkpoint holds; a checkpoint of an older version kept it in its config: the length in
+    gradient_steps, the schedules' counts in lr_n/sigma_n (a share or 0 until the budget had fixed them), timed_ms."""
+    from config import RunState
+
+    if "state" in ckpt:
+        return RunState(**ckpt["state"])
+    saved = ckpt["config"]
+    resolved = {k: saved[k] for k in ("lr_n", "sigma_n") if saved[k] >= 1}
+    return RunState(int(saved["gradient_steps"]), timed_ms=saved.get("timed_ms", 0.0), **resolved)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(path, weights_only=True) -> checkpoint dict; CheckpointError naming the file if it is not one."""
     if not os.path.isfile(path):
@@ -160,9 +179,13 @@ def _wrong_field(ckpt):
         return "'model_config' is not a dict"
     if type(ckpt["step"]) is not int or ckpt["step"] < 0:
         return f"'step' is {type(ckpt['step']).__name__}, not a count"
-    for key in ("config", "data"):
+    for key in ("config", "data", "state"):
         if not isinstance(ckpt.get(key) or {}, dict):
             return f"'{key}' is not a dict"
+    state = ckpt.get("state") or {}
+    if state and not (set(state) <= {"steps", "lr_n", "sigma_n", "timed_ms"} and type(state.get("steps")) is int
+                      and state["steps"] >= 1 and all(v is None or type(v) in (int, float) for v in state.values())):
+        return "'state' is not a run's state"
     for key in ("image_size", "max_context"):
         value = (ckpt.get("data") or {}).get(key)
         if value is not None and (type(value) is not int or value < 1):

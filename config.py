@@ -1,30 +1,33 @@
-"""A training run's configuration: the Config dataclass, the presets, the flags, the resume rules, data-set names.
+"""A training run's configuration: the Config dataclass (frozen), the run's state beside it, the presets, the flags.
 
 The `paper` preset is Eslami et al. 2018's configuration (supplementary "Training": pool representation,
 L = 12 unshared cores, batch 36, Adam, learning rate 5e-4 -> 5e-5 over 1.6M steps, pixel σ 2.0 -> 0.7 over
 200K, 2M steps); the `cpu` preset is the default job's, a GQN small enough for a 2-core CPU. `python train.py`
 without data folders takes `cpu`, with them `paper`; `--preset` picks either and any flag overrides it.
 torch-gqn's flags keep their names and meanings. `python train.py --help` shows both presets' defaults.
+
+The command line gives a Config (parse_args); resolve.py completes it once, from the checkpoint, the data and the
+processes, and from then on it cannot change. What does change during a run is its RunState: the length a
+--train_minutes budget fixes and the schedules' step counts. Checkpoints and config.json hold both.
 """
 import argparse
 import dataclasses
+import json
 import math
-import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from batch_threads import usable_cpus
 from cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, str2bool
-from gqn_dataset import MAX_CONTEXT
 from scheduler import anneal_steps
 
 WHOLE_RUN = 0  # --lr_n / --sigma_n 0: anneal over --gradient_steps, whatever the run's length
 AUTO = -1      # --workers: as many as the machine gives this process, at most 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """One run, fully resolved. The defaults are the paper's configuration (the 'paper' preset)."""
+    """One run's configuration, as the flags and the preset give it and resolve.py completes it; frozen. The defaults
+    are the paper's configuration (the 'paper' preset)."""
     # Data (torch-gqn's flags)
     train_data_dir: str = ""
     test_data_dir: str = ""
@@ -46,16 +49,15 @@ class Config:
     near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
     far: float = 3.97                    # Shepard-Metzler: cameras 10/3 from the object's centre)
     # Optimisation (supplementary "Training"; scheduler.py)
-    gradient_steps: int = 2_000_000     # with train_minutes: the most steps, fixed to what fits (budget.py)
-    train_minutes: float = 0.0           # 0 = off; else time the first steps and fix gradient_steps to fit
-    timed_ms: float = 0.0                # what a step cost when train_minutes fixed gradient_steps (0 = not yet)
+    gradient_steps: int = 2_000_000     # with train_minutes: the most steps; the run's length is RunState.steps
+    train_minutes: float = 0.0           # 0 = off; else time the first steps and fix the length to fit (budget.py)
     batch_size: int = 36                 # global: split across DDP ranks / DataParallel devices
     lr_i: float = 5e-4
     lr_f: float = 5e-5
-    lr_n: float = 1.6e6                  # WHOLE_RUN: --gradient_steps
+    lr_n: float = 1.6e6                  # WHOLE_RUN: the whole run; under 1: a share of it (RunState.lr_n)
     sigma_i: float = 2.0
     sigma_f: float = 0.7
-    sigma_n: float = 2e5                 # WHOLE_RUN: --gradient_steps
+    sigma_n: float = 2e5                 # WHOLE_RUN: the whole run; under 1: a share of it (RunState.sigma_n)
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 0.0               # max gradient norm; 0 = off (the paper does not clip)
@@ -71,13 +73,66 @@ class Config:
     max_bad_scenes: float = 0.01         # unreadable scene reads skipped: < 1 a fraction (bad_scenes.py), else a count
     workers: int = AUTO                  # AUTO: 4, or fewer when this process may use fewer CPUs
     batch_threads: int = 1               # CPU: threads that split each step's batch (batch_threads.py); 0 = a core each
-    device_ids: list = field(default_factory=lambda: [0])
+    device_ids: tuple = (0,)
     amp: str = "none"                    # "bf16" / "fp16": autocast (loss in float32); fp16 with GradScaler
     compile: bool = False
     checkpoint_activations: bool = False
     channels_last: bool = False          # NHWC activations and weights (GPUs' fast convolution layout)
     preset: str = "paper"
     resume: object = False               # True: continue the run; "auto": continue it if there is one, else start
+
+    @classmethod
+    def from_dict(cls, saved):
+        """A config as checkpoints and config.json hold it (plain types; keys of older versions ignored)."""
+        known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        for k in ("adam_betas", "device_ids"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+    def to_dict(self):
+        """Plain types, as checkpoints and config.json hold it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class RunState:
+    """What changes during a run, saved beside its Config: the run's length (--gradient_steps, or what the
+    --train_minutes budget fixed and refitted) and the schedules' step counts: --lr_n / --sigma_n resolved against
+    the length once it is fixed (None until then: the whole run, or that share of it, as long as it is now). A
+    refit moves the end, not the schedules."""
+    steps: int
+    lr_n: float = None
+    sigma_n: float = None
+    timed_ms: float = 0.0  # what a step cost when the budget fixed the length (0: not timed, or not yet)
+
+    @classmethod
+    def start(cls, cfg):
+        """A fresh run: --gradient_steps long; without a budget that is its length, and the schedules follow it."""
+        state = cls(int(cfg.gradient_steps))
+        if not cfg.train_minutes:
+            state.resolve(cfg)
+        return state
+
+    def resolve(self, cfg):
+        """The length is fixed: schedules over the whole run or a share of it become counts (once)."""
+        if self.lr_n is None:
+            self.lr_n = anneal_steps(cfg.lr_n, self.steps)
+        if self.sigma_n is None:
+            self.sigma_n = anneal_steps(cfg.sigma_n, self.steps)
+
+    def fix(self, cfg, steps, timed_ms):
+        """The budget fixed the run's length after timing its first steps."""
+        self.steps, self.timed_ms = int(steps), timed_ms
+        self.resolve(cfg)
+
+    def schedules(self, cfg):
+        """(lr_n, sigma_n) as step counts now."""
+        return (anneal_steps(cfg.lr_n, self.steps) if self.lr_n is None else self.lr_n,
+                anneal_steps(cfg.sigma_n, self.steps) if self.sigma_n is None else self.sigma_n)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
 # >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>> CPU PRESET (the default job) >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>
@@ -253,20 +308,18 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "device_ids" in given:
-        given["device_ids"] = list(given["device_ids"])
+        given["device_ids"] = tuple(given["device_ids"])
     for flag in ("grad_clip", "lr_n", "sigma_n"):
         if flag in given and not (math.isfinite(given[flag]) and given[flag] >= 0):
             raise UserError(f"--{flag} must be a non-negative number, got {given[flag]}")
     has_data = bool(given.get("train_data_dir") or given.get("test_data_dir"))
     preset = given.get("preset", "paper" if has_data else "cpu")
-    cfg = dataclasses.replace(Config(**{**PRESETS[preset], "preset": preset}), **given)
+    values = {**PRESETS[preset], "preset": preset, **given}
     if "gradient_steps" in given and "train_minutes" not in given:  # a step count asked for is the step count
-        cfg.train_minutes = 0.0
-    if cfg.workers == AUTO:  # more loading processes than CPUs only adds switching (and PyTorch's warnings)
-        cfg.workers = min(4, usable_cpus())
-    if not cfg.train_minutes:
-        fix_steps(cfg, cfg.gradient_steps)
-    return cfg, given
+        values["train_minutes"] = 0.0
+    if values.get("workers", AUTO) == AUTO:  # more loading processes than CPUs only adds switching (and warnings)
+        values["workers"] = min(4, usable_cpus())
+    return Config(**values), given
 
 
 def is_cpu_preset(cfg):
@@ -274,14 +327,6 @@ def is_cpu_preset(cfg):
     differ)."""
     run = RESUME_MAY_CHANGE | {"lr_n", "sigma_n", "seed", "root_log_dir", "log_dir"}
     return all(getattr(cfg, k) == v for k, v in CPU_PRESET.items() if k not in run)
-
-
-def fix_steps(cfg, total):
-    """Set the run's length; schedules over the whole run or a share of it become counts of steps, so config.json
-    and the checkpoints hold them and a resumed run follows them."""
-    cfg.gradient_steps = int(total)
-    cfg.lr_n = anneal_steps(cfg.lr_n, cfg.gradient_steps)
-    cfg.sigma_n = anneal_steps(cfg.sigma_n, cfg.gradient_steps)
 
 
 def check_config(cfg, world_size):
@@ -306,6 +351,19 @@ MODEL_FLAGS = {"representation": "representation", "layers": "L", "shared_core":
                "kernel_size": "kernel_size", "image_from_r": "image_from_r"}
 
 
+def gqn_kwargs(cfg):
+    """GQN's keyword arguments for the flags that decide the model's shapes."""
+    return {kw: getattr(cfg, flag) for flag, kw in MODEL_FLAGS.items()}
+
+
+def new_gqn(cfg):
+    """The GQN the resolved config describes, freshly initialised (from torch's global RNG)."""
+    from model import GQN
+
+    return GQN(**gqn_kwargs(cfg), checkpoint_activations=cfg.checkpoint_activations, fov=cfg.fov, near=cfg.near,
+               far=cfg.far)
+
+
 def check_model(cfg):
     """Build the model the flags describe and run a forward and a generation on the meta device (shapes only, no
     memory, no arithmetic): any combination that would fail inside the model fails here, before anything is
@@ -320,7 +378,7 @@ def check_model(cfg):
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op": the error follows
-            model = GQN(**{kw: getattr(cfg, flag) for flag, kw in MODEL_FLAGS.items()})
+            model = GQN(**gqn_kwargs(cfg))  # the camera (fov, near, far) comes later, maybe from the data
             x, v = torch.zeros(1, 1, 3, s, s), torch.zeros(1, 1, 7)
             model(x, v, torch.zeros(1, 7), torch.zeros(1, 3, s, s), cfg.sigma_f)
             model.generate(x, v, torch.zeros(1, 7))
@@ -331,114 +389,9 @@ def check_model(cfg):
                         f"{str(e).strip().splitlines()[0]}") from None
 
 
-def camera_from_data(cfg, given, ds):
-    """--representation volume: the camera model the data records (fov, near, far) for each flag not given. -> what
-    was taken."""
-    if cfg.representation != "volume":
-        return {}
-    taken = {k: getattr(ds, k) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
-    for k, v in taken.items():
-        setattr(cfg, k, float(v))
-    return taken
-
-
 def check_camera(cfg):
     """The volume's camera model, once the data has filled in what the flags did not give."""
     if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
         raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
     if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):
         raise UserError(f"--near {cfg.near} and --far {cfg.far}: need 0 < near < far")
-
-
-def resumed(cfg, given, saved):
-    """The config a --resume continues with: the checkpoint's `saved` config (a dict), with the flags that may change
-    taken from the command line. A flag that would change the model, the data set or the optimisation is refused;
-    one that names the saved value in another form (Room for rooms_ring_camera, 0 for 0.0) is the same flag."""
-    old = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
-    old.adam_betas = tuple(old.adam_betas)
-    for k, v in given.items():
-        if k not in RESUME_MAY_CHANGE | {"root_log_dir", "log_dir"} and not same_value(k, v, old):
-            raise UserError(f"--{k} {v} differs from the run being resumed ({getattr(old, k)}); only "
-                            f"{', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
-    keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
-    new = dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
-    if "gradient_steps" in given and "train_minutes" not in given:  # as on a fresh start: the count asked for
-        new.train_minutes = 0.0
-    elif old.timed_ms and new.train_minutes:  # the length the budget fixed stands: --gradient_steps was its bound
-        new.gradient_steps = old.gradient_steps
-    if not new.train_minutes or new.timed_ms:  # no budget, or one already spent: the count is the count
-        fix_steps(new, new.gradient_steps)
-    return new
-
-
-def same_value(flag, value, old):
-    """Whether --flag value (already parsed: booleans and numbers in any spelling are values) means what `old` has."""
-    saved = getattr(old, flag)
-    if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
-        return value == saved or stands_for(value, saved)
-    if flag in ("lr_n", "sigma_n") and value < 1:  # the whole run or a share: a count once the length was fixed
-        return saved == value or saved >= 1
-    return value == saved
-
-
-# ------------------------------------------------------------------------------------------------ data-set names
-
-# torch-gqn's --dataset names and the DeepMind data sets they stand for (same K within a family).
-TORCH_GQN_NAMES = {
-    "room": ("rooms_ring_camera", "rooms_free_camera_no_object_rotations",
-             "rooms_free_camera_with_object_rotations"),
-    "jaco": ("jaco",),
-    "labyrinth": ("mazes",),
-    "shepard-metzler": ("shepard_metzler_5_parts", "shepard_metzler_7_parts"),
-}
-
-
-SHEPARD_METZLER = r"shepard_metzler_\d+_parts"  # DeepMind's two sizes and the renderer's others
-
-
-def dataset_family(name):
-    """The data-set names --dataset `name` stands for (torch-gqn's names stand for several DeepMind ones), or ()."""
-    family = TORCH_GQN_NAMES.get(name.lower()) or ((name,) if name in MAX_CONTEXT else ())
-    if not family and re.fullmatch(SHEPARD_METZLER, name):
-        family = (name,)
-    return family
-
-
-def stands_for(name, dataset):
-    """Whether --dataset `name` names the data set `dataset` (Shepard-Metzler: objects of any number of parts)."""
-    return dataset in dataset_family(name) or (name.lower() == "shepard-metzler"
-                                               and bool(re.fullmatch(SHEPARD_METZLER, dataset)))
-
-
-def derived_k(views):
-    """K for a data set that is not DeepMind's: half the views of a scene (rooms: 5 of 10), at least 1."""
-    return max(1, min(views - 1, views // 2))
-
-
-def resolve_dataset(name, train, test, cfg):
-    """--dataset and the data's own name -> (its name, K = the largest context size, where K comes from).
-
-    DeepMind's data sets (or torch-gqn's names for them) have the paper's K; any other name is a data set of its
-    own, whose K is --max_context when given, else derived_k of its views per scene."""
-    if train.dataset and test.dataset and train.dataset != test.dataset:
-        raise UserError(f"--test_data_dir {cfg.test_data_dir} holds {test.dataset} but --train_data_dir "
-                        f"{cfg.train_data_dir} holds {train.dataset}")
-    if train.image_size != test.image_size:
-        raise UserError(f"--test_data_dir {cfg.test_data_dir} has {test.image_size}x{test.image_size} images but "
-                        f"--train_data_dir {cfg.train_data_dir} has {train.image_size}x{train.image_size}")
-    recorded = train.dataset or test.dataset
-    if name and recorded and name != recorded and not stands_for(name, recorded):
-        if dataset_family(recorded):  # DeepMind's data under another DeepMind name would train with the wrong K
-            raise UserError(f"--dataset {name} does not match the data: {cfg.train_data_dir} holds {recorded}")
-        recorded = ""  # a name of the user's own: --dataset relabels it (and sets K if it names a DeepMind set)
-    name = recorded or name
-    if not name:  # a torch-gqn folder records no name, nor was one given: its parent folder names it
-        name = os.path.basename(os.path.dirname(os.path.abspath(cfg.train_data_dir))) or "scenes"
-    family = dataset_family(name)
-    if family:
-        return name, MAX_CONTEXT.get(family[0], MAX_CONTEXT["shepard_metzler_5_parts"]), "the paper's for " + name
-    if cfg.max_context:
-        by_preset = cfg.max_context == PRESETS[cfg.preset].get("max_context")
-        return name, cfg.max_context, "--max_context" + (f" (the {cfg.preset} preset's)" if by_preset else "")
-    k = derived_k(train.views)
-    return name, k, f"half of its {train.views} views per scene (--max_context sets it)"

@@ -3,7 +3,7 @@
 One train.py serves `python train.py` and `torchrun ... train.py`: `Dist` reads RANK/WORLD_SIZE/LOCAL_RANK, starts
 NCCL on CUDA and gloo on the CPU, and gives the few collectives the loop needs (sums of metrics, broadcasting the
 resumed checkpoint, agreeing on an error so that every rank stops together). Rank-0-only work is gated on
-`Dist.master`. `Stop` turns SIGTERM/SIGINT into a stop at the end of the step in flight, in every process.
+`Dist.master`; how signals stop a run: stops.py.
 
     torchrun --nproc_per_node 4 train.py --train_data_dir D/train --test_data_dir D/test        # one node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT train.py ...
@@ -11,8 +11,6 @@ resumed checkpoint, agreeing on an error so that every rank stops together). Ran
 import datetime
 import os
 import re
-import signal
-import threading
 
 import torch
 
@@ -144,96 +142,6 @@ class Dist:
                          f"failed: {first}); checkpoints up to {kept} are kept")
 
 
-class Stop:
-    """SIGINT (Ctrl-C) and SIGTERM (a cluster preempting the job, torchrun stopping its workers).
-
-    In the `phase` "training", the first signal only asks for a stop (`requested`): the loop finishes the step in
-    flight, writes latest.pt and exits. Otherwise it interrupts the main thread (KeyboardInterrupt, whose message
-    says what is saved), or under torchrun (`at_once`) ends the process with that message: torchrun is stopping
-    every worker, and a teardown could wait on a dead one. A watcher thread hears every signal even while the main
-    thread is blocked in C++ (a collective whose peer died): it ends the process at once on a second signal, and
-    when the first one has not been acted on within `grace()` seconds.
-    """
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, grace, give_up, at_once=False):
-        self.grace, self.give_up = grace, give_up  # () -> seconds; (signal name, why) -> the line printed on exit
-        self.at_once = at_once
-        self.phase = "setup"  # "setup", "training" (a signal asks for a stop), "score" (training has finished)
-        self.requested, self.acted = None, threading.Event()
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        read, write = os.pipe()
-        os.set_blocking(write, False)
-        self._wakeup = signal.set_wakeup_fd(write)  # the C-level handler writes each signal's number here
-        self._pipe = read, write
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
-        return self
-
-    def __exit__(self, *exc):
-        signal.set_wakeup_fd(self._wakeup)
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
-        self._watcher.join(5)
-
-    def _handler(self, signum, frame):
-        if self.phase != "training":
-            self.acted.set()
-            if self.at_once:
-                self._exit(signal.Signals(signum).name, "outside the training loop")
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-        self.requested = self.requested or signal.Signals(signum).name
-
-    def _watch(self):
-        heard = 0
-        while True:
-            try:
-                data = os.read(self._pipe[0], 16)
-            except OSError:
-                data = b""
-            if not data:  # __exit__ closed the other end
-                os.close(self._pipe[0])
-                return
-            for signum in data:
-                if signum not in self.SIGNALS:
-                    continue
-                heard += 1
-                name = signal.Signals(signum).name
-                if heard == 1:
-                    grace = self.grace()
-                    threading.Thread(target=self._wait_then_exit, args=(name, grace), daemon=True).start()
-                else:
-                    self._exit(name, f"a second {name}")
-
-    def _wait_then_exit(self, name, grace):
-        if not self.acted.wait(grace):
-            self._exit(name, f"{name} not acted on within {grace:.0f} s")
-
-    def _exit(self, name, why):
-        text = self.give_up(name, why)
-        if text:  # os.write: no lock a blocked thread may hold
-            os.write(2, f"\n{text}\n".encode())
-        os._exit(128 + signal.Signals[name].value)
-
-
-def pause_for_test(moment):
-    """A test's hook: with GQN_TEST_PAUSE=<moment> ("step N": after step N, its checkpoint included; "score": before
-    the end-of-run score), the process stops itself (SIGSTOP) there, so that a test can signal, kill or damage a
-    running job at a moment chosen by its progress, on a machine of any speed, and continue it with SIGCONT. Signals
-    sent while it is stopped are handled when it continues, before it moves on."""
-    if os.environ.get("GQN_TEST_PAUSE") == moment:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def worker_ignores_signals(worker_id):
-    """DataLoader workers leave SIGINT/SIGTERM to the training process, which stops them when it is done."""
-    for s in Stop.SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
 def is_comm_error(e):
     import torch.distributed as dist
 
@@ -293,3 +201,25 @@ def check_amp(amp, device):
         raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no native bf16 (GPUs before A100 "
                         f"emulate it); use --amp fp16, which scales the loss to keep small gradients")
     return None
+
+
+def wrap(model, cfg, device, threads, dist):
+    """What a step calls, and the mean of its gradients over the ranks where the step takes it itself -> (net,
+    average). The one place that decides: a batch split over threads calls the raw module from every thread and
+    averages the threads' sum over the ranks itself (no DDP wrapper); otherwise DDP under torchrun, nn.DataParallel
+    over several CUDA devices, and torch.compile around either."""
+    if dist.started and threads > 1:
+        return model, dist.average
+    net = model
+    if dist.started:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif device.type == "cuda" and len(cfg.device_ids) > 1:
+        if cfg.compile:
+            raise UserError("--compile works on one device or under torchrun (DDP), not with nn.DataParallel "
+                            "(--device_ids with several ids)")
+        net = torch.nn.DataParallel(model, device_ids=list(cfg.device_ids))
+    if cfg.compile:
+        net = torch.compile(net)
+    return net, None

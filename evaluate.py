@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 import cli
-from checkpoint import atomic_write, input_size, load_model, run_seed
+from checkpoint import input_size, load_model, run_seed
+from files import write_out
 from cli import UserError
 from gqn_dataset import (FixedViews, Unreadable, WholeScenes, collate_readable, fixed_views, open_split,
                          read_or_skip, resize)
@@ -338,14 +339,6 @@ def plot_draws(axes, results):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-
-
-def write_out(flag, path, data):
-    """Atomic (checkpoint.atomic_write): a reader never sees half a file."""
-    try:
-        atomic_write(path, data)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot write ({err.strerror or err})") from None
 
 
 def parse_args(argv=None):

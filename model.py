@@ -283,3 +283,24 @@ class GQN(nn.Module):
         r = self.representation(x, v, mask, v_q)
         noise = torch.randn(v_q.shape[0], *self.noise_shape, generator=generator, device=v_q.device, dtype=x.dtype)
         return self._run(r, v_q, x_q, noise)[1]
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's input: images as the model takes them
+
+def resize(x, size):
+    """Images (..., C, H, W) -> float (..., C, size, size), area interpolation when the sizes differ.
+
+    Area interpolation averages whole pixels, as a camera of lower resolution would see the scene; training,
+    evaluation and rendering all resize this way, so a model sees at test time what it saw in training.
+    """
+    x = x.float()
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    lead = x.shape[:-3]
+    x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="area")
+    return x.reshape(*lead, *x.shape[-3:])
+
+
+def to_model(images, size, device):
+    """uint8 images (..., 3, H, W) -> float in [0, 1] on device at the model's size (resize)."""
+    return resize(images.to(device, non_blocking=True).float().div_(255), size)

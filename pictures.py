@@ -7,7 +7,7 @@
   the paper's figures; several samples of z per view and their per-pixel spread show what the model is unsure of.
 - `save_samples`, `save_panels`: samples.png at the end of training; render.py's .png grid or .gif animation.
 
-Written atomically (checkpoint.atomic_write). Images are float (3, H, W) in [0, 1] throughout.
+Written atomically (files.atomic_write). Images are float (3, H, W) in [0, 1] throughout.
 """
 import io
 import os
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cameras import angles, ring
-from checkpoint import atomic_write
+from files import atomic_write
 from gqn_dataset import resize
 
 GAP = 2  # pixels between tiles (before scale)

@@ -10,7 +10,7 @@ import io
 import os
 
 import cli
-from evaluate import write_out
+from files import write_out
 
 
 def scalars(run, tags):

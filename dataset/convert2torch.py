@@ -19,7 +19,8 @@ import sys
 import numpy as np
 import simplejpeg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # `python dataset/convert2torch.py`: the repository's modules, one folder up
+    import _repo  # noqa: F401
 from dataset.tfrecord import TFRecordError, parse_example, read_records  # noqa: E402
 from cameras import pose7  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, one_line, positive_int  # noqa: E402

@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # `python dataset/download.py`: the repository's modules, one folder up
+    import _repo  # noqa: F401
 from cli import ArgumentParser, UserError, main as cli_main  # noqa: E402
 from gqn_dataset import DATASETS  # noqa: E402
 from progress import progress_bar, write_line  # noqa: E402

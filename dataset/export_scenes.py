@@ -19,13 +19,13 @@ import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import simplejpeg
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # `python dataset/export_scenes.py`: the repository's modules, one folder up
+    import _repo  # noqa: F401
 import cameras  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
 from dataset import shepard_metzler as sm  # noqa: E402

@@ -28,12 +28,12 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # `python dataset/shepard_metzler.py`: the repository's modules, one folder up
+    import _repo  # noqa: F401
 import cameras  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
 from gqn_dataset import encode_jpeg, foreign_shards, write_shard  # noqa: E402

@@ -1,9 +1,12 @@
-"""Shared test helpers: the repo root on sys.path, ../shared/fixtures, tiny data sets and checkpoints, train.py's
-flags for a tiny GQN, and torchrun launched from a test."""
+"""Shared test helpers, the one home of each: the repo root on sys.path, ../shared/fixtures, a tiny GQN (its sizes,
+train.py's flags for it, a random batch), tiny data sets and checkpoints, train.py's argv, a command run as a user
+types it, the one-error-line contract, torchrun launched from a test, and a running job paused at a chosen step."""
 import io
 import math
 import os
+import pickle
 import socket
+import subprocess
 import sys
 import time
 
@@ -37,11 +40,60 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# ------------------------------------------------------------------------------------------------ train.py runs
+# ------------------------------------------------------------------------------------------------ a tiny GQN
 
-# train.py's flags for a tiny GQN on 16x16 images (the 64x64 data resized): a step takes milliseconds.
-TINY = ["--layers", "2", "--r_dim", "8", "--h_dim", "8", "--u_dim", "8", "--z_dim", "2", "--image_size", "16",
+SIZE = 16  # tiny images keep a CPU test in seconds
+# A tiny GQN's sizes (GQN's keywords; representation and L are each test's): a step takes milliseconds. u_dim differs
+# from h_dim so that a canvas and a state confused with each other cannot go unnoticed.
+TINY_GQN = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=6, image_size=SIZE)
+TINY_MODEL = dict(representation="pool", L=2, **TINY_GQN)  # the GQN of the tests' checkpoints
+# train.py's flags for a tiny GQN on 16x16 images (the 64x64 data resized).
+TINY = ["--layers", "2", "--r_dim", "8", "--h_dim", "8", "--u_dim", "8", "--z_dim", "2", "--image_size", str(SIZE),
         "--batch_size", "4", "--workers", "0", "--seed", "3"]
+
+
+def random_batch(B=2, M=3, size=SIZE, seed=0, dtype=torch.float32):
+    """A batch of random scenes as the model takes them: x (B, M, 3, size, size), v (B, M, 7), v_q (B, 7), x_q."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, M, 3, size, size, generator=g, dtype=dtype)
+    v, v_q = torch.randn(B, M, 7, generator=g, dtype=dtype), torch.randn(B, 7, generator=g, dtype=dtype)
+    return x, v, v_q, torch.rand(B, 3, size, size, generator=g, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def run_script(script, *argv, cwd=None, env=None, timeout=300):
+    """`python <script> argv...` as a user types it (script relative to the repository) -> CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error(code, err, *words, out=""):
+    """The one error contract: exit status 1, one line on stderr that starts `error: ` and names `words`, no
+    traceback, no usage block -> the line."""
+    lines = err.strip().splitlines()
+    assert code == 1, (code, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert all(w in lines[0] for w in words), (words, lines[0])
+    assert "Traceback" not in err + out and "usage:" not in err
+    return lines[0]
+
+
+def script_error(r, *words):
+    """run_script's result held to the one error contract -> the line."""
+    return one_error(r.returncode, r.stderr, *words, out=r.stdout)
+
+
+def main_error(main, argv, capsys, *words):
+    """A command's main(argv), in this process, held to the one error contract -> the line."""
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    captured = capsys.readouterr()
+    return one_error(e.value.code, captured.err, *words, out=captured.out)
+
+
+# ------------------------------------------------------------------------------------------------ train.py runs
 
 
 @pytest.fixture(scope="session")
@@ -165,8 +217,6 @@ def env_of(pid):
 
 # ------------------------------------------------------------------------------------------------ toy data, checkpoints
 
-SIZE = 16  # tiny images keep a CPU test in seconds
-TINY_MODEL = dict(representation="pool", L=2, r_dim=16, h_dim=8, z_dim=2, u_dim=8)  # GQN kwargs
 
 
 def make_data(folder, scenes=5, views=6, size=SIZE, seed=0, dataset="shepard_metzler_5_parts"):
@@ -194,12 +244,19 @@ def make_data(folder, scenes=5, views=6, size=SIZE, seed=0, dataset="shepard_met
 def make_checkpoint(path, image_size=SIZE, data_size=None, seed=0, **overrides):
     """A checkpoint in train.py's format around a freshly initialised tiny GQN."""
     torch.manual_seed(seed)
-    model = GQN(image_size=image_size, **{**TINY_MODEL, **overrides})
+    model = GQN(**{**TINY_MODEL, "image_size": image_size, **overrides})
     torch.save({"model": model.state_dict(), "model_config": model.config, "optimizer": {}, "step": 7,
                 "config": {}, "data": {"dataset": "shepard_metzler_5_parts",
                                        "image_size": data_size or image_size, "max_context": 5},
                 "rng": {}}, path)
     return path
+
+
+def legacy_stream(payload):
+    """torch's legacy (non-zip) torch.save stream around a pickled payload, as torch-gqn's converter wrote its scene
+    files: magic number, protocol, sys_info, the payload, the storage keys (each a protocol-2 pickle)."""
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    return head + payload + pickle.dumps([], protocol=2)
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing profiles

@@ -15,10 +15,11 @@ import torch
 
 import evaluate
 import gqn_dataset
+import resolve
 import train
 from bad_scenes import BadScenes
 from cli import UserError
-from conftest import ROOT, TINY, children, paused_env, rank_pid, torchrun, wait_paused, wait_until, weights
+from conftest import ROOT, args, children, paused_env, rank_pid, torchrun, wait_paused, wait_until, weights
 from gqn_dataset import REFILLS, DatasetError, GQNDataset, TrainBatches
 
 BAD_JPEG_SCENE = 2  # of the first training shard
@@ -65,10 +66,7 @@ def damage(data):
     corrupt_scene(os.path.join(data[1], "001-of-001.pt"), 1)
 
 
-def flags(data, root, name, steps, *extra):
-    return ["--train_data_dir", data[0], "--test_data_dir", data[1], "--root_log_dir", str(root), "--log_dir", name,
-            "--gradient_steps", str(steps), "--log_interval", "3", "--save_interval", "3", *TINY,
-            "--max_bad_scenes", "1000", *extra]
+LENIENT = ("--max_bad_scenes", "1000")  # a run that skips the damaged scenes and carries on
 
 
 def skipped_named(stderr):
@@ -166,7 +164,7 @@ def damaged_once_open(monkeypatch, data, harm=damage):
             harm(data)
         return ds
 
-    monkeypatch.setattr(train, "open_split", open_then_damage)
+    monkeypatch.setattr(resolve, "open_split", open_then_damage)
 
 
 def test_one_process_stopped_and_resumed_over_damaged_data_equals_an_uninterrupted_run(clean, tmp_path, monkeypatch,
@@ -177,27 +175,27 @@ def test_one_process_stopped_and_resumed_over_damaged_data_equals_an_uninterrupt
         runs[name] = (str(tmp_path / name / "data" / "train"), str(tmp_path / name / "data" / "test"))
     with monkeypatch.context() as m:
         damaged_once_open(m, runs["uninterrupted"])
-        train.main(flags(runs["uninterrupted"], tmp_path, "uninterrupted-run", 12))
+        train.main(args(runs["uninterrupted"], tmp_path, "uninterrupted-run", 12, *LENIENT))
     out = capsys.readouterr()
     assert "Skipped" in out.out and BAD_JPEG_SCENE in skipped_named(out.err)
     with monkeypatch.context() as m:
         damaged_once_open(m, runs["resumed"])
-        train.main(flags(runs["resumed"], tmp_path, "resumed-run", 7))
-    train.main(flags(runs["resumed"], tmp_path, "resumed-run", 12, "--resume"))  # reads the damaged folder
+        train.main(args(runs["resumed"], tmp_path, "resumed-run", 7, *LENIENT))
+    train.main(args(runs["resumed"], tmp_path, "resumed-run", 12, *LENIENT, "--resume"))  # reads the damaged folder
     whole, resumed = weights(tmp_path / "uninterrupted-run"), weights(tmp_path / "resumed-run")
     assert whole["step"] == resumed["step"] == 12
     assert whole["bad_scenes"] == resumed["bad_scenes"] > 0
     for k in whole["model"]:
         assert torch.equal(whole["model"][k], resumed["model"][k]), k
     with pytest.raises(SystemExit) as e:  # a fresh run on a damaged folder: one line naming the file
-        train.main(flags(runs["resumed"], tmp_path, "fresh", 3))
+        train.main(args(runs["resumed"], tmp_path, "fresh", 3, *LENIENT))
     assert e.value.code == 1 and TRUNCATED in capsys.readouterr().err
 
 
 def test_a_training_folder_gone_during_the_run_stops_it_with_latest(data, tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
         damaged_once_open(m, data, lambda d: shutil.rmtree(d[0]))
-        train.main(flags(data, tmp_path, "r", 12))
+        train.main(args(data, tmp_path, "r", 12, *LENIENT))
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert e.value.code == 1 and "Traceback" not in err and len(errors) == 1
@@ -207,10 +205,10 @@ def test_a_training_folder_gone_during_the_run_stops_it_with_latest(data, tmp_pa
 
 
 def test_max_bad_scenes_0_stops_with_latest_at_the_step_reached(data, tmp_path, capsys):
-    train.main(flags(data, tmp_path, "r", 3))
+    train.main(args(data, tmp_path, "r", 3, *LENIENT))
     damage(data)
     with pytest.raises(SystemExit) as e:
-        train.main(flags(data, tmp_path, "r", 30, "--resume", "--max_bad_scenes", "0"))
+        train.main(args(data, tmp_path, "r", 30, *LENIENT, "--resume", "--max_bad_scenes", "0"))
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("error:")]
@@ -219,7 +217,7 @@ def test_max_bad_scenes_0_stops_with_latest_at_the_step_reached(data, tmp_path, 
     assert f"holds step {step}:" in line[0]
     ckpt = weights(tmp_path / "r")
     assert ckpt["step"] == step and ckpt["bad_scenes"] == 0  # the step met the first bad scene and did not run
-    train.main(flags(data, tmp_path, "r", 12, "--resume"))  # a higher limit continues it
+    train.main(args(data, tmp_path, "r", 12, *LENIENT, "--resume"))  # a higher limit continues it
     assert weights(tmp_path / "r")["step"] == 12
 
 
@@ -253,7 +251,7 @@ def run_damaged_while_running(data, root, argv, procs):
 @pytest.mark.parametrize("procs", [1, 2])
 def test_damaged_while_training_the_run_finishes_and_names_them(data, tmp_path, procs):
     extra = ["--log_interval", "1", "--workers", "1"] if procs == 2 else ["--log_interval", "1"]
-    out, err = run_damaged_while_running(data, tmp_path, flags(data, tmp_path, "r", 60, *extra), procs)
+    out, err = run_damaged_while_running(data, tmp_path, args(data, tmp_path, "r", 60, *LENIENT, *extra), procs)
     named = skipped_named(err)
     assert BAD_JPEG_SCENE in named and set(range(16, 24)) <= named  # 60 steps of 4 are 10 epochs
     ckpt = weights(tmp_path / "r")
@@ -272,17 +270,17 @@ def test_two_ranks_skip_as_one_process_does(data, tmp_path):
     """Resumed over the damaged data: 2 ranks (a worker each) and one process skip the same reads, and a 2-rank run
     stopped and resumed equals one that ran through; --max_bad_scenes 0 stops every rank with latest.pt."""
     def launch(name, steps, *extra):
-        cmd, env = torchrun(flags(data, tmp_path, name, steps, "--workers", "1", *extra))
+        cmd, env = torchrun(args(data, tmp_path, name, steps, *LENIENT, "--workers", "1", *extra))
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     for name in ("through", "resumed", "stops"):
         assert launch(name, 3).returncode == 0
-    train.main(flags(data, tmp_path, "one", 3))
+    train.main(args(data, tmp_path, "one", 3, *LENIENT))
     damage(data)
     assert launch("through", 9, "--resume").returncode == 0
     assert launch("resumed", 6, "--resume").returncode == 0
     assert launch("resumed", 9, "--resume").returncode == 0
-    train.main(flags(data, tmp_path, "one", 9, "--resume"))
+    train.main(args(data, tmp_path, "one", 9, *LENIENT, "--resume"))
     through, resumed, one = (weights(tmp_path / n) for n in ("through", "resumed", "one"))
     assert through["bad_scenes"] == resumed["bad_scenes"] == one["bad_scenes"] > 0
     for k in through["model"]:
@@ -299,7 +297,7 @@ def test_two_ranks_skip_as_one_process_does(data, tmp_path):
 # ------------------------------------------------------------------------------------------------ evaluate.py
 
 def test_evaluate_leaves_out_and_names_unreadable_test_scenes(data, tmp_path, capsys):
-    train.main(flags(data, tmp_path, "r", 3))
+    train.main(args(data, tmp_path, "r", 3, *LENIENT))
     damage(data)
     path = tmp_path / "e.json"
     argv = ["--checkpoint", str(tmp_path / "r" / "checkpoints" / "latest.pt"), "--test_data_dir", data[1],

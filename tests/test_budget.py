@@ -106,35 +106,27 @@ def test_the_first_steps_fix_the_length():
 
 def test_a_refit_moves_the_end_not_the_schedules():
     cfg, _ = config.parse_args([])  # the default job: sigma over 0.8 of the run, the learning rate over all of it
-    config.fix_steps(cfg, 5000)     # what the first fit does
-    assert (cfg.gradient_steps, cfg.sigma_n, cfg.lr_n) == (5000, 4000, 5000)
+    state = config.RunState.start(cfg)
+    assert state.schedules(cfg) == (CAP, 0.8 * CAP)  # until the first fit: over the length's bound
+    state.fix(cfg, 5000, 90.0)  # what the first fit does
+    assert (state.steps, state.schedules(cfg)) == (5000, (5000, 4000))
 
     class Clock:  # a machine that slowed down by a fifth at step 3000
         def refit(self, done, elapsed, total):
             return 4000
 
-    class Bar:
-        total, written = 5000, []
-
-        def refresh(self):
-            pass
-
-        def write(self, line):
-            self.written.append(line)
-
     class OneProcess:
-        master = True
-
         def broadcast(self, value):
             return value
 
-    bar, records = Bar(), []
-    assert refit(cfg, Clock(), OneProcess(), bar, 3000, 300.0, lambda: records.append(cfg.gradient_steps)) == 4000
-    assert (cfg.gradient_steps, cfg.sigma_n, cfg.lr_n, bar.total, records) == (4000, 4000, 5000, 4000, [4000])
-    assert "the run ends at step 4000" in bar.written[0]
+    said = []
+    assert refit(cfg, state, Clock(), OneProcess(), said.append, 3000, 300.0)
+    assert (state.steps, state.schedules(cfg)) == (4000, (5000, 4000))
+    assert "the run ends at step 4000" in said[0]
     # sigma at every step is what it was before the refit: the shortened run still ends at its final sigma
-    assert pixel_sigma(3999, cfg.sigma_i, cfg.sigma_f, cfg.sigma_n) == pytest.approx(0.4, abs=1e-3)
-    assert learning_rate(3999, cfg.lr_i, cfg.lr_f, cfg.lr_n) == pytest.approx(learning_rate(3999, 2e-3, 2e-4, 5000))
+    lr_n, sigma_n = state.schedules(cfg)
+    assert pixel_sigma(3999, cfg.sigma_i, cfg.sigma_f, sigma_n) == pytest.approx(0.4, abs=1e-3)
+    assert learning_rate(3999, cfg.lr_i, cfg.lr_f, lr_n) == pytest.approx(learning_rate(3999, 2e-3, 2e-4, 5000))
 
 
 def test_the_default_job_says_what_its_length_has_scored():

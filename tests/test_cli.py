@@ -1,12 +1,10 @@
 """One error contract for every command, and a module graph without cycles."""
 import ast
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script, script_error
 
 # Each command with its required arguments, so that the flag under test is the one at fault.
 COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data_dir", "d"],
@@ -17,25 +15,12 @@ COMMANDS = {"train.py": [], "evaluate.py": ["--checkpoint", "c.pt", "--test_data
             "view.py": [], "bench_view.py": [], "plot_kl.py": ["runs/x"]}
 
 
-def run(script, *argv, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def assert_one_line(r, *words):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert all(w in lines[0] for w in words), lines[0]
-    assert "Traceback" not in r.stderr + r.stdout and "usage:" not in r.stderr
-
-
 @pytest.mark.parametrize("script", COMMANDS)
 def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script, tmp_path):
     required = COMMANDS[script]
-    assert_one_line(run(script, *required, "--no_such_flag", "1", cwd=tmp_path), "--no_such_flag")
+    script_error(run_script(script, *required, "--no_such_flag", "1", cwd=tmp_path), "--no_such_flag")
     # --work is a prefix of --workers (or of nothing): argparse would take it as --workers unless told not to
-    assert_one_line(run(script, *required, "--work", "1", cwd=tmp_path), "--work")
+    script_error(run_script(script, *required, "--work", "1", cwd=tmp_path), "--work")
 
 
 @pytest.mark.parametrize("script,argv,words", [
@@ -54,7 +39,7 @@ def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script,
     ("plot_kl.py", ["no_such_run", "--out", "k.png"], ["no_such_run: no such run folder"]),
 ])
 def test_bad_values_and_missing_arguments_get_one_line(script, argv, words, tmp_path):
-    assert_one_line(run(script, *argv, cwd=tmp_path), *words)
+    script_error(run_script(script, *argv, cwd=tmp_path), *words)
 
 
 def project_imports():

@@ -11,10 +11,10 @@ import torch
 from dataset import convert2torch
 from dataset.tfrecord import (TFRecordError, make_example, masked_crc, parse_example, read_records,
                               write_records)
+from conftest import ROOT, main_error, run_script, script_error
 from gqn_dataset import GQNDataset
 
 SM5 = "shepard_metzler_5_parts"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -130,24 +130,20 @@ def test_datasets_filter(src, tmp_path, capsys):
                                        (["{src}", "{tmp}/dst", "--bogus"], "unrecognized arguments: --bogus")])
 def test_bad_command_lines(src, tmp_path, capsys, args, what):
     args = [a.format(tmp=tmp_path, src=src) for a in args]
-    status, err = _run(args, capsys)
-    lines = err.strip().splitlines()
-    assert status == 1 and len(lines) == 1
-    assert lines[0].startswith("error: ") and what.format(tmp=tmp_path) in lines[0]
+    main_error(convert2torch.main, args, capsys, what.format(tmp=tmp_path))
 
 
 def test_cli_without_tensorflow(src, tmp_path):
     """The script runs as the README says, imports no TensorFlow/TensorBoard, and fails without a traceback."""
-    code = ("import runpy, sys; sys.argv = ['convert2torch.py'] + sys.argv[1:]\n"
+    # as `python dataset/convert2torch.py` runs it: the script's folder first on sys.path
+    code = ("import runpy, sys; sys.argv = ['convert2torch.py'] + sys.argv[1:]; sys.path[0] = 'dataset'\n"
             "try:\n    runpy.run_path('dataset/convert2torch.py', run_name='__main__')\n"
             "finally:\n    assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorboard')]")
     ok = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "dst"), "--workers", "1"],
                         cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "dataset/convert2torch.py", str(tmp_path / "nope"), str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip() == f"error: SRC_ROOT {tmp_path / 'nope'} is not a folder"
+    bad = run_script("dataset/convert2torch.py", tmp_path / "nope", tmp_path, cwd=ROOT)
+    assert script_error(bad) == f"error: SRC_ROOT {tmp_path / 'nope'} is not a folder"
     assert torch.load(tmp_path / "dst" / SM5 / "test" / "001-of-100.pt", weights_only=True)["views"] == 15
 
 
@@ -156,13 +152,13 @@ def test_the_default_job_and_deepminds_data_stay_apart_and_a_mixed_folder_is_ref
     """The default job renders into data/builtin/<name>; the README's conversion writes DeepMind's shards of the same
     name to data/<name>. A folder that holds both is refused in one line naming both, by the reader and by the
     converter, never read as one data set."""
+    import config
     import train
     from conftest import tiny_default_job
     from gqn_dataset import DatasetError
 
     tiny_default_job(monkeypatch, tmp_path)
-    monkeypatch.setattr(train.config, "BUILTIN_DATA", dict(parts=5, train_scenes=6, test_scenes=2, seed=0,
-                                                           workers=1))
+    monkeypatch.setattr(config, "BUILTIN_DATA", dict(parts=5, train_scenes=6, test_scenes=2, seed=0, workers=1))
     train.main([])  # the default job, in tmp_path
     status, _ = _run([src, tmp_path / "data"], capsys)  # the README's conversion, into data/
     assert status == 0

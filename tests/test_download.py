@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from conftest import main_error
 from dataset import download
 
 SM5 = "shepard_metzler_5_parts"
@@ -119,7 +120,4 @@ def test_errors_are_one_line(bucket, tmp_path, capsys):
     assert e.value.code == 1 and err[-1] == f"error: {url}/{SM5}/train/002-of-900.tfrecord: HTTP 404 Not Found"
     assert (tmp_path / SM5 / "train" / "001-of-900.tfrecord").exists()  # what did arrive is kept
     for args, what in (([" lego"], "unknown data set ' lego'"), ([SM5, "--fraction", "0"], "--fraction must be")):
-        with pytest.raises(SystemExit) as e:
-            download.main(args + ["--dst", str(tmp_path), "--base_url", url])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and what in err[0]
+        main_error(download.main, args + ["--dst", str(tmp_path), "--base_url", url], capsys, what)

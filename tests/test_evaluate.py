@@ -9,7 +9,7 @@ from PIL import Image
 import checkpoint
 import evaluate
 import metrics
-from conftest import SIZE, make_checkpoint, make_data
+from conftest import SIZE, main_error, make_checkpoint, make_data
 from gqn_dataset import GQNDataset
 
 @pytest.fixture
@@ -183,12 +183,7 @@ def test_stored_size_of_training_data_is_resized(tmp_path):
 
 
 def one_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        run_main(argv)
-    assert e.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    return err.splitlines()[-1]
+    return main_error(run_main, argv, capsys)
 
 
 def test_checkpoint_that_does_not_match_the_data(tmp_path, capsys):

@@ -1,23 +1,19 @@
-"""model.py's fast computation equals the straightforward one in bench.py on the same weights (Eslami et al. 2018, fig. S2);
+"""model.py's fast computation equals the straightforward one in reference.py on the same weights (Eslami et al. 2018, fig. S2);
 activation checkpointing and bf16 autocast keep the function."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import reference_elbo, reference_run
+from conftest import TINY_GQN, random_batch
 from model import GQN
+from reference import reference_elbo, reference_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=6, image_size=16)
-
-
 def inputs(model, B=2, M=3, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, M, 3, 16, 16, generator=g, dtype=dtype)
-    v, v_q = torch.randn(B, M, 7, generator=g, dtype=dtype), torch.randn(B, 7, generator=g, dtype=dtype)
-    x_q = torch.rand(B, 3, 16, 16, generator=g, dtype=dtype)
-    eps = torch.randn(B, *model.noise_shape, generator=g, dtype=dtype)
+    """A random batch (conftest.random_batch), with the posterior's noise and a ragged mask of context views."""
+    x, v, v_q, x_q = random_batch(B, M, seed=seed, dtype=dtype)
+    eps = torch.randn(B, *model.noise_shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)[:B]
     return [t.to(device) for t in (x, v, v_q, x_q)], dict(mask=mask.to(device), eps=eps.to(device))
 
@@ -32,7 +28,7 @@ def elbo_and_grads(fn, model, args, kwargs):
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_fast_path_equals_reference(representation, shared_core):
     torch.manual_seed(0)
-    model = GQN(representation, L=3, shared_core=shared_core, **TINY).double()
+    model = GQN(representation, L=3, shared_core=shared_core, **TINY_GQN).double()
     args, kwargs = inputs(model)
     fast, g_fast = elbo_and_grads(model, model, args, kwargs)
     ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
@@ -45,9 +41,9 @@ def test_fast_path_equals_reference(representation, shared_core):
 @pytest.mark.parametrize("representation", ["tower", "pool"])
 def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representation):
     torch.manual_seed(0)
-    paper = GQN(representation, L=3, **TINY).double()
+    paper = GQN(representation, L=3, **TINY_GQN).double()
     torch.manual_seed(0)
-    model = GQN(representation, L=3, image_from_r=True, **TINY).double()
+    model = GQN(representation, L=3, image_from_r=True, **TINY_GQN).double()
     args, kwargs = inputs(model)
     # η_r is zero at the start: the same ELBO as the paper's model with the same other weights, and a gradient
     with torch.no_grad():
@@ -70,7 +66,7 @@ def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representa
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_generate_and_reconstruct_equal_reference(representation, shared_core):
     torch.manual_seed(0)
-    model = GQN(representation, L=3, shared_core=shared_core, **TINY).double()
+    model = GQN(representation, L=3, shared_core=shared_core, **TINY_GQN).double()
     (x, v, v_q, x_q), kwargs = inputs(model)
     mask = kwargs["mask"]
     noise = torch.randn(2, *model.noise_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -88,7 +84,7 @@ def test_generate_and_reconstruct_equal_reference(representation, shared_core):
 def test_channels_last_keeps_the_function(shared_core, dtype):
     """train.py --channels_last / bench.py --channels_last: NHWC weights give the reference's ELBO and gradients."""
     torch.manual_seed(0)
-    model = GQN("tower", L=3, shared_core=shared_core, **TINY).to(dtype)
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY_GQN).to(dtype)
     args, kwargs = inputs(model, dtype=dtype)
     ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
     model.to(memory_format=torch.channels_last)
@@ -104,7 +100,7 @@ def test_channels_last_keeps_the_function(shared_core, dtype):
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_checkpoint_activations_gives_the_same_gradients(shared_core):
     torch.manual_seed(0)
-    model = GQN("tower", L=3, shared_core=shared_core, **TINY).double()
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY_GQN).double()
     args, kwargs = inputs(model)
     plain, g_plain = elbo_and_grads(model, model, args, kwargs)
     model.checkpoint_activations = True
@@ -116,7 +112,7 @@ def test_checkpoint_activations_gives_the_same_gradients(shared_core):
 
 def test_bf16_autocast_runs_with_float32_kl_and_nll():
     torch.manual_seed(0)
-    model = GQN("pool", L=2, **TINY)
+    model = GQN("pool", L=2, **TINY_GQN)
     args, kwargs = inputs(model, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*args, 0.8, **kwargs)
@@ -141,7 +137,7 @@ def test_compile_traces_the_training_step_in_one_graph(representation):
     the aot_eager backend: the same graphs inductor compiles, without minutes of C++ compilation on a CPU."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GQN(representation, L=2, **TINY).train()
+    model = GQN(representation, L=2, **TINY_GQN).train()
     args, kwargs = inputs(model, dtype=torch.float32)
     if representation == "volume":
         kwargs["depth_noise"] = torch.rand(2, 16)
@@ -157,7 +153,7 @@ def test_compile_traces_the_training_step_in_one_graph(representation):
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_cuda_equals_cpu(shared_core):
     torch.manual_seed(0)
-    model = GQN("tower", L=3, shared_core=shared_core, **TINY).double()
+    model = GQN("tower", L=3, shared_core=shared_core, **TINY_GQN).double()
     args, kwargs = inputs(model)
     cpu = model(*args, 0.8, **kwargs)
     model_cuda = model.cuda()
@@ -171,7 +167,7 @@ def test_cuda_equals_cpu(shared_core):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_channels_last_and_compile_run():
     torch.manual_seed(0)
-    model = GQN("pool", L=2, **TINY).cuda().to(memory_format=torch.channels_last)
+    model = GQN("pool", L=2, **TINY_GQN).cuda().to(memory_format=torch.channels_last)
     args, kwargs = inputs(model, dtype=torch.float32, device="cuda")
     compiled = torch.compile(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):

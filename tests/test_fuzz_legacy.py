@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from conftest import legacy_stream
 from fuzzing import mutated, put, run_reader, scratch, share
 from gqn_dataset import GQNDataset, encode_jpeg, load_legacy_scene
 
 VIEWS = 3
-MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy torch.save magic number
 FRAMES = np.array([encode_jpeg(np.full((8, 8, 3), 60 * j, np.uint8)) for j in range(VIEWS)], dtype=object)
 CAMERAS = np.arange(VIEWS * 5, dtype=np.float32).reshape(1, VIEWS, 5) / 10
 Scene = collections.namedtuple("Scene", ["frames", "cameras"])
@@ -39,12 +39,6 @@ def dumps(obj):
             del main.Scene
 
 
-def stream(payload):
-    """A legacy torch.save stream: magic, protocol, sys_info, the payload pickle, storage keys."""
-    head = b"".join(pickle.dumps(x, protocol=2) for x in (MAGIC, 1001, {"little_endian": True}))
-    return head + payload + pickle.dumps([], protocol=2)
-
-
 def zipped(payload):
     """The zip form torch >= 1.6 writes: <name>/data.pkl holding the payload."""
     buf = io.BytesIO()
@@ -55,7 +49,7 @@ def zipped(payload):
 
 
 PAYLOAD = dumps(Scene(frames=FRAMES, cameras=CAMERAS))
-STREAM = stream(PAYLOAD)
+STREAM = legacy_stream(PAYLOAD)
 
 
 def read_scene(data, name="0.pt"):
@@ -129,7 +123,7 @@ def hostile_payloads(draw):
 @share(0.3)
 @given(hostile_payloads(), st.booleans())
 def test_hostile_scenes_read_or_are_refused(payload, gz):
-    data = stream(payload)
+    data = legacy_stream(payload)
     result, error = read_scene(gzip.compress(data) if gz else data, "0.pt.gz" if gz else "0.pt")
     if error is None:
         check(result)
@@ -188,7 +182,7 @@ def test_hand_written_hostile_pickles_are_refused_in_one_line(what, form):
     fewer elements than its shape crashed the process (numpy 2.4 segfaults in __setstate__); the others allocated far
     beyond the file (bytes(n): n bytes; a memo index: a table of its size; _reconstruct: its shape; BINBYTES8: its
     length; nesting 100000 deep: 500 MB resident) or returned a scene they should not (NaN cameras)."""
-    _, error = read_scene(stream(HOSTILE[what]) if form == "legacy stream" else zipped(HOSTILE[what]))
+    _, error = read_scene(legacy_stream(HOSTILE[what]) if form == "legacy stream" else zipped(HOSTILE[what]))
     assert error is not None
 
 
@@ -196,7 +190,7 @@ def test_a_gzip_bomb_is_refused_before_inflating():
     """Regression: 64 MB of zeros in a 64 KB .pt.gz were inflated whole (gzip.decompress) before the pickle was read;
     the same in a deflated zip member."""
     bomb = pickle.dumps(bytes(64 << 20), protocol=2)
-    _, error = read_scene(gzip.compress(stream(bomb)), "0.pt.gz")
+    _, error = read_scene(gzip.compress(legacy_stream(bomb)), "0.pt.gz")
     assert "decompresses to more than" in str(error)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -209,7 +203,7 @@ def test_a_gzip_bomb_is_refused_before_inflating():
 @given(st.integers(0, 2**64 - 1), st.sampled_from([b"\x8e", b"\x8d", b"\x96"]))
 def test_counted_lengths_of_any_size_are_checked_before_allocating(n, opcode):
     """BINBYTES8, BINUNICODE8, BYTEARRAY8 with any stated length over a few real bytes."""
-    _, error = read_scene(stream(scene_of(opcode + struct.pack("<Q", n) + b"abcd")))
+    _, error = read_scene(legacy_stream(scene_of(opcode + struct.pack("<Q", n) + b"abcd")))
     assert error is not None
 
 
@@ -217,6 +211,6 @@ def test_counted_lengths_of_any_size_are_checked_before_allocating(n, opcode):
 @given(st.lists(st.integers(0, 2**33), max_size=3), st.sampled_from(["O", "f4", "u1", "V1000", "S7"]),
        st.one_of(st.binary(max_size=64), st.lists(st.just(FRAMES[0]), max_size=4)))
 def test_array_states_of_any_shape_are_checked_against_their_data(shape, dtype, data):
-    result, error = read_scene(stream(scene_of(array(tuple(shape), dtype, data))))
+    result, error = read_scene(legacy_stream(scene_of(array(tuple(shape), dtype, data))))
     if error is None:
         check(result)

@@ -13,6 +13,7 @@ import torch
 
 import cameras
 import gqn_dataset as gd
+from conftest import legacy_stream
 from dataset.convert2torch import convert
 from gqn_dataset import DatasetError, GQNDataset, TrainBatches, batch_scenes, draw_views, fixed_views
 
@@ -131,11 +132,6 @@ class _Evil:
         return os.system, (f"touch {self.marker}",)
 
 
-def _legacy_stream(payload):
-    head = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
-    return head + payload + pickle.dumps([], protocol=2)
-
-
 @pytest.mark.parametrize("form", ["bare", "legacy-stream", "zip"])
 def test_malicious_pickle_is_refused_and_not_run(tmp_path, form):
     marker = tmp_path / "pwned"
@@ -143,7 +139,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, form):
     evil.marker = marker
     payload = pickle.dumps(evil, protocol=2)
     if form == "legacy-stream":
-        payload = _legacy_stream(payload)
+        payload = legacy_stream(payload)
     elif form == "zip":
         buf = io.BytesIO()
         torch.save(evil, buf)  # pickling only records os.system; nothing runs here
@@ -159,7 +155,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, form):
 def test_legacy_scene_with_other_payload_is_refused(tmp_path):
     folder = tmp_path / "train"
     folder.mkdir()
-    (folder / "0.pt").write_bytes(_legacy_stream(pickle.dumps({"frames": 1}, protocol=2)))
+    (folder / "0.pt").write_bytes(legacy_stream(pickle.dumps({"frames": 1}, protocol=2)))
     with pytest.raises(DatasetError, match="0.pt: not a torch-gqn Scene file"):
         GQNDataset(folder)
     (folder / "0.pt").write_bytes(b"\x80\x02garbage")

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import main_error, run_script, script_error
 import cameras
 import gqn_dataset
 from dataset import export_scenes, import_scenes, shepard_metzler as sm
@@ -364,9 +362,7 @@ def test_bad_input_one_line_and_dst_unchanged(tmp_path, capsys, damage):
     (dst / "notes").mkdir(parents=True)
     (dst / "notes" / "keep.txt").write_text("mine")
     words = damage(src)
-    status, out, err = run_import(src, dst, capsys=capsys)
-    assert status == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    assert words in err[0]
+    main_error(import_scenes.main, [str(src), str(dst)], capsys, words)
     assert tree(dst) == {os.path.join("notes", "keep.txt"): b"mine"}
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]              # no partial folder beside DST
 
@@ -376,11 +372,9 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
         make_scene(tmp_path / "src" / name)
     broken = tmp_path / "src" / "c" / "v1.png"                         # found when its pixels are read, in a worker
     broken.write_bytes(broken.read_bytes()[:60])
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "import_scenes.py"), str(tmp_path / "src"),
-                        str(tmp_path / "dst"), "--workers", "2", "--test_fraction", "0.3"],
-                       capture_output=True, text=True)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith(f"error: {broken}: unreadable image (")
+    p = run_script("dataset/import_scenes.py", tmp_path / "src", tmp_path / "dst", "--workers", "2", "--test_fraction",
+                   "0.3")
+    assert script_error(p).startswith(f"error: {broken}: unreadable image (")
     assert sorted(os.listdir(tmp_path)) == ["src"]                     # scene a was written, then taken back
 
 

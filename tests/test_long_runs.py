@@ -1,6 +1,7 @@
 """Long runs: --resume compares meanings, --resume auto, preemption (SIGTERM/SIGINT) loses no step, torchrun's elastic
 restarts, runs that move and fit on disk, damaged checkpoints, interruptions that say what is true."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import torch
 
 import evaluate
 import train
-from conftest import (ROOT, args, paused_env, proc_state, rank_pid, signal_pending, tiny_default_job, torchrun, wait_paused,
-                      wait_until, weights)
+from conftest import (ROOT, args, main_error, paused_env, proc_state, rank_pid, signal_pending, tiny_default_job,
+                      torchrun, wait_paused, wait_until, weights)
 
 
 def same_weights(a, b, atol=1e-5):
@@ -37,15 +38,6 @@ def signal_paused(pids, sig, send):
         os.kill(pid, signal.SIGCONT)
 
 
-def one_error(capsys, argv):
-    capsys.readouterr()  # what came before
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 # ------------------------------------------------------------------------------------------------ --resume
 
 def test_resume_compares_meanings_not_spellings(data, tmp_path, capsys):
@@ -57,7 +49,7 @@ def test_resume_compares_meanings_not_spellings(data, tmp_path, capsys):
                  "--resume")
     train.main(again)
     assert "Resuming" in capsys.readouterr().out and weights(tmp_path / "run")["step"] == 6
-    err = one_error(capsys, args(data, tmp_path, "run", 9, "--dataset", "Jaco", "--resume"))
+    err = main_error(train.main, args(data, tmp_path, "run", 9, "--dataset", "Jaco", "--resume"), capsys)
     assert "--dataset Jaco differs from the run being resumed (shepard_metzler_3_parts)" in err
 
 
@@ -68,8 +60,21 @@ def test_resume_auto_starts_a_run_then_continues_it(data, tmp_path, capsys):
     train.main(args(data, tmp_path, "auto", 6, "--resume", "auto"))  # a run there: continues it
     assert f"Resuming {tmp_path / 'auto'} at step 3" in capsys.readouterr().out
     same_weights(weights(tmp_path / "whole"), weights(tmp_path / "auto"))
-    err = one_error(capsys, args(data, tmp_path, "x", 3, "--resume", "sometimes"))
+    err = main_error(train.main, args(data, tmp_path, "x", 3, "--resume", "sometimes"), capsys)
     assert "--resume: expected True/False/1/0 or auto" in err
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_and_ends_as_that_version_did(data, tmp_path):
+    """tests/data/resume_dc16b8c: step 3 of a 6-step run (conftest's `args` and a smaller GQN) written by the code of
+    dc16b8c, whose checkpoints kept the run's length and schedules in the config, and that run's weights at step 6."""
+    kept, smaller = os.path.join(ROOT, "tests", "data", "resume_dc16b8c"), ["--r_dim", "4", "--h_dim", "4", "--u_dim",
+                                                                            "4", "--kernel_size", "3"]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(os.path.join(kept, "step_00000003.pt"), tmp_path / "run" / "checkpoints" / "latest.pt")
+    train.main(args(data, tmp_path, "run", 6, *smaller, "--resume"))
+    now = weights(tmp_path / "run")
+    assert now["step"] == 6 and now["state"] == {"steps": 6, "lr_n": 1.6e6, "sigma_n": 2e5, "timed_ms": 0.0}
+    same_weights(torch.load(os.path.join(kept, "step_00000006_model.pt"), weights_only=True), now)
 
 
 def test_keep_checkpoints_keeps_the_newest(data, tmp_path):
@@ -86,16 +91,11 @@ def test_a_damaged_latest_is_named_with_the_way_back(data, tmp_path, capsys):
     latest = folder / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # a disk that filled up mid-copy
     for resume in ("True", "auto"):  # never a silent fresh start over a damaged run
-        err = one_error(capsys, args(data, tmp_path, "run", 9, "--resume", resume))
+        err = main_error(train.main, args(data, tmp_path, "run", 9, "--resume", resume), capsys)
         assert str(latest) in err and "not a loadable checkpoint" in err
         assert f"cp {folder / 'step_00000006.pt'} {latest}" in err
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--checkpoint", str(latest), "--test_data_dir", data[1], "--device", "cpu"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and len(err) == 1
-    assert f"--checkpoint {latest}: not a loadable checkpoint" in err[0]
-    assert f"pass --checkpoint {folder / 'step_00000006.pt'}" in err[0]
+    main_error(evaluate.main, ["--checkpoint", str(latest), "--test_data_dir", data[1], "--device", "cpu"], capsys,
+               f"--checkpoint {latest}: not a loadable checkpoint", f"pass --checkpoint {folder / 'step_00000006.pt'}")
 
 
 def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsys):

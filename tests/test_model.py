@@ -5,22 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_GQN, random_batch
 from conv_lstm import ConvLSTMCell
 from core import GenerationCore, InferenceCore, broadcast_conv
 from model import GQN, gaussian_kl, gaussian_nll
 from representation import Pool, Pyramid, SceneEncoder, Tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = dict(r_dim=16, h_dim=8, z_dim=2, u_dim=8, image_size=16)
-
-
-def batch(B=2, M=3, size=16, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, M, 3, size, size, generator=g, dtype=dtype)
-    v = torch.randn(B, M, 7, generator=g, dtype=dtype)
-    return x, v, torch.randn(B, 7, generator=g, dtype=dtype), torch.rand(B, 3, size, size, generator=g, dtype=dtype)
-
 
 @pytest.mark.parametrize("net,shape", [(Pyramid, (256, 1, 1)), (Tower, (256, 16, 16)), (Pool, (256, 1, 1))])
 def test_representation_networks_have_the_papers_sizes(net, shape):
@@ -34,7 +25,7 @@ def test_representation_networks_have_the_papers_sizes(net, shape):
 def test_scene_encoder_sums_each_scenes_own_views(representation, size):
     torch.manual_seed(0)
     enc = SceneEncoder(representation, r_dim=16, image_size=32)
-    x, v, _, _ = batch(B=3, M=4, size=32)
+    x, v, _, _ = random_batch(B=3, M=4, size=32)
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)  # ragged M: 4, 1, 2
     r = enc(x, v, mask)
     assert r.shape == (3, 16, size, size)
@@ -49,7 +40,7 @@ def test_scene_encoder_sums_each_scenes_own_views(representation, size):
 def test_padded_views_do_not_change_r():
     torch.manual_seed(0)
     enc = SceneEncoder("tower", r_dim=16, image_size=16)
-    x, v, _, _ = batch(B=2, M=2)
+    x, v, _, _ = random_batch(B=2, M=2)
     padded_x = torch.cat([x, torch.rand(2, 3, 3, 16, 16)], 1)  # three more views of garbage, marked not real
     padded_v = torch.cat([v, torch.randn(2, 3, 7)], 1)
     mask = torch.tensor([[1, 1, 0, 0, 0]] * 2, dtype=torch.bool)
@@ -117,8 +108,8 @@ def test_paper_sizes_and_no_learned_upsampling_of_r_and_v():
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_forward_generate_reconstruct_shapes_and_range(representation, shared_core):
     torch.manual_seed(0)
-    model = GQN(representation, L=2, shared_core=shared_core, **TINY)
-    x, v, v_q, x_q = batch()
+    model = GQN(representation, L=2, shared_core=shared_core, **TINY_GQN)
+    x, v, v_q, x_q = random_batch()
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     out = model(x, v, v_q, x_q, 2.0, mask=mask)
     for t in out:
@@ -133,8 +124,8 @@ def test_forward_generate_reconstruct_shapes_and_range(representation, shared_co
 
 def test_eps_makes_forward_deterministic_and_generator_makes_generate_deterministic():
     torch.manual_seed(0)
-    model = GQN("pool", L=3, **TINY)
-    x, v, v_q, x_q = batch()
+    model = GQN("pool", L=3, **TINY_GQN)
+    x, v, v_q, x_q = random_batch()
     eps = torch.randn(2, *model.noise_shape)
     a, b = model(x, v, v_q, x_q, 1.0, eps=eps), model(x, v, v_q, x_q, 1.0, eps=eps)
     assert torch.equal(a.elbo, b.elbo)
@@ -144,7 +135,7 @@ def test_eps_makes_forward_deterministic_and_generator_makes_generate_determinis
 
 
 def test_config_rebuilds_the_model():
-    model = GQN("tower", L=2, shared_core=True, image_from_r=True, **TINY)
+    model = GQN("tower", L=2, shared_core=True, image_from_r=True, **TINY_GQN)
     clone = GQN(**model.config)
     clone.load_state_dict(model.state_dict())
     assert clone.config == model.config and clone.image_from_r is not None
@@ -163,8 +154,8 @@ def test_bad_construction_is_one_clear_error():
 
 
 def test_wrong_shapes_are_one_clear_error():
-    model = GQN("pool", L=2, **TINY)
-    x, v, v_q, x_q = batch()
+    model = GQN("pool", L=2, **TINY_GQN)
+    x, v, v_q, x_q = random_batch()
     with pytest.raises(ValueError, match="image_size=16"):
         model(torch.rand(2, 3, 3, 32, 32), v, v_q, x_q, 1.0)
     with pytest.raises(ValueError, match="eps"):
@@ -199,8 +190,8 @@ def test_nll_is_the_gaussian_in_nats_per_image():
 
 def test_tiny_overfit_lowers_the_loss():
     torch.manual_seed(0)
-    model = GQN("pool", L=2, shared_core=True, **TINY)
-    x, v, v_q, x_q = batch(B=4, M=2)
+    model = GQN("pool", L=2, shared_core=True, **TINY_GQN)
+    x, v, v_q, x_q = random_batch(B=4, M=2)
     eps = torch.randn(4, *model.noise_shape)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []

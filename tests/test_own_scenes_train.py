@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import TINY, weights
+from conftest import args, weights
 from dataset.import_scenes import write_split
 from gqn_dataset import GQNDataset
 
@@ -26,23 +26,18 @@ def mine(data, tmp_path_factory):  # noqa: F811
     return str(out / "train"), str(out / "test")
 
 
-def run(mine, root, name, *extra):
-    return ["--train_data_dir", mine[0], "--test_data_dir", mine[1], "--root_log_dir", str(root), "--log_dir", name,
-            "--gradient_steps", "2", "--log_interval", "1", *TINY, *extra]
-
-
 def test_own_data_trains_under_its_name_with_k_from_its_views(mine, tmp_path, capsys):
-    train.main(run(mine, tmp_path, "own"))
+    train.main(args(mine, tmp_path, "own", 2))
     out = capsys.readouterr().out
     assert "K=7: half of its 15 views per scene (--max_context sets it)" in out
     ckpt = weights(tmp_path / "own")
     assert ckpt["step"] == 2 and ckpt["config"]["dataset"] == "my_scenes" and ckpt["data"]["max_context"] == 7
-    train.main(run(mine, tmp_path, "own5", "--max_context", "5"))
+    train.main(args(mine, tmp_path, "own5", 2, "--max_context", "5"))
     assert "K=5: --max_context" in capsys.readouterr().out
 
 
 def test_volume_takes_the_camera_model_from_the_data_unless_given(mine, tmp_path, capsys):
-    train.main(run(mine, tmp_path, "vol", "--representation", "volume"))
+    train.main(args(mine, tmp_path, "vol", 2, "--representation", "volume"))
     out = capsys.readouterr().out
     assert "from the data's camera model: fov=20  near=2.5  far=4.2" in out
     with open(tmp_path / "vol" / "config.json") as f:
@@ -50,13 +45,13 @@ def test_volume_takes_the_camera_model_from_the_data_unless_given(mine, tmp_path
     assert (cfg["fov"], cfg["near"], cfg["far"]) == (20.0, 2.5, 4.2)
     assert {k: weights(tmp_path / "vol")["model_config"][k] for k in ("fov", "near", "far")} == \
         {"fov": 20.0, "near": 2.5, "far": 4.2}
-    train.main(run(mine, tmp_path, "flag", "--representation", "volume", "--near", "3"))
+    train.main(args(mine, tmp_path, "flag", 2, "--representation", "volume", "--near", "3"))
     out = capsys.readouterr().out
     assert "fov=20  far=4.2" in out and "near=" not in out.split("camera model:")[1].splitlines()[0]
     assert weights(tmp_path / "flag")["model_config"]["near"] == 3.0
     # a flag that does not fit the data's range is refused in one line, like any bad flag
     with pytest.raises(SystemExit) as e:
-        train.main(run(mine, tmp_path, "bad", "--representation", "volume", "--near", "5"))
+        train.main(args(mine, tmp_path, "bad", 2, "--representation", "volume", "--near", "5"))
     assert e.value.code == 1 and "--near 5.0 and --far 4.2: need 0 < near < far" in capsys.readouterr().err
 
 

@@ -1,19 +1,16 @@
 """Tests for dataset/shepard_metzler.py: the built-in Shepard-Metzler data set (Eslami et al. 2018, supplement)."""
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import main_error, run_script, script_error
 from dataset import shepard_metzler as sm
 import cameras
 import gqn_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "dataset", "shepard_metzler.py")
 # The two real objects of ../shared/fixtures (scene A, scene B), recovered by searching all 5-cube self-avoiding
 # walks for the one whose silhouettes match the real frames over all 15 views.
 REAL_OBJECTS = [
@@ -141,13 +138,9 @@ def test_render_dataset_format_and_determinism(tmp_path):
         np.testing.assert_allclose(cameras[:, :3].norm(dim=1).numpy(), 10 / 3, atol=1e-5)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120)
-
-
 def test_cli_renders(tmp_path, capsys):
     out = str(tmp_path / "sm")
-    p = run_cli("--out", out, "--train_scenes", "2", "--test_scenes", "1", "--parts", "3", "--seed", "1")
+    p = run_script("dataset/shepard_metzler.py", "--out", out, "--train_scenes", "2", "--test_scenes", "1", "--parts", "3", "--seed", "1")
     assert p.returncode == 0, p.stderr
     assert os.listdir(os.path.join(out, "train")) == ["001-of-001.pt"]
     assert gqn_dataset.GQNDataset(os.path.join(out, "test")).dataset == "shepard_metzler_3_parts"
@@ -168,16 +161,11 @@ def test_cli_renders(tmp_path, capsys):
     ["--train_scenes", "1"],
 ])
 def test_bad_flags_one_line_exit_1(tmp_path, capsys, args):
-    with pytest.raises(SystemExit) as e:
-        sm.main(["--out", str(tmp_path / "x"), *args])
-    assert e.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
+    main_error(sm.main, ["--out", str(tmp_path / "x"), *args], capsys)
     assert not os.path.exists(tmp_path / "x" / "train")
 
 
 def test_cli_bad_input_no_traceback(tmp_path):
     (tmp_path / "f").write_text("")
-    p = run_cli("--out", str(tmp_path / "f"), "--train_scenes", "1", "--test_scenes", "1")
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == f"error: --out {tmp_path / 'f'} exists and is not a folder"
+    p = run_script("dataset/shepard_metzler.py", "--out", str(tmp_path / "f"), "--train_scenes", "1", "--test_scenes", "1")
+    assert script_error(p) == f"error: --out {tmp_path / 'f'} exists and is not a folder"

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 import train
-from conftest import ROOT, TINY, args, paused_env, tiny_default_job, wait_paused, weights
-import config
+from conftest import (ROOT, TINY, args, main_error, paused_env, run_script, script_error, tiny_default_job,
+                      wait_paused, weights)
 from cli import UserError
-from config import parse_args, resolve_dataset
+from config import RunState, parse_args
+from dataset_names import resolve_dataset
 from distributed import cpu_has_bf16
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -48,23 +49,29 @@ def test_presets():
     assert parse_args(["--layers", "3"])[0].layers == 3  # flags override the preset
 
 
+def schedules(argv):
+    """The run's (config, lr_n, sigma_n) as counts of steps, as a fresh run of these flags starts."""
+    cfg, _ = parse_args(argv)
+    return (cfg, *RunState.start(cfg).schedules(cfg))
+
+
 def test_cpu_schedules_follow_gradient_steps_and_paper_schedules_keep_the_papers_steps():
     from scheduler import learning_rate, pixel_sigma
 
     # the cpu preset: the learning rate annealed over the run and sigma over 0.8 of it, whatever its length
-    short, _ = parse_args(["--gradient_steps", "300"])
-    assert (short.lr_n, short.sigma_n) == (300, 240)
-    assert pixel_sigma(240, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.4)  # low: z is used
-    assert pixel_sigma(299, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(0.4)  # the last fifth
-    assert pixel_sigma(120, short.sigma_i, short.sigma_f, short.sigma_n) == pytest.approx(1.2)
-    assert learning_rate(300, short.lr_i, short.lr_f, short.lr_n) == pytest.approx(2e-4)
-    assert parse_args([])[0].sigma_n == 0.8  # --train_minutes: resolved once the clock fixes the length
-    share, _ = parse_args(["--gradient_steps", "1000", "--lr_n", "0.25", "--sigma_n", "0"])
-    assert (share.lr_n, share.sigma_n) == (250, 1000)
-    paper, _ = parse_args(["--train_data_dir", "a", "--test_data_dir", "b", "--gradient_steps", "300"])
-    assert (paper.lr_n, paper.sigma_n) == (1.6e6, 2e5)
-    own, _ = parse_args(["--gradient_steps", "300", "--sigma_n", "100", "--lr_i", "3e-3", "--sigma_f", "0.5"])
-    assert (own.sigma_n, own.lr_n, own.lr_i, own.sigma_f) == (100, 300, 3e-3, 0.5)
+    short, lr_n, sigma_n = schedules(["--gradient_steps", "300"])
+    assert (lr_n, sigma_n) == (300, 240)
+    assert pixel_sigma(240, short.sigma_i, short.sigma_f, sigma_n) == pytest.approx(0.4)  # low: z is used
+    assert pixel_sigma(299, short.sigma_i, short.sigma_f, sigma_n) == pytest.approx(0.4)  # the last fifth
+    assert pixel_sigma(120, short.sigma_i, short.sigma_f, sigma_n) == pytest.approx(1.2)
+    assert learning_rate(300, short.lr_i, short.lr_f, lr_n) == pytest.approx(2e-4)
+    cpu, _ = parse_args([])  # --train_minutes: resolved once the clock fixes the length, over its bound until then
+    assert cpu.sigma_n == 0.8 and RunState.start(cpu).sigma_n is None
+    assert schedules(["--gradient_steps", "1000", "--lr_n", "0.25", "--sigma_n", "0"])[1:] == (250, 1000)
+    assert schedules(["--train_data_dir", "a", "--test_data_dir", "b", "--gradient_steps", "300"])[1:] == (1.6e6, 2e5)
+    own, lr_n, sigma_n = schedules(["--gradient_steps", "300", "--sigma_n", "100", "--lr_i", "3e-3", "--sigma_f",
+                                    "0.5"])
+    assert (sigma_n, lr_n, own.lr_i, own.sigma_f) == (100, 300, 3e-3, 0.5)
     with pytest.raises(UserError, match="--sigma_n must be a non-negative number"):
         parse_args(["--sigma_n", "-1"])
     with pytest.raises(UserError, match="--lr_i: expected a positive number"):
@@ -129,7 +136,10 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
                             "test_layout": {"format": "converted", "names": "001-of-001.pt", "scenes": [4]}}
     assert ckpt["bad_scenes"] == 0
     assert ckpt["config"]["layers"] == 2 and ckpt["model_config"]["image_size"] == 16
-    assert json.loads((run / "config.json").read_text())["seed"] == 3
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["seed"] == 3 and saved["state"] == ckpt["state"] == {"steps": 6, "lr_n": 1.6e6, "sigma_n": 2e5,
+                                                                      "timed_ms": 0.0}
+    assert {k: v for k, v in saved.items() if k != "state"} == ckpt["config"]
     from checkpoint import build_model, load_checkpoint
     model = build_model(load_checkpoint(str(run / "checkpoints" / "step_00000003.pt")))
     assert model.config == ckpt["model_config"]
@@ -155,6 +165,34 @@ def test_run_writes_checkpoints_config_and_tensorboard(data, tmp_path):
         # line of headings on top
         tile, gap = 96, 12
         assert im.size == (gap + 11 * (tile + gap) + 2 * gap, 16 + 6 + 4 * (tile + gap))
+
+
+def test_the_run_is_resolved_once_then_frozen_and_only_its_state_changes(data, tmp_path):
+    import dataclasses
+
+    from distributed import Dist
+    from resolve import resolve
+
+    res = resolve(*parse_args(args(data, tmp_path, "r", 6)), Dist())
+    assert os.path.isabs(res.cfg.train_data_dir)  # made absolute, once
+    assert res.cfg.dataset == "shepard_metzler_3_parts"  # what the data records
+    for field, value in (("gradient_steps", 7), ("seed", 1), ("train_data_dir", "elsewhere")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(res.cfg, field, value)
+    res.state.fix(res.cfg, 5, 12.5)  # what the budget does to a run
+    assert (res.state.steps, res.state.timed_ms) == (5, 12.5)
+
+
+def test_a_checkpoint_of_an_earlier_version_gives_the_state_its_config_held():
+    from checkpoint import saved_state
+
+    def old(**config):  # the run's length and schedules were config fields, resolved when the budget fixed them
+        return {"config": {"gradient_steps": 6000, "lr_n": 0, "sigma_n": 0.8, "train_minutes": 8.5, **config}}
+
+    assert saved_state(old()) == RunState(6000, None, None, 0.0)  # timed, not fixed yet: over its bound until then
+    assert saved_state(old(gradient_steps=4979, lr_n=4979, sigma_n=3983, timed_ms=90.1)) == \
+        RunState(4979, 4979, 3983, 90.1)
+    assert saved_state(old(gradient_steps=300, lr_n=1.6e6, sigma_n=2e5, train_minutes=0)) == RunState(300, 1.6e6, 2e5)
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
@@ -242,11 +280,6 @@ def small_set(folder, size):
     return str(folder)
 
 
-def run_cli(*argv, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_bad_input_gets_one_clear_line(data, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -279,18 +312,9 @@ def test_bad_input_gets_one_clear_line(data, tmp_path, capsys):
     # The command line itself for a few (exit status, no traceback from the interpreter); main() for the rest.
     for i, (argv, flag, detail) in enumerate(cases):
         if i in (0, 3, 7, 10):
-            r = run_cli(*good, *argv, cwd=tmp_path)
-            code, err, out = r.returncode, r.stderr, r.stdout
+            script_error(run_script("train.py", *good, *argv, cwd=tmp_path), flag, detail)
         else:
-            with pytest.raises(SystemExit) as e:
-                train.main([*good, *argv])
-            captured = capsys.readouterr()
-            code, err, out = e.value.code, captured.err, captured.out
-        lines = err.strip().splitlines()
-        assert code == 1, (argv, err)
-        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
-        assert flag in lines[0] and detail in lines[0], (argv, lines[0])
-        assert "Traceback" not in err + out
+            main_error(train.main, [*good, *argv], capsys, flag, detail)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("latest.pt"))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SIZE, free_port, make_checkpoint, make_data, wait_until
+from conftest import ROOT, SIZE, free_port, make_checkpoint, make_data, run_script, script_error, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -143,13 +143,9 @@ def test_bad_input_gets_one_line(tmp_path, case):
     with socket.socket() as s:
         s.bind(("localhost", port))
         s.listen()
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "view.py"), "--port", str(port), "--device", "cpu",
-                            *argv], capture_output=True, text=True, timeout=120)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(err) == 1 and err[0].startswith("error: "), r.stderr
-    words = {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
-             "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir"}[case]
-    assert words in err[0]
+        r = run_script("view.py", "--port", port, "--device", "cpu", *argv)
+    script_error(r, {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
+                     "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir"}[case])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

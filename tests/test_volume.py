@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint
+from conftest import TINY_GQN
 from dataset import shepard_metzler as sm
 from cameras import camera_frames, pose7
 from model import GQN
@@ -146,7 +147,7 @@ def test_bad_camera_settings_are_refused():
 
 def test_gqn_with_volume_trains_and_its_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
-    model = GQN("volume", L=2, r_dim=16, h_dim=8, z_dim=2, u_dim=8, image_size=16, fov=30.0, near=2.5, far=4.5)
+    model = GQN("volume", L=2, **TINY_GQN, fov=30.0, near=2.5, far=4.5)
     x, v, v_q = scenes(B=4)
     x_q = torch.rand(4, 3, 16, 16)
     opt = torch.optim.Adam(model.parameters(), 1e-2)

@@ -1,0 +1,194 @@
+"""The converted GQN format: what a shard holds, writing one, and reading one's header checked.
+
+Follows the data of Eslami et al. 2018 (supplementary section "Datasets"): a scene is S views, each an image x^k and
+a viewpoint v^k, the viewpoints 7-d, in the order of DeepMind's gqn-datasets data_reader.py: (x, y, z, sin yaw,
+cos yaw, sin pitch, cos pitch) (cameras.py). DATASETS and MAX_CONTEXT describe DeepMind's seven data sets.
+
+Converted split folder: one `torch.save` file per source shard (`001-of-900.pt`), loadable with
+`torch.load(p, weights_only=True, mmap=True)`: {"format": "gqn-jpeg-v1", "dataset", "image_size", "views",
+"jpeg": uint8 [all JPEG bytes], "offsets": int64 [N*S+1], "cameras": float32 [N, S, 7]}, and, when the camera
+model is known, the optional float keys "fov" (field of view in degrees, horizontal = vertical: images are
+square), "near" and "far" (the depth range the scenes occupy, along the camera's axis, in scene units). Shards
+written before these keys existed, DeepMind's and torch-gqn's data have none (GQNDataset gives None). The optional
+key "source" says which tool wrote the shard (SOURCES), so that a folder holding two data sets that share a name
+(DeepMind's Shepard-Metzler scenes and the built-in renderer's) is refused instead of read as one. The JPEGs are
+DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the views asked for are read.
+"""
+import io
+import math
+import os
+
+import numpy as np
+import simplejpeg
+import torch
+
+from cli import UserError, one_line
+from files import atomic_write
+
+FORMAT = "gqn-jpeg-v1"
+CAMERA_KEYS = ("fov", "near", "far")  # optional shard keys: the camera model, when known
+# The optional shard key "source": which tool wrote it, and how an error names that.
+SOURCES = {"gqn-datasets": "DeepMind's gqn-datasets (dataset/convert2torch.py)",
+           "renderer": "the built-in renderer (dataset/shepard_metzler.py)",
+           "import": "own scenes (dataset/import_scenes.py)"}
+JPEG_QUALITY = 95  # frames this project encodes: quality and 4:2:0 chroma subsampling as in DeepMind's frames
+# Pixels a side of the largest image a shard may hold: GQN's data are 64-128; an image_size read from a damaged
+# file sizes every decoded batch, so a larger one is refused rather than allocated.
+MAX_IMAGE_SIZE = 4096
+
+# Maximum number of context views per data set (K of the paper's training procedure).
+MAX_CONTEXT = {"shepard_metzler_5_parts": 15, "shepard_metzler_7_parts": 15, "rooms_ring_camera": 5,
+               "rooms_free_camera_no_object_rotations": 5, "rooms_free_camera_with_object_rotations": 5,
+               "jaco": 7, "mazes": 20}
+
+
+def _info(image_size, views, train_files, test_files):
+    return dict(image_size=image_size, views=views, train_files=train_files, test_files=test_files)
+
+
+# DeepMind's gqn-datasets data_reader.py _DATASETS: frame_size, sequence_size, train_size/test_size (file counts).
+DATASETS = {
+    "jaco": _info(64, 11, 3600, 400),
+    "mazes": _info(84, 300, 1080, 120),
+    "rooms_free_camera_with_object_rotations": _info(128, 10, 2034, 226),
+    "rooms_ring_camera": _info(64, 10, 2160, 240),
+    "rooms_free_camera_no_object_rotations": _info(64, 10, 2160, 240),
+    "shepard_metzler_5_parts": _info(64, 15, 900, 100),
+    "shepard_metzler_7_parts": _info(64, 15, 900, 100),
+}
+
+
+class DatasetError(UserError, ValueError):
+    """A folder or file that is not GQN data this module can read; the message names it."""
+
+
+def camera_model(fov=None, near=None, far=None):
+    """The optional camera keys of a shard -> {"fov", "near", "far"}: those given, as floats, checked.
+
+    fov: degrees in (0, 180), of square images; near, far: depths along the camera's axis, 0 < near < far.
+    """
+    out = {k: float(v) for k, v in (("fov", fov), ("near", near), ("far", far)) if v is not None}
+    for k, v in out.items():
+        if not (math.isfinite(v) and v > 0):
+            raise DatasetError(f"{k} {v}: must be a positive number")
+    if out.get("fov", 1) >= 180:
+        raise DatasetError(f"fov {out['fov']}: must be below 180 degrees")
+    if out.get("near", 0) >= out.get("far", math.inf):
+        raise DatasetError(f"near {out['near']}, far {out['far']}: need near < far")
+    return out
+
+
+def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=None):
+    """Write one converted shard atomically (files.atomic_write).
+
+    frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7];
+    camera: None or a dict with any of "fov", "near", "far" (camera_model), stored as top-level floats; source: a key
+    of SOURCES, the tool that wrote it (None: not recorded).
+    """
+    n = len(frames)
+    cameras = np.ascontiguousarray(cameras, dtype=np.float32)
+    s = len(frames[0]) if n else (cameras.shape[1] if cameras.ndim == 3 else 0)
+    if cameras.shape != (n, s, 7):
+        raise ValueError(f"{path}: cameras shape {cameras.shape} does not match {n} scenes x {s} views x 7")
+    if not 1 <= int(image_size) <= MAX_IMAGE_SIZE:  # what GQNDataset would refuse to read
+        raise DatasetError(f"{path}: image_size {image_size}: the format holds 1 to {MAX_IMAGE_SIZE} pixels a side")
+    views = [bytes(f) for scene in frames for f in scene]
+    if len(views) != n * s or any(len(scene) != s for scene in frames):
+        raise ValueError(f"{path}: every scene must have {s} views")
+    lengths = np.fromiter((len(f) for f in views), dtype=np.int64, count=len(views))
+    offsets = np.zeros(n * s + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = bytearray(b"".join(views))
+    jpeg = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    obj = {"format": FORMAT, "dataset": str(dataset), "image_size": int(image_size), "views": int(s),
+           "jpeg": jpeg, "offsets": torch.from_numpy(offsets), "cameras": torch.from_numpy(cameras)}
+    unknown = set(camera or {}) - set(CAMERA_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: camera keys {sorted(unknown)}: only {', '.join(CAMERA_KEYS)}")
+    obj.update(camera_model(**(camera or {})))
+    if source is not None:
+        if source not in SOURCES:
+            raise ValueError(f"{path}: source {source!r}: one of {', '.join(SOURCES)}")
+        obj["source"] = source
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())  # a killed run leaves no half-written shard under the real name
+
+
+def encode_jpeg(image):
+    """uint8 [H, W, 3] -> JPEG bytes at JPEG_QUALITY with 4:2:0 chroma subsampling, as in DeepMind's frames."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a shard's header
+
+def foreign_shards(folder, source):
+    """A shard in `folder` that another tool than `source` wrote (SOURCES), as "PATH (from ...)", or None: a tool
+    about to write its shards there must not mix two data sets (the names 001-of-NNN.pt are everyone's)."""
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".pt") and not name.startswith("."):
+            path = os.path.join(folder, name)
+            try:
+                other = torch.load(path, weights_only=True, mmap=True).get("source")
+            except Exception:
+                other = None  # not a shard this tool can read: left to the reader to name
+            if isinstance(other, str) and other and other != source:
+                return f"{path} (from {SOURCES.get(other, one_line(other))})"
+    return None
+
+
+def is_converted(path):
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+# The shard's arrays as write_shard stores them: key, dtype, rank.
+_SHARD_TENSORS = (("jpeg", torch.uint8, 1), ("offsets", torch.int64, 1), ("cameras", torch.float32, 3))
+
+
+
+def _plain(t, name, dtype, dim):
+    """A shard's tensor -> its numpy array, if it is what write_shard stores: dense, contiguous, on the CPU, of that
+    dtype and rank. Its size is then its bytes in the file (a stride-0 or sparse tensor could claim any size)."""
+    if (type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != dim or t.layout != torch.strided
+            or t.device.type != "cpu" or not t.is_contiguous()):
+        raise ValueError(f"{name} is not a contiguous {dim}-d {dtype} tensor")
+    return t.numpy()
+
+
+def read_shard(path):
+    """Load and check one converted shard -> ((dataset, image_size, views), (fov, near, far), source, (jpeg,
+    offsets, cameras) as mmap'd numpy arrays). The fields are checked against each other and their ends (the
+    offsets' first and last, the cameras' shape), so that nothing is sized from a damaged or hostile value; each
+    scene's own offsets and cameras are checked when it is read (GQNDataset._scene). DatasetError names the file."""
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"no format {FORMAT!r}")
+        dataset, size, views, source = (obj.get(k) for k in ("dataset", "image_size", "views", "source"))
+        if not isinstance(dataset, str) or not (source is None or isinstance(source, str)):
+            raise ValueError("dataset or source is not a string")
+        if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or type(views) is not int or views < 0:
+            raise ValueError(f"image_size {size!r} or views {views!r} out of range")
+        jpeg, offsets, cameras = (_plain(obj.get(k), k, dtype, dim) for k, dtype, dim in _SHARD_TENSORS)
+        if (cameras.shape[1:] != (views, 7) or len(offsets) != len(cameras) * views + 1 or offsets[0] != 0
+                or offsets[-1] != len(jpeg)):
+            raise ValueError("inconsistent header")
+        if len(offsets) > 1:  # the first frame's size, so that a damaged image_size allocates nothing to decode
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg[offsets[0]:offsets[1]])
+            if (h, w) != (size, size):
+                raise ValueError(f"its first frame is {w}x{h}, its image_size {size}")
+        camera = camera_model(**{k: obj[k] for k in CAMERA_KEYS if obj.get(k) is not None})
+    except Exception as e:  # torch's zip reader adds paragraphs of advice after its first sentence
+        raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e).split('. ')[0]})") from None
+    return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, (jpeg, offsets, cameras)

@@ -1,0 +1,146 @@
+"""A run resolved once: the flags, the checkpoint it resumes, its data and its processes -> a frozen Config, the
+run's state and what setup needs (the data sets, the device, the batch's threads).
+
+`resolve` is the one place where the configuration is completed: the resume rules (what a --resume may change),
+the default job's built-in data, the data set's name and K, the volume's camera model from the data, the seed drawn
+when none is given, the data folders made absolute. Afterwards the Config cannot change; only the RunState does.
+Every rank resolves the same: rank 0 reads the checkpoint and sends it, errors are agreed on (distributed.agreed).
+"""
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass
+
+import config
+from batch_threads import usable_cpus
+from checkpoint import run_to_resume, saved_state
+from cli import UserError
+from config import RESUME_MAY_CHANGE, Config, RunState
+from dataset_names import resolve_dataset, stands_for
+from distributed import check_amp, pick_device
+from gqn_dataset import open_split
+
+
+@dataclass
+class Resolved:
+    """What a run starts from."""
+    cfg: Config
+    state: RunState
+    ckpt: dict            # the checkpoint resumed from, or None
+    train_ds: object
+    test_ds: object
+    max_context: int      # K: the data set's largest context
+    device: object
+    threads: int          # threads a step's batch is split over (batch_threads.py)
+    default_job: bool     # the cpu preset as it is, on the built-in data: budget.DEFAULT_JOB_SCORES applies
+    notes: list           # lines for the printed config: where K and the camera model came from
+
+
+def resolve(cfg, given, dist):
+    """parse_args's (cfg, given) -> Resolved, the same on every rank."""
+    run_dir = os.path.join(cfg.root_log_dir, cfg.log_dir)
+    ckpt = dist.broadcast(dist.agreed((lambda: run_to_resume(run_dir, cfg.resume)) if dist.master else lambda: None))
+    cfg, state = (cfg, RunState.start(cfg)) if ckpt is None else resumed(cfg, given, ckpt)
+    default_job = ckpt is None and not cfg.train_data_dir and not cfg.test_data_dir
+    dist.agreed(lambda: config.check_config(cfg, dist.world_size))
+    if cfg.seed < 0:
+        cfg = dataclasses.replace(cfg, seed=dist.broadcast(secrets.randbelow(2**31)))
+    if default_job:
+        dist.log(announce_default_job(cfg, run_dir))
+        cfg = dataclasses.replace(cfg, **builtin_data(dist))
+
+    def open_data():  # a resumed run reads the files its run began with, damaged or not, as that run did
+        layouts = (ckpt or {}).get("data", {})
+        train_ds = open_split(cfg.train_data_dir, "--train_data_dir", layouts.get("train_layout"))
+        test_ds = open_split(cfg.test_data_dir, "--test_data_dir", layouts.get("test_layout"))
+        preset_context = config.PRESETS[cfg.preset].get("max_context")
+        return train_ds, test_ds, resolve_dataset(cfg.dataset, train_ds, test_ds, cfg, preset_context)
+
+    train_ds, test_ds, (dataset, max_context, k_from) = dist.agreed(open_data)
+    for _, why in train_ds.unreadable + test_ds.unreadable:
+        dist.log(f"warning: {why}; its scenes are skipped where met")
+    from_data = camera_from_data(cfg, given, train_ds) if ckpt is None else {}
+    # the data set resolved, so config.json and the checkpoints say what was trained on; the folders absolute, so
+    # that --resume finds the data from any working directory
+    cfg = dataclasses.replace(cfg, dataset=dataset, **from_data, train_data_dir=os.path.abspath(cfg.train_data_dir),
+                              test_data_dir=os.path.abspath(cfg.test_data_dir))
+    dist.agreed(lambda: config.check_camera(cfg))  # the data's values beside any given by flag
+    device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
+    dist.agreed(lambda: check_amp(cfg.amp, device))
+    notes = [f"K={max_context}: {k_from}" + (f"; from the data's camera model: "
+                                             f"{'  '.join(f'{k}={v:g}' for k, v in from_data.items())}"
+                                             if from_data else "")]
+    return Resolved(cfg, state, ckpt, train_ds, test_ds, max_context, device, share_threads(cfg, device, dist),
+                    default_job and config.is_cpu_preset(cfg), notes)
+
+
+def announce_default_job(cfg, run_dir):
+    steps = (f"as many steps of {cfg.batch_size} scenes as fit into {cfg.train_minutes:g} minutes on this CPU, at "
+             f"most {cfg.gradient_steps}" if cfg.train_minutes else
+             f"{cfg.gradient_steps} steps of {cfg.batch_size} scenes")
+    return (f"No data folders given: the default job. It trains the '{cfg.preset}' preset, a small GQN for a 2-core "
+            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in "
+            f"Shepard-Metzler set, into {run_dir}/. Pass --train_data_dir and --test_data_dir for the paper's "
+            f"configuration.")
+
+
+def builtin_data(dist):
+    """The default job's data: the built-in Shepard-Metzler set, rendered once into data/builtin/, a folder of its
+    own (DeepMind's converted data of the same name goes to data/<name>) -> its split folders."""
+    from dataset.shepard_metzler import dataset_name, render_once
+
+    d = config.BUILTIN_DATA
+    out = os.path.join("data", "builtin", dataset_name(d["parts"]))
+    if dist.local_rank == 0:
+        render_once(out, d["train_scenes"], d["test_scenes"], d["parts"], d["seed"], d["workers"])
+    dist.barrier()
+    return dict(train_data_dir=os.path.join(out, "train"), test_data_dir=os.path.join(out, "test"))
+
+
+def share_threads(cfg, device, dist):
+    """Threads a step's batch is split over (batch_threads.py): --batch_threads, 0 = a core each of this process's
+    share of the CPUs (under torchrun the ranks on this machine share them); 1 on a GPU and with --compile."""
+    if device.type != "cpu" or cfg.compile:
+        return 1
+    return cfg.batch_threads or max(1, usable_cpus() // dist.local_world_size)
+
+
+def camera_from_data(cfg, given, ds):
+    """--representation volume: the camera model the data records (fov, near, far) for each flag not given."""
+    if cfg.representation != "volume":
+        return {}
+    return {k: float(getattr(ds, k)) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
+
+
+# ------------------------------------------------------------------------------------------------ --resume
+
+def resumed(cfg, given, ckpt):
+    """The config and state a --resume continues with: the checkpoint's, with the flags that may change taken from
+    the command line. A flag that would change the model, the data set or the optimisation is refused; one that
+    names the saved value in another form (Room for rooms_ring_camera, 0 for 0.0) is the same flag."""
+    old = Config.from_dict(ckpt["config"])
+    for k, v in given.items():
+        if k not in RESUME_MAY_CHANGE | {"root_log_dir", "log_dir"} and not same_value(k, v, old):
+            raise UserError(f"--{k} {v} differs from the run being resumed ({getattr(old, k)}); only "
+                            f"{', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
+    keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
+    if "gradient_steps" in given and "train_minutes" not in given:  # as on a fresh start: the count asked for
+        keep["train_minutes"] = 0.0
+    new = dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
+    state = saved_state(ckpt)
+    # the length the budget fixed stands (--gradient_steps was its bound); else the count asked for, or the saved one
+    if "gradient_steps" in given and not (state.timed_ms and new.train_minutes):
+        state.steps = int(given["gradient_steps"])
+    if not new.train_minutes or state.timed_ms:  # no budget, or one already spent: the length is the length
+        state.resolve(new)
+    return new, state
+
+
+def same_value(flag, value, old):
+    """Whether --flag value (already parsed: booleans and numbers in any spelling are values) means what `old` has."""
+    saved = getattr(old, flag)
+    if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
+        return value == saved or stands_for(value, saved)
+    if flag in ("lr_n", "sigma_n") and value < 1:  # the whole run or a share: a count once the length was fixed
+        return saved == value or saved >= 1
+    return value == saved
