@@ -1,6 +1,6 @@
 """Scenes that cannot be read during a run: named once, counted, and the run stopped when skipping cannot serve.
 
-TrainBatches (gqn_dataset.py) fills the place of a scene it cannot read (a bad JPEG, a shard truncated, replaced or
+TrainBatches (sampling.py) fills the place of a scene it cannot read (a bad JPEG, a shard truncated, replaced or
 removed after the run started) with other scenes drawn from (seed, step, scene), and says in the batch what it
 skipped. BadScenes, in the training process of every rank, takes that report before the step:
   - each unreadable scene is named once in this rank's log;

@@ -32,6 +32,7 @@ class Config:
     train_data_dir: str = ""
     test_data_dir: str = ""
     dataset: str = ""                    # "" = the name the data records; sets K, the maximum context size
+    builtin: str = "shepard_metzler_5_parts"  # without data folders: the built-in world rendered and trained on
     min_context: int = 1                 # context views per training scene: uniform in min_context..max_context
     max_context: int = 0                 # 0 = K, the data set's (the paper draws 1..K)
     # Model: GQN(representation, L, shared_core, ...) (model.py)
@@ -159,6 +160,9 @@ CPU_PRESET = dict(
     train_minutes=8.5, batch_threads=0,
 )
 BUILTIN_DATA = dict(parts=5, train_scenes=5000, test_scenes=500, seed=0, workers=2)
+# `python train.py --builtin rooms_ring_camera`: the rooms world (dataset/rooms.py), into runs/rooms by default.
+ROOMS_DATA = dict(train_scenes=5000, test_scenes=500, seed=0, workers=2)
+BUILTIN_WORLDS = ("shepard_metzler_5_parts", "rooms_ring_camera")
 # <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<< end of CPU PRESET <<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<
 
 PRESETS = {"paper": {}, "cpu": CPU_PRESET}
@@ -195,6 +199,9 @@ FLAGS = {
     "dataset": (str, "Room, Jaco, Labyrinth, Shepard-Metzler or a DeepMind name, which set K, the largest context "
                      "(the paper's); any other name is a data set of its own: K from --max_context, else half the "
                      "views per scene"),
+    "builtin": (list(BUILTIN_WORLDS), "without data folders: the built-in world rendered once into data/builtin/ "
+                                      "and trained on, Shepard-Metzler objects or rooms like DeepMind's "
+                                      "rooms_ring_camera (run folder runs/rooms unless --log_dir)"),
     "min_context": (positive_int, "fewest context views per training scene"),
     "max_context": (positive_int, "most context views per training scene"),
     "gradient_steps": (positive_int, "number of gradient steps (with --train_minutes: the most)"),
@@ -315,6 +322,8 @@ def parse_args(argv=None):
     has_data = bool(given.get("train_data_dir") or given.get("test_data_dir"))
     preset = given.get("preset", "paper" if has_data else "cpu")
     values = {**PRESETS[preset], "preset": preset, **given}
+    if given.get("builtin") == "rooms_ring_camera" and "log_dir" not in given:
+        values["log_dir"] = "rooms"  # beside the default job's runs/default
     if "gradient_steps" in given and "train_minutes" not in given:  # a step count asked for is the step count
         values["train_minutes"] = 0.0
     if values.get("workers", AUTO) == AUTO:  # more loading processes than CPUs only adds switching (and warnings)
@@ -338,6 +347,8 @@ def check_config(cfg, world_size):
         raise UserError(f"--image_size {cfg.image_size}: must be a multiple of 4 (the canvas is 4x the state)")
     if cfg.max_context and cfg.min_context > cfg.max_context:
         raise UserError(f"--min_context {cfg.min_context} is more than --max_context {cfg.max_context}")
+    if cfg.builtin != Config.builtin and cfg.train_data_dir:
+        raise UserError(f"--builtin {cfg.builtin}: only for a run without data folders (it picks the built-in world)")
     if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
         missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"
         raise UserError(f"{missing} is missing: give both data folders, or neither for the default job")

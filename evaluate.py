@@ -13,7 +13,7 @@ baseline that predicts the mean training image for every query (mean_image_*, rm
 --samples 1 makes); mean_of_samples_* score the pixel-wise mean of the N draws and best_of_samples_* each
 image's draw with the lowest RMSE (the best-of-N of the GQN literature).
 
-Views are deterministic (gqn_dataset.fixed_views): each scene gets the same K context views and query view
+Views are deterministic (sampling.fixed_views): each scene gets the same K context views and query view
 for a given --seed, and the ELBO's posterior noise is a function of (seed, scene) alone. The query view
 depends on K (the view after a scene's first K of one fixed permutation), so each context size, its
 mean-image scores included, reports exactly what `--context K` alone does. Draw i of a batch comes from a
@@ -42,6 +42,7 @@ training did (the checkpoint records the stored size it trained on); any other s
 """
 import io
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -55,7 +56,7 @@ from files import write_out
 from cli import UserError
 from gqn_dataset import (FixedViews, Unreadable, WholeScenes, collate_readable, fixed_views, open_split,
                          read_or_skip, resize)
-from metrics import FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict
+from metrics import FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict, object_sums
 from pictures import novel_views, panels_grid
 from progress import progress_bar
 
@@ -128,7 +129,8 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     check_context(context, ds)
     size = size or model.config["image_size"]
     scenes = range(min(max_scenes, len(ds)) if max_scenes > 0 else len(ds))
-    loader = torch.utils.data.DataLoader(FixedViews(ds, context, seed, scenes), batch_size=batch_size,
+    objects = ds.has_objects
+    loader = torch.utils.data.DataLoader(FixedViews(ds, context, seed, scenes, objects), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate_readable)
     g = torch.Generator(device=device)
     sums, n = defaultdict(float), 0
@@ -143,7 +145,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         unreadable += [list(u) for u in bad]
         if readable is None:
             continue
-        x, v, x_q, v_q, scenes = readable
+        x, v, x_q, v_q, scenes = readable[:5]
         x = (resize(x, size) / 255).to(device)  # (B, K, 3, H, W) in [0, 1]
         x_q255 = resize(x_q, size)  # (B, 3, H, W) on 0-255
         v, v_q = v.to(device), v_q.to(device)
@@ -154,8 +156,10 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         draws = []
         for i in range(samples):
             g.manual_seed(sample_seed(seed, batch, i))
-            draws.append(model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu() * 255)
-        draws = torch.stack(draws)  # (N, B, 3, H, W) on 0-255
+            draws.append(model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu())
+        if objects:
+            add_objects(sums, draws, x_q255, *readable[5:], size)
+        draws = torch.stack(draws) * 255  # (N, B, 3, H, W) on 0-255
         add("", image_scores(draws[0], x_q255))
         if samples > 1:
             add("mean_of_samples_", image_scores(draws.mean(0), x_q255))
@@ -178,6 +182,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
     if baseline is not None:
         result["rmse_ratio"] = ratio(m["rmse"], m["mean_image_rmse"])
     result["kl_per_step"] = (kl_steps / n).tolist()
+    result.update(object_scores(result, ds))
     result["unreadable"] = unreadable
     if samples > 1:
         result.update(draws_summary(result, {k: torch.cat(v) for k, v in curves.items()}, spread_max == 0))
@@ -186,6 +191,35 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
 
 def ratio(a, b):
     return a / b if b > 0 else float("nan")
+
+
+def add_objects(sums, draws, x_q255, empty, masks, size):
+    """A batch's squared errors over the pixels its objects change: the first draw's, the draws' mean's, the empty
+    room's (metrics.object_sums), at the model's size (the masks area-resized to shares of a pixel)."""
+    truth, room = x_q255 / 255, resize(empty, size) / 255
+    weight = resize(masks[:, None].float(), size)
+    for prefix, pred in (("", draws[0]), ("mean_of_samples_", torch.stack(draws).mean(0) if len(draws) > 1 else None)):
+        if pred is not None:
+            model_sq, room_sq, w = object_sums(pred, truth, room, weight)
+            sums[prefix + "objects_model"] += model_sq
+            sums[prefix + "objects_room"] += room_sq
+            sums[prefix + "objects_weight"] += w
+
+
+def object_scores(r, ds):
+    """The object score (metrics.object_sums) from evaluate()'s means (keys popped from r), or why there is none."""
+    if not ds.has_objects:
+        return {"object_score": None, "object_score_why": f"{ds.root}'s scenes do not record what their objects "
+                                                          f"change (the built-in rooms of dataset/rooms.py do)"}
+    out = {}
+    for prefix in ("", "mean_of_samples_"):
+        if prefix + "objects_model" in r:
+            model, room, w = (r.pop(prefix + "objects_" + k) for k in ("model", "room", "weight"))
+            out[prefix + "object_score"] = math.sqrt(model / room) if room > 0 else float("nan")
+            if not prefix:
+                out["object_rmse"], out["empty_room_rmse"] = (255 * math.sqrt(ratio(s, w)) for s in (model, room))
+                out["object_pixels"] = w / (3 * r["scenes"] * r["image_size"] ** 2)
+    return out
 
 
 def draws_summary(r, curves, deterministic):
@@ -221,8 +255,9 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     baseline = mean_image(train_ds, size, baseline_scenes, progress=progress)
     r = evaluate(model, test_ds, context, seed, 32, device, size, baseline, progress=progress)
     for k in ("elbo", "kl", "nll", "bits_per_dim", "mae", "rmse", "psnr", "ssim", "mean_image_mae",
-              "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio"):
-        writer.add_scalar(f"eval/{k}", r[k], step)
+              "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio", "object_score"):
+        if r[k] is not None:
+            writer.add_scalar(f"eval/{k}", r[k], step)
     for i in np.linspace(0, len(test_ds) - 1, min(image_scenes, len(test_ds))).round().astype(int).tolist():
         scene = read_or_skip(lambda: test_ds[i], i)
         if isinstance(scene, Unreadable):  # evaluate() above named it
@@ -263,9 +298,12 @@ def table(results):
     lines += [(f"{what}: {name}", prefix + key, fmt) for prefix, what in predictions(r0["samples"])
               for key, name, fmt in SCORES]
     lines.append(("RMSE / mean-image RMSE", "rmse_ratio", ".3f"))
+    lines += [("objects' pixels: RMSE (0-255)", "object_rmse", ".3f"), ("objects' pixels: empty room's RMSE",
+              "empty_room_rmse", ".3f"), ("object score (empty room 1, truth 0)", "object_score", ".3f"),
+              (f"object score, mean of {r0['samples']} draws", "mean_of_samples_object_score", ".3f")]
     lines += DRAW_LINES
     rows = [("context views", [r["context"] for r in results])]
-    rows += [(label, [format(r[key], fmt) for r in results]) for label, key, fmt in lines if key in r0]
+    rows += [(label, [format(r[key], fmt) for r in results]) for label, key, fmt in lines if r0.get(key) is not None]
     rows += [(f"KL of step {l + 1} (nats/image)", [f"{r['kl_per_step'][l]:.3f}" for r in results])
              for l in range(len(r0["kl_per_step"]))]
     if "latent" in r0:
@@ -409,6 +447,8 @@ def run(args):
     print(f"{args.checkpoint} (step {r['step']}) on {args.test_data_dir}: {results[0]['scenes']} scenes"
           f"{' (' + ', '.join(gone) + ')' if gone else ''}, seed {args.seed}")
     print(table(results))
+    if results[0]["object_score"] is None:
+        print(f"no object score: {results[0]['object_score_why']}")
     if args.plot:
         plot(args.plot, results, f"{ds.dataset}, step {r['step']}: {r['scenes']} test scenes, seed {args.seed}")
         print(f"wrote {args.plot}")

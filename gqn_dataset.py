@@ -107,6 +107,7 @@ class GQNDataset(torch.utils.data.Dataset):
 
     def _init_converted(self, shards):
         self.format = "converted"
+        self.has_objects = True  # every shard records what its objects change (dataset/rooms.py's do)
         self._paths = [os.path.join(self.root, n) for n in shards]
         self._shards, self._mapped = {}, {}
         counts = []
@@ -133,6 +134,7 @@ class GQNDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{path}: records fov, near, far {camera}, unlike {source_path} "
                                    f"{(self.fov, self.near, self.far)}: two data sets in one folder?")
             self.source = self.source or source
+            self.has_objects = self.has_objects and arrays[3] is not None
             self._shards[i] = arrays  # mmap'd, so this holds no file handle and reads no JPEG bytes
             self._mapped[i] = identity
             counts.append(len(arrays[2]))
@@ -161,6 +163,7 @@ class GQNDataset(torch.utils.data.Dataset):
     def _init_legacy(self, files):
         self.format = "legacy"
         self.fov = self.near = self.far = None  # torch-gqn's files record no camera model
+        self.has_objects = False
         self.source = None
         self._paths = [os.path.join(self.root, n) for n in files]
         self._starts = list(range(len(files) + 1))
@@ -201,6 +204,26 @@ class GQNDataset(torch.utils.data.Dataset):
     def __repr__(self):
         return (f"GQNDataset({self.root!r}: {len(self)} scenes, {self.views} views, {self.image_size}px, "
                 f"{self.dataset}, {self.format})")
+
+    def load_objects(self, i, views):
+        """What the objects of scene i change in these views -> (the views with the objects removed, uint8 [V, 3, H,
+        W]; masks bool [V, H, W], True where the objects or their shadows are). Only where ds.has_objects: the
+        scenes of a renderer that records it (dataset/rooms.py); DatasetError otherwise."""
+        if not self.has_objects:
+            raise DatasetError(f"{self.root}: its scenes do not record what their objects change")
+        k, local = self._locate(i)
+        views = [int(j) for j in views]
+        empty, offsets, masks = self._shard(k)[3]
+        o = offsets[local * self.views:(local + 1) * self.views + 1]
+        if o[0] < 0 or o[-1] > len(empty) or (o[1:] < o[:-1]).any():
+            raise DatasetError(f"{self._paths[k]}: scene {local}'s empty views are damaged (offsets out of order or "
+                               f"out of range)")
+        out = np.empty((len(views), self.image_size, self.image_size, 3), dtype=np.uint8)
+        for j, im in zip(views, out):
+            _decode_into(empty[o[j]:o[j + 1]], im, self._paths[k])
+        bits = np.unpackbits(masks[local, views], axis=-1, count=self.image_size * self.image_size)
+        return (torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(),
+                torch.from_numpy(bits.reshape(len(views), self.image_size, self.image_size).astype(bool)))
 
     def load(self, i, views):
         """Scene i, only the given views -> (frames uint8 [V, 3, H, W], cameras float32 [V, 7])."""
@@ -246,7 +269,7 @@ class GQNDataset(torch.utils.data.Dataset):
         """Scene `local` of shard k -> (the shard's JPEG bytes, the scene's S+1 offsets into them, cameras [S, 7]).
 
         Checked per scene, which costs microseconds, rather than all offsets and cameras when a folder is opened."""
-        jpeg, offsets, cameras = self._shard(k)
+        jpeg, offsets, cameras, _ = self._shard(k)
         o = offsets[local * self.views:(local + 1) * self.views + 1]
         if o[0] < 0 or o[-1] > len(jpeg) or (o[1:] < o[:-1]).any() or not np.isfinite(cameras[local]).all():
             raise DatasetError(f"{self._paths[k]}: scene {local} is damaged (JPEG offsets out of order or out of "

@@ -29,7 +29,7 @@ FORMAT = "gqn-jpeg-v1"
 CAMERA_KEYS = ("fov", "near", "far")  # optional shard keys: the camera model, when known
 # The optional shard key "source": which tool wrote it, and how an error names that.
 SOURCES = {"gqn-datasets": "DeepMind's gqn-datasets (dataset/convert2torch.py)",
-           "renderer": "the built-in renderer (dataset/shepard_metzler.py)",
+           "renderer": "the built-in renderers (dataset/shepard_metzler.py, dataset/rooms.py)",
            "import": "own scenes (dataset/import_scenes.py)"}
 JPEG_QUALITY = 95  # frames this project encodes: quality and 4:2:0 chroma subsampling as in DeepMind's frames
 # Pixels a side of the largest image a shard may hold: GQN's data are 64-128; an image_size read from a damaged
@@ -78,12 +78,27 @@ def camera_model(fov=None, near=None, far=None):
     return out
 
 
-def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=None):
+def _blob(path, frames, n, s):
+    """N lists of S JPEG bytes -> (all the bytes, uint8 tensor; offsets, int64 tensor [N * S + 1])."""
+    views = [bytes(f) for scene in frames for f in scene]
+    if len(frames) != n or len(views) != n * s or any(len(scene) != s for scene in frames):
+        raise ValueError(f"{path}: every one of the {n} scenes must have {s} views")
+    lengths = np.fromiter((len(f) for f in views), dtype=np.int64, count=len(views))
+    offsets = np.zeros(n * s + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = bytearray(b"".join(views))
+    jpeg = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    return jpeg, torch.from_numpy(offsets)
+
+
+def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=None, empty=None, masks=None):
     """Write one converted shard atomically (files.atomic_write).
 
     frames: N lists of S JPEG `bytes` (stored as they are, never re-encoded); cameras: float32 [N, S, 7];
     camera: None or a dict with any of "fov", "near", "far" (camera_model), stored as top-level floats; source: a key
-    of SOURCES, the tool that wrote it (None: not recorded).
+    of SOURCES, the tool that wrote it (None: not recorded). What a scene's objects change, for scenes whose
+    renderer knows it (both or neither): empty, the same views with the objects removed (N lists of S JPEG bytes),
+    and masks, bool [N, S, image_size, image_size], True where the objects or their shadows are (OBJECT_KEYS).
     """
     n = len(frames)
     cameras = np.ascontiguousarray(cameras, dtype=np.float32)
@@ -92,16 +107,17 @@ def write_shard(path, frames, cameras, dataset, image_size, camera=None, source=
         raise ValueError(f"{path}: cameras shape {cameras.shape} does not match {n} scenes x {s} views x 7")
     if not 1 <= int(image_size) <= MAX_IMAGE_SIZE:  # what GQNDataset would refuse to read
         raise DatasetError(f"{path}: image_size {image_size}: the format holds 1 to {MAX_IMAGE_SIZE} pixels a side")
-    views = [bytes(f) for scene in frames for f in scene]
-    if len(views) != n * s or any(len(scene) != s for scene in frames):
-        raise ValueError(f"{path}: every scene must have {s} views")
-    lengths = np.fromiter((len(f) for f in views), dtype=np.int64, count=len(views))
-    offsets = np.zeros(n * s + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    blob = bytearray(b"".join(views))
-    jpeg = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    jpeg, offsets = _blob(path, frames, n, s)
     obj = {"format": FORMAT, "dataset": str(dataset), "image_size": int(image_size), "views": int(s),
-           "jpeg": jpeg, "offsets": torch.from_numpy(offsets), "cameras": torch.from_numpy(cameras)}
+           "jpeg": jpeg, "offsets": offsets, "cameras": torch.from_numpy(cameras)}
+    if (empty is None) != (masks is None):
+        raise ValueError(f"{path}: give both the empty views and the masks, or neither")
+    if empty is not None:
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != (n, s, image_size, image_size):
+            raise ValueError(f"{path}: masks of shape {masks.shape}, not {(n, s, image_size, image_size)}")
+        obj["empty_jpeg"], obj["empty_offsets"] = _blob(path, empty, n, s)
+        obj["masks"] = torch.from_numpy(np.packbits(masks.reshape(n, s, -1), axis=-1))
     unknown = set(camera or {}) - set(CAMERA_KEYS)
     if unknown:
         raise ValueError(f"{path}: camera keys {sorted(unknown)}: only {', '.join(CAMERA_KEYS)}")
@@ -152,8 +168,9 @@ def is_converted(path):
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-# The shard's arrays as write_shard stores them: key, dtype, rank.
+# The shard's arrays as write_shard stores them: key, dtype, rank; and those of what the objects change, optional.
 _SHARD_TENSORS = (("jpeg", torch.uint8, 1), ("offsets", torch.int64, 1), ("cameras", torch.float32, 3))
+OBJECT_KEYS = (("empty_jpeg", torch.uint8, 1), ("empty_offsets", torch.int64, 1), ("masks", torch.uint8, 3))
 
 
 
@@ -168,7 +185,7 @@ def _plain(t, name, dtype, dim):
 
 def read_shard(path):
     """Load and check one converted shard -> ((dataset, image_size, views), (fov, near, far), source, (jpeg,
-    offsets, cameras) as mmap'd numpy arrays). The fields are checked against each other and their ends (the
+    offsets, cameras, objects) as mmap'd numpy arrays; objects: None, or (empty_jpeg, empty_offsets, masks)). The fields are checked against each other and their ends (the
     offsets' first and last, the cameras' shape), so that nothing is sized from a damaged or hostile value; each
     scene's own offsets and cameras are checked when it is read (GQNDataset._scene). DatasetError names the file."""
     try:
@@ -189,6 +206,23 @@ def read_shard(path):
             if (h, w) != (size, size):
                 raise ValueError(f"its first frame is {w}x{h}, its image_size {size}")
         camera = camera_model(**{k: obj[k] for k in CAMERA_KEYS if obj.get(k) is not None})
+        objects = _objects(obj, len(cameras), views, size)
     except Exception as e:  # torch's zip reader adds paragraphs of advice after its first sentence
         raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e).split('. ')[0]})") from None
-    return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, (jpeg, offsets, cameras)
+    return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, \
+        (jpeg, offsets, cameras, objects)
+
+
+def _objects(obj, n, views, size):
+    """A shard's optional record of what its objects change -> None, or (empty_jpeg, empty_offsets, masks),
+    checked as the frames are."""
+    present = [k for k, _, _ in OBJECT_KEYS if obj.get(k) is not None]
+    if not present:
+        return None
+    if len(present) < len(OBJECT_KEYS):
+        raise ValueError(f"{', '.join(present)} without the rest of {', '.join(k for k, _, _ in OBJECT_KEYS)}")
+    empty, offsets, masks = (_plain(obj.get(k), k, dtype, dim) for k, dtype, dim in OBJECT_KEYS)
+    if (len(offsets) != n * views + 1 or offsets[0] != 0 or offsets[-1] != len(empty)
+            or masks.shape != (n, views, -(-size * size // 8))):
+        raise ValueError("inconsistent record of the empty views")
+    return empty, offsets, masks

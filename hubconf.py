@@ -50,8 +50,8 @@ def _import_ours(*names):
         sys.path[:] = path
 
 
-cameras, _checkpoint, _gqn_dataset = _import_ours("cameras", "checkpoint", "gqn_dataset")
-load_model, resize = _checkpoint.load_model, _gqn_dataset.resize
+cameras, _checkpoint, _model = _import_ours("cameras", "checkpoint", "model")
+load_model, resize = _checkpoint.load_model, _model.resize
 
 
 def gqn(checkpoint, device="cpu"):

@@ -8,6 +8,10 @@ equals the 8-bit truth).
 
 The ELBO (Eslami et al. 2018, eq. S9) is in nats per image; the Gaussian likelihood of pixel std σ carries a
 constant that grows as σ anneals (nll_floor), which is why ports' NLL curves "plateau at ~6900" at σ = 0.7.
+
+The object score looks only where a scene's objects change the view (their pixels and their shadows), for data
+that records it (the built-in rooms): the prediction's RMSE there over the empty room's, so a model that draws the
+room empty scores 1 and the truth 0, whatever the sky, walls and floor around them (object_sums).
 """
 import math
 
@@ -143,3 +147,13 @@ def latent_verdict(deterministic, best_of_ratio, spread_to_error):
     if best_of_ratio <= 0.95 and spread_to_error >= 0.2:
         return "imagines"
     return "weak"
+
+
+def object_sums(pred, truth, empty, weight):
+    """Squared errors over the pixels a scene's objects change: images (B, 3, H, W) in [0, 1], weight (B, 1, H, W)
+    the share of each pixel that the objects or their shadows cover -> (the prediction's sum, the empty room's sum,
+    the weights' sum). The one expression serves both, so a prediction that is the empty room gives its sum exactly."""
+    def errors(image):
+        return (weight * (image - truth) ** 2).sum().item()
+
+    return errors(pred), errors(empty), 3 * weight.sum().item()

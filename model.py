@@ -30,7 +30,7 @@ after 3000 steps (docs/default-run.md).
 The function is exactly that; the computation exploits linearity (core.py explains): the step-invariant inputs
 pass through their share of every gate convolution once per forward pass, the zero initial state skips its
 convolutions, and the canvas enters only through D_l∘T_j (1x1 convolutions at 16x16) and η_g∘T_j (one transposed
-convolution at the end), so the 64x64 canvas is never built. bench.py holds the straightforward computation and
+convolution at the end), so the 64x64 canvas is never built. reference.py holds the straightforward computation and
 tests/test_fast_path.py checks that both give the same ELBO and gradients on the same weights.
 """
 from collections import namedtuple
@@ -136,7 +136,7 @@ class GQN(nn.Module):
     def training_noise(self):
         """Every random input of one scene's forward pass in training, by forward's keyword -> (kind, shape): the
         posterior's eps (normal) and, for `volume`, its depth jitter (uniform). train.py has the data draw them as
-        pure functions of (seed, step, scene) (gqn_dataset.TrainBatches), so that a step computes the same thing
+        pure functions of (seed, step, scene) (sampling.TrainBatches), so that a step computes the same thing
         whatever the rank, the world size, the batch's split over threads or where the run was resumed."""
         noise = {"eps": ("normal", self.noise_shape)}
         if isinstance(self.representation, Volume):

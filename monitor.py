@@ -232,8 +232,11 @@ def draw_samples(run, path, scenes, draws):
 def report_end(run, done, s, samples, draws):
     """The last lines of a run: the end-of-run score `s` (evaluate.end_of_training), skipped scenes, where to look."""
     left_out = f", {len(s['unreadable'])} left out: they cannot be read" if s["unreadable"] else ""
+    objects = (f"; where the objects are, RMSE {s['object_rmse']:.2f} vs {s['empty_room_rmse']:.2f} for the empty room "
+               f"(object score {s['object_score']:.3f})" if s["object_score"] is not None else "")
     print(f"Test split ({s['scenes']} scenes{left_out}, {s['context']} context views): RMSE {s['rmse']:.2f} vs "
-          f"{s['mean_image_rmse']:.2f} for the mean training image (ratio {s['rmse_ratio']:.3f}), MAE {s['mae']:.2f}")
+          f"{s['mean_image_rmse']:.2f} for the mean training image (ratio {s['rmse_ratio']:.3f}), MAE {s['mae']:.2f}"
+          f"{objects}")
     if run.bad.count:
         print(f"Skipped {run.bad.count} reads of unreadable training scenes (each named above), their places filled "
               f"from other scenes")

@@ -47,7 +47,7 @@ def resolve(cfg, given, dist):
         cfg = dataclasses.replace(cfg, seed=dist.broadcast(secrets.randbelow(2**31)))
     if default_job:
         dist.log(announce_default_job(cfg, run_dir))
-        cfg = dataclasses.replace(cfg, **builtin_data(dist))
+        cfg = dataclasses.replace(cfg, **builtin_data(cfg.builtin, dist))
 
     def open_data():  # a resumed run reads the files its run began with, damaged or not, as that run did
         layouts = (ckpt or {}).get("data", {})
@@ -65,34 +65,44 @@ def resolve(cfg, given, dist):
     cfg = dataclasses.replace(cfg, dataset=dataset, **from_data, train_data_dir=os.path.abspath(cfg.train_data_dir),
                               test_data_dir=os.path.abspath(cfg.test_data_dir))
     dist.agreed(lambda: config.check_camera(cfg))  # the data's values beside any given by flag
+    dist.agreed(lambda: check_camera_fits(cfg, given, train_ds))
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
     dist.agreed(lambda: check_amp(cfg.amp, device))
     notes = [f"K={max_context}: {k_from}" + (f"; from the data's camera model: "
                                              f"{'  '.join(f'{k}={v:g}' for k, v in from_data.items())}"
                                              if from_data else "")]
     return Resolved(cfg, state, ckpt, train_ds, test_ds, max_context, device, share_threads(cfg, device, dist),
-                    default_job and config.is_cpu_preset(cfg), notes)
+                    default_job and config.is_cpu_preset(cfg) and cfg.builtin == config.Config.builtin, notes)
 
 
 def announce_default_job(cfg, run_dir):
     steps = (f"as many steps of {cfg.batch_size} scenes as fit into {cfg.train_minutes:g} minutes on this CPU, at "
              f"most {cfg.gradient_steps}" if cfg.train_minutes else
              f"{cfg.gradient_steps} steps of {cfg.batch_size} scenes")
+    world = "rooms like DeepMind's rooms_ring_camera" if cfg.builtin == "rooms_ring_camera" else \
+        "Shepard-Metzler set"
     return (f"No data folders given: the default job. It trains the '{cfg.preset}' preset, a small GQN for a 2-core "
-            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in "
-            f"Shepard-Metzler set, into {run_dir}/. Pass --train_data_dir and --test_data_dir for the paper's "
-            f"configuration.")
+            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in {world}, "
+            f"into {run_dir}/. Pass --train_data_dir and --test_data_dir for the paper's configuration.")
 
 
-def builtin_data(dist):
-    """The default job's data: the built-in Shepard-Metzler set, rendered once into data/builtin/, a folder of its
-    own (DeepMind's converted data of the same name goes to data/<name>) -> its split folders."""
-    from dataset.shepard_metzler import dataset_name, render_once
+def builtin_data(name, dist):
+    """A default job's data: the built-in world `name` (config.BUILTIN_WORLDS), rendered once into data/builtin/,
+    a folder of its own (DeepMind's converted data of the same name goes to data/<name>) -> its split folders."""
+    from dataset.builtin import render_once
 
-    d = config.BUILTIN_DATA
-    out = os.path.join("data", "builtin", dataset_name(d["parts"]))
+    if name == "rooms_ring_camera":
+        from dataset.rooms import Rooms
+
+        world, d = Rooms(), config.ROOMS_DATA
+    else:
+        from dataset.shepard_metzler import ShepardMetzler
+
+        d = config.BUILTIN_DATA
+        world = ShepardMetzler(d["parts"])
+    out = os.path.join("data", "builtin", world.name)
     if dist.local_rank == 0:
-        render_once(out, d["train_scenes"], d["test_scenes"], d["parts"], d["seed"], d["workers"])
+        render_once(out, world, d["train_scenes"], d["test_scenes"], d["seed"], d["workers"])
     dist.barrier()
     return dict(train_data_dir=os.path.join(out, "train"), test_data_dir=os.path.join(out, "test"))
 
@@ -110,6 +120,19 @@ def camera_from_data(cfg, given, ds):
     if cfg.representation != "volume":
         return {}
     return {k: float(getattr(ds, k)) for k in ("fov", "near", "far") if k not in given and getattr(ds, k, None)}
+
+
+def check_camera_fits(cfg, given, ds):
+    """--representation volume: a --fov, --near or --far given for data that records its camera model must fit it
+    (the cameras' field of view is a fact of the data; the depths must overlap where its scenes lie)."""
+    if cfg.representation != "volume" or "fov" not in given and "near" not in given and "far" not in given:
+        return
+    if "fov" in given and ds.fov and abs(cfg.fov - ds.fov) > 0.01:
+        raise UserError(f"--fov {cfg.fov:g}: the data's cameras have a field of view of {ds.fov:g} degrees "
+                        f"(recorded in {ds.root}); leave --fov out to take it")
+    if ds.near and ds.far and (cfg.near >= ds.far or cfg.far <= ds.near):
+        raise UserError(f"--near {cfg.near:g} --far {cfg.far:g}: the data's scenes lie between {ds.near:g} and "
+                        f"{ds.far:g} from its cameras (recorded in {ds.root}); leave them out to take those")
 
 
 # ------------------------------------------------------------------------------------------------ --resume

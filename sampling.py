@@ -100,10 +100,12 @@ class WholeScenes(torch.utils.data.Dataset):
 
 class FixedViews(torch.utils.data.Dataset):
     """Evaluation views: item k -> scene i = scenes[k] with its fixed_views, as
-    (x uint8 [K, 3, H, W], v [K, 7], x_q uint8 [3, H, W], v_q [7], i), or Unreadable(i, why)."""
+    (x uint8 [K, 3, H, W], v [K, 7], x_q uint8 [3, H, W], v_q [7], i), or Unreadable(i, why). With `objects` (data
+    that records what its objects change: GQNDataset.has_objects) two more: the query view with the objects
+    removed, uint8 [3, H, W], and where they are, bool [H, W]."""
 
-    def __init__(self, ds, context, seed, scenes=None):
-        self.ds, self.context, self.seed = ds, context, seed
+    def __init__(self, ds, context, seed, scenes=None, objects=False):
+        self.ds, self.context, self.seed, self.objects = ds, context, seed, objects
         self.scenes = range(len(ds)) if scenes is None else scenes
 
     def __len__(self):
@@ -112,11 +114,16 @@ class FixedViews(torch.utils.data.Dataset):
     def __getitem__(self, k):
         i = int(self.scenes[k])
         ctx, q = fixed_views(self.seed, i, self.ds.views, self.context)
-        loaded = read_or_skip(lambda: self.ds.load(i, [int(j) for j in ctx] + [int(q)]), i)
-        if isinstance(loaded, Unreadable):
-            return loaded
-        frames, cameras = loaded
-        return frames[:-1], cameras[:-1], frames[-1], cameras[-1], i
+
+        def load():
+            frames, cameras = self.ds.load(i, [int(j) for j in ctx] + [int(q)])
+            item = (frames[:-1], cameras[:-1], frames[-1], cameras[-1], i)
+            if self.objects:
+                empty, masks = self.ds.load_objects(i, [int(q)])
+                item += (empty[0], masks[0])
+            return item
+
+        return read_or_skip(load, i)
 
 
 def scene_noise(seed, step, scene, noise_shape, name="eps", kind="normal"):
@@ -156,7 +163,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.noise = dict(noise or {})
         unknown = set(self.noise) - set(NOISE_STREAMS)
         if unknown:
-            raise ValueError(f"noise {sorted(unknown)}: no random stream (gqn_dataset.NOISE_STREAMS) for it")
+            raise ValueError(f"noise {sorted(unknown)}: no random stream (sampling.NOISE_STREAMS) for it")
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
 

@@ -65,7 +65,7 @@ def train(cfg, given):
     with Dist() as dist, Stop(latest, dist.rank, at_once=dist.started) as stop:
         run = setup(resolve(cfg, given, dist), dist, stop)
         if run.start >= run.state.steps:
-            dist.log(f"{run.latest} is at step {run.start}, --gradient_steps is {run.state.steps}: nothing to do")
+            dist.log(f"{run.latest} is at step {run.start}, the run's last ({run.state.steps}): nothing to do")
             return
         done = loop(run)
         end(run, done)
@@ -124,8 +124,9 @@ def setup(res, dist, stop):
     cfg, run_dir = res.cfg, os.path.join(res.cfg.root_log_dir, res.cfg.log_dir)
     model, net, optimizer, scaler, average, start = build(cfg, res, dist)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    autocast = torch.autocast(res.device.type, dtype=half) if half else nullcontext()
     run = Run(cfg, res.state, dist, stop, run_dir, res, model, net, optimizer, scaler, start,
-              BatchThreads(res.threads), average, torch.autocast(res.device.type, dtype=half) if half else nullcontext())
+              BatchThreads(res.threads), average, autocast)
     stop.saved = None if res.ckpt is None else start
     if dist.master:
         os.makedirs(checkpoint_paths(run_dir)[0], exist_ok=True)
@@ -135,6 +136,8 @@ def setup(res, dist, stop):
     if res.ckpt is None:
         run.save(0, False)  # from here on a loadable latest.pt exists, whenever the run is killed
     run.first_save_s = time.perf_counter() - t
+    if start >= res.state.steps:  # nothing to do
+        return run
     run.test = TestViews(res.test_ds, cfg.seed, res.max_context, model.noise_shape, dist.log)
     if dist.master:
         from tensorboardX import SummaryWriter

@@ -61,7 +61,7 @@ from cameras import direction, from_matrix, look_point, pose7  # noqa: E402
 from cli import ArgumentParser, UserError, main as cli_main, positive_float, positive_int  # noqa: E402
 from dataset.scene_folders import (BACKGROUNDS, CSV_COLUMNS, EXTENSIONS, find_scenes, load_scene,  # noqa: E402,F401
                                    scan_scene, split_off, square_fov, _load_task, _one_thread)
-from dataset.shepard_metzler import shard_names  # noqa: E402
+from dataset.builtin import shard_names  # noqa: E402
 from gqn_dataset import DatasetError, camera_model, current_umask, encode_jpeg, write_shard  # noqa: E402
 from progress import progress_bar  # noqa: E402
 

@@ -109,14 +109,14 @@ def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsy
 
 
 def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
-    import dataset.shepard_metzler as sm
+    import dataset.builtin as builtin
 
     tiny_default_job(monkeypatch, tmp_path)
 
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt("SIGINT")
 
-    monkeypatch.setattr(sm, "render_dataset", ctrl_c)  # Ctrl-C while the built-in data is rendered
+    monkeypatch.setattr(builtin, "render_dataset", ctrl_c)  # Ctrl-C while the built-in data is rendered
     with pytest.raises(SystemExit) as e:
         train.main([])
     assert e.value.code == 130
@@ -209,6 +209,19 @@ def paused_ranks(proc):
     return pids
 
 
+def preempted(argv, pause, stderr=subprocess.STDOUT):
+    """A torchrun job paused at `pause` on both ranks, then SIGTERM to torchrun, which passes it on to every worker,
+    and the job continued -> its (stdout, stderr)."""
+    cmd, env = torchrun(argv, pause=pause)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        signal_paused(paused_ranks(proc), signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
+        return proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(data, tmp_path):
@@ -236,15 +249,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tmp_path):
     run = args(data, tmp_path, "run", 200, "--save_interval", "100", "--log_interval", "50", "--resume", "auto")
-    cmd, env = torchrun(run, pause="step 150")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        # torchrun passes SIGTERM on to every worker; the stop flag travels with the next step's sums
-        signal_paused(paused_ranks(proc), signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
-        out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, _ = preempted(run, "step 150")  # the stop flag travels with the next step's sums
     step = weights(tmp_path / "run")["step"]  # 151 or 152: as for one process, and the flag takes one more step
     assert step in (151, 152) and f"stopped by SIGTERM at step {step}:" in out, out[-3000:]
     cmd, env = torchrun(run)
@@ -273,14 +278,7 @@ def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tm
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_signalled_during_the_end_of_run_score_says_training_finished(data, tmp_path):
-    cmd, env = torchrun(args(data, tmp_path, "run", 6), pause="score")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        signal_paused(paused_ranks(proc), signal.SIGTERM, lambda: proc.send_signal(signal.SIGTERM))
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, err = preempted(args(data, tmp_path, "run", 6), "score", stderr=subprocess.PIPE)
     latest = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert f"training finished at step 6 ({latest} holds it); SIGTERM interrupted the end-of-run score: for the " \
            f"score, python evaluate.py --checkpoint {latest}" in err, err[-3000:]

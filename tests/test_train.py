@@ -329,11 +329,16 @@ def test_engineering_flags_reach_the_model(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_volume_representation_and_its_cameras_reach_the_model(data, tmp_path):
-    train.main(args(data, tmp_path, "volume", 2, "--representation", "volume", "--fov", "25", "--near", "3",
+def test_volume_representation_and_its_cameras_reach_the_model(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "volume", 2, "--representation", "volume", "--fov", "20", "--near", "3",
                     "--far", "3.6"))
     cfg = weights(tmp_path / "volume")["model_config"]
-    assert (cfg["representation"], cfg["fov"], cfg["near"], cfg["far"]) == ("volume", 25.0, 3.0, 3.6)
+    assert (cfg["representation"], cfg["fov"], cfg["near"], cfg["far"]) == ("volume", 20.0, 3.0, 3.6)
+    # a camera model that does not fit the data's recorded one (fov 20, depths 2.7-3.97) is refused in one line
+    main_error(train.main, args(data, tmp_path, "fov", 2, "--representation", "volume", "--fov", "25"), capsys,
+               "--fov 25: the data's cameras have a field of view of 20 degrees")
+    main_error(train.main, args(data, tmp_path, "far", 2, "--representation", "volume", "--near", "4", "--far", "6"),
+               capsys, "--near 4 --far 6: the data's scenes lie between 2.7")
 
 
 def test_channels_last_trains_the_same_model_and_resumes(data, tmp_path):
