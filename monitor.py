@@ -7,6 +7,7 @@ gradient's norm, the speed; the images show the first test scenes: context, trut
 The clock (budget.py) times the steps, fixes the run's length when --train_minutes asks for it and refits it at
 each log; every change of the run's state is written to config.json.
 """
+import math
 import textwrap
 import time
 
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 
 from budget import StepBudget, fix_length, refit
-from metrics import bits_per_dim, nll_floor
-from model import to_model
+from metrics import bits_per_dim, nll_floor, object_sums
+from model import resize, to_model
 from pictures import save_samples, test_views_grid
 from progress import progress_bar
 from sampling import FixedViews, Unreadable
@@ -29,12 +30,13 @@ TEST_CONTEXT = 3      # context views per test scene, as torch-gqn's test batch
 class TestViews:
     """The fixed test batch: for TEST_SCENES scenes spread over the split, TEST_CONTEXT fixed context views and one
     query view (FixedViews), the same for every run with this seed; scenes that cannot be read are left out and
-    named. `eps`: the posterior's noise for each scene kept."""
+    named. `eps`: the posterior's noise for each scene kept; `empty`, `masks`: what the objects change in the query
+    views, for data that records it (GQNDataset.has_objects), else None."""
 
     def __init__(self, ds, seed, max_context, noise_shape, say=print):
         t = min(TEST_SCENES, len(ds))
         ids = np.linspace(0, len(ds) - 1, t).round().astype(int).tolist()
-        views = FixedViews(ds, min(TEST_CONTEXT, max_context), seed, ids)
+        views = FixedViews(ds, min(TEST_CONTEXT, max_context), seed, ids, objects=ds.has_objects)
         items = [views[k] for k in range(len(ids))]
         for u in items:
             if isinstance(u, Unreadable):
@@ -45,9 +47,11 @@ class TestViews:
 
             raise DatasetError(f"--test_data_dir {ds.root}: none of the fixed test batch's {len(ids)} scenes can be "
                                f"read")
-        x, v, x_q, v_q, _ = zip(*items)
-        self.x, self.v = torch.stack(x), torch.stack(v)          # (T, K, 3, H, W) uint8, (T, K, 7)
-        self.x_q, self.v_q = torch.stack(x_q), torch.stack(v_q)  # (T, 3, H, W) uint8, (T, 7)
+        x, v, x_q, v_q = (torch.stack(a) for a in list(zip(*items))[:4])
+        self.x, self.v, self.x_q, self.v_q = x, v, x_q, v_q  # (T, K, 3, H, W) uint8, (T, K, 7), (T, 3, H, W), (T, 7)
+        self.empty = self.masks = None
+        if ds.has_objects:
+            self.empty, self.masks = (torch.stack(a) for a in list(zip(*items))[5:])  # (T, 3, H, W), (T, H, W)
         self.eps = torch.randn((t, *noise_shape), generator=torch.Generator().manual_seed(seed))[:len(items)]
 
     def __len__(self):
@@ -170,16 +174,18 @@ def log_metrics(run, write, step, means, s_step, scenes_s, last, scaling=None):
         dims = 3 * cfg.image_size * cfg.image_size
         elbo, kl, nll, _ = means[:4].tolist()
         floor = nll_floor(last.sigma, dims)
-        tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling)
+        score = object_score(run)
+        tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling, score)
         write(f"step {step:>7d} | ELBO {elbo:9.1f} KL {kl:7.2f} NLL {nll:9.1f} (sigma floor {floor:7.1f}) | "
               f"test ELBO {test_means[0]:9.1f} | {bits_per_dim(-elbo, dims):.3f} bits/dim | sigma {last.sigma:.3f} "
               f"lr {last.lr:.2e} | {1000 * s_step:6.0f} ms/step {scenes_s:6.1f} scenes/s" +
               (f" | fp16: {scaling[0]} skipped, scale {scaling[1]:g}" if scaling is not None else "") +
-              (f" | {run.bad.count} unreadable scene reads skipped" if run.bad.count else ""))
+              (f" | {run.bad.count} unreadable scene reads skipped" if run.bad.count else "") +
+              (f" | object score {score:.3f}" if score is not None else ""))
     model.train()
 
 
-def tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling):
+def tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling, score):
     """Rank 0's TensorBoard record of a log interval: scalars, and the first test scenes' views."""
     cfg, writer, model, device = run.cfg, run.writer, run.model, run.device
     dims = 3 * cfg.image_size * cfg.image_size
@@ -205,6 +211,8 @@ def tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling):
     if scaling is not None:  # fp16: steps skipped in this interval (gradients overflowed), the loss scale now
         writer.add_scalar("amp/skipped_steps", scaling[0], step)
         writer.add_scalar("amp/loss_scale", scaling[1], step)
+    if score is not None:  # where the objects are, the test batch's draws against the empty room
+        writer.add_scalar("test/object_score", score, step)
     # Images: the first scenes of the test batch; noise from fixed seeds so the grids differ only by training.
     x, v, v_q, x_q = run.test.first(min(IMAGE_SCENES, len(run.test)), cfg.image_size, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.autocast:
@@ -214,6 +222,22 @@ def tensorboard(run, step, means, test_means, last, s_step, scenes_s, scaling):
                            for k in range(PRIOR_SAMPLES)])
     writer.add_image("test/views", test_views_grid(x, x_q, rec.float(), gen.float()), step, dataformats="HWC")
     writer.flush()
+
+
+@torch.no_grad()
+def object_score(run):
+    """The fixed test batch's object score (metrics.object_sums: one draw a scene, the same noise at every log), for
+    data that records what its objects change; else None."""
+    test, cfg, device = run.test, run.cfg, run.device
+    if test.masks is None:
+        return None
+    x, v, v_q, x_q = test.first(len(test), cfg.image_size, device)
+    with run.autocast:
+        draw = run.model.generate(x, v, v_q, generator=torch.Generator(device).manual_seed(cfg.seed)).float()
+    weight = resize(test.masks[:, None].float(), cfg.image_size)
+    model_sq, room_sq, _ = object_sums(draw.clamp(0, 1).cpu(), x_q.cpu(), to_model(test.empty, cfg.image_size, "cpu"),
+                                       weight)
+    return math.sqrt(model_sq / room_sq) if room_sq > 0 else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ the end

@@ -107,6 +107,15 @@ def data(tmp_path_factory):
     return train_dir, test_dir
 
 
+@pytest.fixture(scope="session")
+def room_data(tmp_path_factory):
+    """8 training and 6 test scenes of the built-in rooms (the test split records what the objects change)."""
+    from dataset import builtin, rooms
+
+    out = tmp_path_factory.mktemp("rooms")
+    return builtin.render_dataset(str(out), rooms.Rooms(), 8, 6, seed=1, scenes_per_shard=4, progress=False)
+
+
 def args(data, root, name, steps, *extra):
     return ["--train_data_dir", data[0], "--test_data_dir", data[1], "--root_log_dir", str(root), "--log_dir", name,
             "--gradient_steps", str(steps), "--log_interval", "3", "--save_interval", "3", *TINY, *extra]

@@ -22,3 +22,12 @@ def test_the_kl_of_two_runs_in_one_png(data, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: no TensorBoard scalars train/kl and "
                                                f"schedule/sigma (not a train.py run?)")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_object_score_of_runs_on_the_rooms_against_the_step(room_data, tmp_path, capsys):
+    train.main(args(room_data, tmp_path, "rooms", 6))
+    out = tmp_path / "objects.png"
+    plot_kl.main([str(tmp_path / "rooms") + "=volume", "--object_score", "--out", str(out)])
+    assert Image.open(out).size == (1800, 450)
+    score = plot_kl.scalars(str(tmp_path / "rooms"), ("test/object_score",))["test/object_score"]
+    assert [st for st, _ in score] == [3, 6] and all(v > 0 for _, v in score)

@@ -3,7 +3,6 @@ and the object score at both ends: a model that draws the room empty scores exac
 import os
 
 import numpy as np
-import pytest
 import torch
 
 import evaluate
@@ -11,13 +10,6 @@ from conftest import main_error, make_data, run_script
 from dataset import builtin, rooms
 from gqn_dataset import GQNDataset, resize
 from model import ELBO
-
-
-@pytest.fixture(scope="module")
-def room_data(tmp_path_factory):
-    """8 training and 6 test scenes of the built-in rooms."""
-    out = tmp_path_factory.mktemp("rooms")
-    return builtin.render_dataset(str(out), rooms.Rooms(), 8, 6, seed=1, scenes_per_shard=4, progress=False)
 
 
 def shard_bytes(folder):
@@ -122,3 +114,19 @@ def test_the_command_line_renders_rooms_and_bad_flags_get_one_line(tmp_path, cap
                "--train_scenes")
     main_error(rooms.main, ["--out", str(tmp_path / "r"), "--train_scenes", "1", "--test_scenes", "1"], capsys,
                "already exists; pass --overwrite")
+
+
+def test_training_on_rooms_logs_the_object_score_and_scores_it_at_the_end(room_data, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+    from conftest import args
+
+    train.main(args(room_data, tmp_path, "run", 3))
+    out = capsys.readouterr().out
+    assert "| object score " in out.splitlines()[-3]  # the log line at step 3
+    assert "where the objects are, RMSE" in out and "for the empty room (object score" in out
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test/object_score")] == [3]
+    assert acc.Scalars("eval/object_score")[0].value > 0
