@@ -334,7 +334,7 @@ def parse_args(argv=None):
 def is_cpu_preset(cfg):
     """Whether cfg trains the cpu preset's model the preset's way (its length, and how the run is carried out, may
     differ)."""
-    run = RESUME_MAY_CHANGE | {"lr_n", "sigma_n", "seed", "root_log_dir", "log_dir"}
+    run = RESUME_MAY_CHANGE | {"seed", "root_log_dir", "log_dir"}
     return all(getattr(cfg, k) == v for k, v in CPU_PRESET.items() if k not in run)
 
 
@@ -401,7 +401,10 @@ def check_model(cfg):
 
 
 def check_camera(cfg):
-    """The volume's camera model, once the data has filled in what the flags did not give."""
+    """The volume's camera model, once the data has filled in what the flags did not give (the other representations
+    read no camera model)."""
+    if cfg.representation != "volume":
+        return
     if not (math.isfinite(cfg.fov) and 0 < cfg.fov < 180):
         raise UserError(f"--fov {cfg.fov}: must be between 0 and 180 degrees")
     if not (math.isfinite(cfg.far) and 0 < cfg.near < cfg.far):

@@ -79,8 +79,8 @@ def describe(run):
     if res.device.type == "cpu" and params > 20e6:  # torch-gqn's command on a laptop: say so before the first step
         log(f"note: training a {params / 1e6:.0f}M-parameter GQN at batch {cfg.batch_size} on the CPU: a step may take "
             f"minutes. For a run sized for a CPU, the same command with --preset cpu")
-    if res.device.type == "cpu" and not run.dist.on and len(cfg.device_ids) > 1:
-        log("note: no CUDA device, so --device_ids is ignored and training runs on the CPU")
+    for line in res.said:
+        log(line)
     train_ds = res.train_ds
     log(f"GQN: {params / 1e6:.2f}M parameters, representation {cfg.representation}, L={cfg.layers}; data "
         f"{cfg.dataset} ({len(train_ds)} train / {len(res.test_ds)} test scenes, {train_ds.image_size}px"

@@ -34,6 +34,7 @@ class Resolved:
     threads: int          # threads a step's batch is split over (batch_threads.py)
     default_job: bool     # the cpu preset as it is, on the built-in data: budget.DEFAULT_JOB_SCORES applies
     notes: list           # lines for the printed config: where K and the camera model came from
+    said: list            # one line for each flag given that has no effect here, or that a resume reads its own way
 
 
 def resolve(cfg, given, dist):
@@ -68,11 +69,35 @@ def resolve(cfg, given, dist):
     dist.agreed(lambda: check_camera_fits(cfg, given, train_ds))
     device = dist.agreed(lambda: pick_device(cfg.device_ids, dist))
     dist.agreed(lambda: check_amp(cfg.amp, device))
+    if cfg.min_context > max_context and not cfg.max_context:
+        raise UserError(f"--min_context {cfg.min_context}: more than the {max_context} context views ({k_from}) a "
+                        f"scene of {dataset} may have")
     notes = [f"K={max_context}: {k_from}" + (f"; from the data's camera model: "
                                              f"{'  '.join(f'{k}={v:g}' for k, v in from_data.items())}"
                                              if from_data else "")]
-    return Resolved(cfg, state, ckpt, train_ds, test_ds, max_context, device, share_threads(cfg, device, dist),
-                    default_job and config.is_cpu_preset(cfg) and cfg.builtin == config.Config.builtin, notes)
+    threads = share_threads(cfg, device, dist)
+    said = flag_notes(cfg, given, dist, device, threads) + (resume_notes(cfg, given, state) if ckpt else [])
+    return Resolved(cfg, state, ckpt, train_ds, test_ds, max_context, device, threads,
+                    default_job and config.is_cpu_preset(cfg) and cfg.builtin == config.Config.builtin, notes, said)
+
+
+def flag_notes(cfg, given, dist, device, threads):
+    """A line for each flag given that does nothing on this machine or with these flags (harmless: noted, not
+    refused)."""
+    out = []
+    if "device_ids" in given and (dist.on or device.type == "cpu"):
+        why = "under torchrun each process takes cuda:LOCAL_RANK" if dist.on and device.type == "cuda" else \
+            "no CUDA device here: training runs on the CPU" if device.type == "cpu" else ""
+        out.append(f"note: --device_ids {' '.join(map(str, cfg.device_ids))} is ignored: {why}")
+    if given.get("batch_threads", 1) > 1 and threads == 1:
+        out.append(f"note: --batch_threads {cfg.batch_threads} is ignored: " +
+                   ("with --compile a step is one graph" if cfg.compile else "on a GPU the batch is not split") +
+                   ", so one thread takes it")
+    camera = [f"--{k}" for k in ("fov", "near", "far") if k in given]
+    if camera and cfg.representation != "volume":
+        out.append(f"note: {' '.join(camera)} ignored: only --representation volume reads a camera model, not "
+                   f"{cfg.representation}")
+    return out
 
 
 def announce_default_job(cfg, run_dir):
@@ -81,8 +106,9 @@ def announce_default_job(cfg, run_dir):
              f"{cfg.gradient_steps} steps of {cfg.batch_size} scenes")
     world = "rooms like DeepMind's rooms_ring_camera" if cfg.builtin == "rooms_ring_camera" else \
         "Shepard-Metzler set"
-    return (f"No data folders given: the default job. It trains the '{cfg.preset}' preset, a small GQN for a 2-core "
-            f"CPU (L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in {world}, "
+    model = "a small GQN for a 2-core CPU" if cfg.preset == "cpu" else "the paper's GQN"
+    return (f"No data folders given: the default job. It trains the '{cfg.preset}' preset, {model} "
+            f"(L={cfg.layers}, {cfg.image_size}x{cfg.image_size} images, {steps}), on the built-in {world}, "
             f"into {run_dir}/. Pass --train_data_dir and --test_data_dir for the paper's configuration.")
 
 
@@ -151,12 +177,26 @@ def resumed(cfg, given, ckpt):
         keep["train_minutes"] = 0.0
     new = dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
     state = saved_state(ckpt)
-    # the length the budget fixed stands (--gradient_steps was its bound); else the count asked for, or the saved one
-    if "gradient_steps" in given and not (state.timed_ms and new.train_minutes):
+    if state.timed_ms and new.train_minutes:  # the length the budget fixed stands: it was timed once
+        # (a checkpoint older than the run's state kept the length in gradient_steps, not the bound it was given)
+        for flag in ("train_minutes", "gradient_steps") if "state" in ckpt else ("train_minutes",):
+            if flag in given and given[flag] != getattr(old, flag):
+                raise UserError(f"--{flag} {given[flag]:g}: this run's --train_minutes {old.train_minutes:g} budget "
+                                f"fixed its length at {state.steps} steps; to train to step N, resume with "
+                                f"--gradient_steps N alone (or --train_minutes 0)")
+    elif "gradient_steps" in given:  # the count asked for (a budget not yet spent times it as its bound)
         state.steps = int(given["gradient_steps"])
     if not new.train_minutes or state.timed_ms:  # no budget, or one already spent: the length is the length
         state.resolve(new)
     return new, state
+
+
+def resume_notes(cfg, given, state):
+    """A line where a resumed run reads a flag its own way: a new length keeps the schedules it resolved."""
+    if "gradient_steps" not in given or state.lr_n is None:
+        return []
+    return [f"note: --gradient_steps {state.steps} moves the run's end; its schedules keep the counts it resolved "
+            f"(the learning rate over {state.lr_n:g} steps, σ over {state.sigma_n:g})"]
 
 
 def same_value(flag, value, old):

@@ -3,11 +3,10 @@ test_reproducibility.py)."""
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import args, children, env_of, torchrun, weights
+from conftest import args, rank_pid, torchrun, wait_until, weights
 
 
 @pytest.mark.slow
@@ -16,14 +15,11 @@ def test_killed_rank_ends_the_job(data, tmp_path):
     cmd, env = torchrun(args(data, tmp_path, "run", 100_000))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        rank1 = None
-        while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists():  # training under way
-                rank1 = next((c for c in children(proc.pid) if env_of(c).get(b"RANK") == b"1"), None)
-                if rank1:
-                    break
-            time.sleep(0.1)
+        def rank1_training():  # its third step's checkpoint written: training under way
+            return proc.poll() is not None or ((tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists()
+                                               and rank_pid(proc, 1) is not None)
+        wait_until(rank1_training, "rank 1 under way")
+        rank1 = rank_pid(proc, 1)
         assert rank1, "rank 1 not found"
         os.kill(rank1, signal.SIGKILL)
         out, _ = proc.communicate(timeout=90)  # ends, does not hang

@@ -303,10 +303,12 @@ def test_bad_input_gets_one_clear_line(data, tmp_path, capsys):
          "cnn"),
         (["--train_data_dir", data[0], "--test_data_dir", data[1], "--image_size", "30"], "--image_size", "30"),
         (["--train_data_dir", data[0], "--test_data_dir", data[1], "--learning_rate", "1"], "--learning_rate", ""),
-        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--fov", "200"], "--fov", "200"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--fov", "200", "--representation", "volume"],
+         "--fov", "200"),
         (["--train_data_dir", data[0], "--test_data_dir", data[1], "--min_context", "4", "--max_context", "2"],
          "--min_context 4", "--max_context 2"),
-        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--near", "4", "--far", "3"], "--near 4.0", "far"),
+        (["--train_data_dir", data[0], "--test_data_dir", data[1], "--near", "4", "--far", "3", "--representation",
+          "volume"], "--near 4.0", "far"),
         (["--resume", "--log_dir", "nothing_here"], "--resume", "latest.pt"),
     ]
     # The command line itself for a few (exit status, no traceback from the interpreter); main() for the rest.
