@@ -56,11 +56,12 @@ from files import write_out
 from cli import UserError
 from gqn_dataset import (FixedViews, Unreadable, WholeScenes, collate_readable, fixed_views, open_split,
                          read_or_skip, resize)
-from metrics import FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict, object_sums
+from metrics import (FRACTIONS, best_of, bits_per_dim, draw_scores, image_scores, latent_verdict, nll_at,
+                     object_sums)
 from pictures import novel_views, panels_grid
 from progress import progress_bar
 
-SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: the likelihood the scores refer to
+SIGMA = 0.7  # the final pixel sigma of the paper's annealing schedule: an ELBO reported at it compares runs
 SCORES = (("rmse", "RMSE (0-255)", ".3f"), ("mae", "MAE (0-255)", ".3f"), ("psnr", "PSNR (dB)", ".2f"),
           ("ssim", "SSIM", ".4f"))  # metrics.image_scores: (key, name, format)
 SHARED = ("scenes", "seed", "sigma", "image_size", "samples")  # a multi-context JSON's fields common to every size
@@ -114,10 +115,11 @@ def sample_seed(seed, batch, i):
 
 @torch.no_grad()
 def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=None, baseline=None,
-             workers=0, progress=True, max_scenes=0, samples=1, reference=None):
+             workers=0, progress=True, max_scenes=0, samples=1, reference=None, sigma=SIGMA):
     """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring).
 
     baseline: optional mean training image (3, H, W) on the 0-255 scale, scored on the same query views.
+    sigma: the pixel σ of the ELBO (the run's final σ); it is also given at SIGMA, the paper's, for comparing runs.
     samples: views drawn from the prior per query (mean-of-N, best-of-N and the draws' scores when > 1).
     reference: the image whose departures mark the informative pixels of the draws' scores (metrics.informative;
     default: baseline).
@@ -150,7 +152,7 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         x_q255 = resize(x_q, size)  # (B, 3, H, W) on 0-255
         v, v_q = v.to(device), v_q.to(device)
         eps = posterior_noise(model.noise_shape, seed, scenes).to(device)
-        out = model(x, v, v_q, (x_q255 / 255).to(device), SIGMA, eps=eps)
+        out = model(x, v, v_q, (x_q255 / 255).to(device), sigma, eps=eps)
         add("", {"elbo": out.elbo, "kl": out.kl, "nll": out.nll})
         kl_steps = kl_steps + out.kl_steps.double().sum(0).cpu()
         draws = []
@@ -177,8 +179,11 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
                         f"{unreadable[0][1]})")
     m = {k: s / n for k, s in sums.items()}
     elbo = {k: m.pop(k) for k in ("elbo", "kl", "nll")}
-    result = {"scenes": n, "context": context, "seed": seed, "sigma": SIGMA, "image_size": size, "samples": samples,
-              **elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], 3 * size * size), **m}  # then the image scores
+    dims = 3 * size * size
+    at_paper = {f"nll_sigma_{SIGMA}": nll_at(elbo["nll"], sigma, SIGMA, dims)}
+    at_paper[f"elbo_sigma_{SIGMA}"] = -(elbo["kl"] + at_paper[f"nll_sigma_{SIGMA}"])
+    result = {"scenes": n, "context": context, "seed": seed, "sigma": sigma, "image_size": size, "samples": samples,
+              **elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], dims), **at_paper, **m}  # then the image scores
     if baseline is not None:
         result["rmse_ratio"] = ratio(m["rmse"], m["mean_image_rmse"])
     result["kl_per_step"] = (kl_steps / n).tolist()
@@ -242,7 +247,7 @@ def draws_summary(r, curves, deterministic):
 
 
 def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, device="cpu", size=None,
-                    image_scenes=2, baseline_scenes=BASELINE_SCENES, progress=True):
+                    image_scenes=2, baseline_scenes=BASELINE_SCENES, progress=True, sigma=SIGMA):
     """What train.py logs when a run ends: this file's scores over the whole test split and render.py's views.
 
     Scalars eval/<metric> and images eval/novel_views/scene_<i> (context, a ring of new viewpoints, the
@@ -253,9 +258,9 @@ def end_of_training(writer, step, model, train_ds, test_ds, context=3, seed=0, d
     was_training = model.training
     model.eval()
     baseline = mean_image(train_ds, size, baseline_scenes, progress=progress)
-    r = evaluate(model, test_ds, context, seed, 32, device, size, baseline, progress=progress)
-    for k in ("elbo", "kl", "nll", "bits_per_dim", "mae", "rmse", "psnr", "ssim", "mean_image_mae",
-              "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio", "object_score"):
+    r = evaluate(model, test_ds, context, seed, 32, device, size, baseline, progress=progress, sigma=sigma)
+    for k in ("elbo", "kl", "nll", "bits_per_dim", f"elbo_sigma_{SIGMA}", "mae", "rmse", "psnr", "ssim",
+              "mean_image_mae", "mean_image_rmse", "mean_image_psnr", "mean_image_ssim", "rmse_ratio", "object_score"):
         if r[k] is not None:
             writer.add_scalar(f"eval/{k}", r[k], step)
     for i in np.linspace(0, len(test_ds) - 1, min(image_scenes, len(test_ds))).round().astype(int).tolist():
@@ -293,8 +298,9 @@ def predictions(samples):
 def table(results):
     """The scores as text, a column per context size."""
     r0 = results[0]
-    lines = [(f"ELBO (nats/image, sigma {r0['sigma']})", "elbo", ".2f"), ("KL (nats/image)", "kl", ".2f"),
-             ("NLL (nats/image)", "nll", ".2f"), ("bits/dim", "bits_per_dim", ".4f")]
+    lines = [(f"ELBO (nats/image, the run's sigma {r0['sigma']:g})", "elbo", ".2f"), ("KL (nats/image)", "kl", ".2f"),
+             ("NLL (nats/image)", "nll", ".2f"), ("bits/dim", "bits_per_dim", ".4f"),
+             (f"ELBO at sigma {SIGMA} (the paper's, to compare runs)", f"elbo_sigma_{SIGMA}", ".2f")]
     lines += [(f"{what}: {name}", prefix + key, fmt) for prefix, what in predictions(r0["samples"])
               for key, name, fmt in SCORES]
     lines.append(("RMSE / mean-image RMSE", "rmse_ratio", ".3f"))
@@ -379,6 +385,13 @@ def plot_draws(axes, results):
         ax.legend(fontsize=8)
 
 
+def run_sigma(ckpt):
+    """The final pixel σ of the run a checkpoint comes from (its config's sigma_f), the σ its ELBO is reported at;
+    SIGMA for a checkpoint that records none."""
+    sigma = (ckpt.get("config") or {}).get("sigma_f")
+    return float(sigma) if isinstance(sigma, (int, float)) and sigma > 0 else SIGMA
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
@@ -431,8 +444,10 @@ def run(args):
     # image, or without --train_data_dir the test split's own
     reference = baseline if baseline is not None or args.samples == 1 else \
         mean_image(ds, size, args.baseline_scenes, args.workers)
+    sigma = run_sigma(ckpt)
     results = [evaluate(model, ds, k, args.seed, args.batch_size, device, size, baseline, args.workers,
-                        max_scenes=args.max_scenes, samples=args.samples, reference=reference) for k in contexts]
+                        max_scenes=args.max_scenes, samples=args.samples, reference=reference, sigma=sigma)
+               for k in contexts]
     r = {"checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
          "dataset": ds.dataset, "test_data_dir": os.path.abspath(args.test_data_dir),
          "train_data_dir": os.path.abspath(args.train_data_dir) if args.train_data_dir else None,

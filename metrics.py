@@ -55,6 +55,13 @@ def nll_floor(sigma, dims):
     return dims * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
 
 
+def nll_at(nll, sigma, other, dims):
+    """The same prediction's Gaussian NLL at pixel std `other`, from its NLL at `sigma`: the squared error it holds,
+    nll - floor(σ) = SSE / 2σ², does not depend on σ, so no second pass of the model is needed."""
+    sse = 2 * sigma ** 2 * (nll - nll_floor(sigma, dims))
+    return sse / (2 * other ** 2) + nll_floor(other, dims)
+
+
 # ------------------------------------------------------------------------------------------------ draws of z
 # A GQN is a conditional generative model: where the context shows the scene its draws should agree, where it does
 # not they should differ, and by about as much as they are wrong. These scores ask that of N draws from the prior.

@@ -323,7 +323,8 @@ def end(run, done):
         import evaluate
 
         scores = evaluate.end_of_training(run.writer, done, run.model, run.train_ds, run.test_ds,
-                                          min(TEST_CONTEXT, run.max_context), cfg.seed, run.device, cfg.image_size)
+                                          min(TEST_CONTEXT, run.max_context), cfg.seed, run.device, cfg.image_size,
+                                          sigma=cfg.sigma_f)
         run.writer.close()
         report_end(run, done, scores, samples, SAMPLE_DRAWS)
     run.dist.finish()

@@ -104,6 +104,20 @@ def test_json_fields_are_present_and_sane(setup):
     assert 0 < r["mae"] <= r["rmse"] < 255
     assert 0 < r["mean_image_mae"] <= r["mean_image_rmse"] < 255
     assert r["rmse_ratio"] == pytest.approx(r["rmse"] / r["mean_image_rmse"])
+    assert r["elbo_sigma_0.7"] == pytest.approx(r["elbo"], rel=1e-6)  # the run's σ is the paper's here
+
+
+def test_the_elbo_is_at_the_runs_own_final_sigma_and_at_the_papers_beside_it(setup):
+    tmp, ckpt, test, _ = setup
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = {"sigma_f": 0.4}  # a cpu-preset run ends at σ 0.4
+    torch.save(state, tmp / "cpu.pt")
+    at_04 = run_main(["--checkpoint", str(tmp / "cpu.pt"), "--test_data_dir", test])
+    at_07 = run_main(["--checkpoint", ckpt, "--test_data_dir", test])
+    assert at_04["sigma"] == 0.4 and at_07["sigma"] == 0.7 and at_04["kl"] == pytest.approx(at_07["kl"])
+    # the same prediction: its ELBO at 0.7 computed from the one at 0.4 is what a pass at 0.7 gives
+    assert at_04["elbo_sigma_0.7"] == pytest.approx(at_07["elbo"], rel=1e-5)
+    assert at_04["elbo"] != pytest.approx(at_07["elbo"], rel=1e-3)
 
 
 def test_results_repeat_exactly_and_elbo_does_not_depend_on_batch_size(setup):
