@@ -232,6 +232,29 @@ def load_model(path, device="cpu", flag="--checkpoint"):
     return model.to(device).eval(), ckpt
 
 
+def recorded_folder(recorded, near, flag):
+    """A data folder a checkpoint records (an absolute path), found again after the run or its data moved: the path
+    itself, else the longest of its trailing parts (data/builtin/<name>/test, ..., <name>/test) found under the
+    working directory or a folder above `near` (the run's checkpoint). UserError naming `flag` when none is there."""
+    if os.path.isdir(recorded):
+        return recorded
+    parts = os.path.normpath(recorded).split(os.sep)[1:]
+    bases = [os.getcwd()]
+    folder = os.path.dirname(os.path.abspath(near))
+    while folder not in bases and folder != os.path.dirname(folder):
+        bases.append(folder)
+        folder = os.path.dirname(folder)
+    # the longest trailing part first, the most of the recorded layout kept; at least <data set>/<split>: a bare
+    # `test` folder nearby is not this run's data
+    for k in range(1, len(parts) - 1):
+        for base in bases:
+            candidate = os.path.join(base, *parts[k:])
+            if os.path.isdir(candidate):
+                return candidate
+    raise UserError(f"{flag}: the run's data folder {recorded} is not there, nor beside the run (was it moved?): "
+                    f"pass {flag} with its place")
+
+
 def run_seed(ckpt):
     """The --seed of the run a checkpoint comes from (0 for a checkpoint that records none): evaluate.py and render.py
     choose views and noise with it unless told otherwise, as train.py's end-of-run scores did."""

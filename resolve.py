@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import config
 from batch_threads import usable_cpus
-from checkpoint import run_to_resume, saved_state
+from checkpoint import checkpoint_paths, recorded_folder, run_to_resume, saved_state
 from cli import UserError
 from config import RESUME_MAY_CHANGE, Config, RunState
 from dataset_names import resolve_dataset, stands_for
@@ -176,6 +176,10 @@ def resumed(cfg, given, ckpt):
     if "gradient_steps" in given and "train_minutes" not in given:  # as on a fresh start: the count asked for
         keep["train_minutes"] = 0.0
     new = dataclasses.replace(old, **keep, root_log_dir=cfg.root_log_dir, log_dir=cfg.log_dir, resume=cfg.resume)
+    latest = checkpoint_paths(os.path.join(cfg.root_log_dir, cfg.log_dir))[1]
+    found = {k: recorded_folder(getattr(new, k), latest, f"--{k}") for k in ("train_data_dir", "test_data_dir")
+             if k not in given and getattr(new, k)}
+    new = dataclasses.replace(new, **found)
     state = saved_state(ckpt)
     if state.timed_ms and new.train_minutes:  # the length the budget fixed stands: it was timed once
         # (a checkpoint older than the run's state kept the length in gradient_steps, not the bound it was given)

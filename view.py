@@ -30,7 +30,7 @@ import torch
 
 import cli
 from cameras import camera_frames, from_matrix, pose7
-from checkpoint import input_size, load_model, run_seed
+from checkpoint import input_size, load_model, recorded_folder, run_seed
 from cli import UserError
 from gqn_dataset import DatasetError, MAX_CONTEXT, fixed_views, open_split, resize
 
@@ -298,6 +298,8 @@ def run(args):
     data_dir = args.data_dir or (ckpt.get("config") or {}).get("test_data_dir")
     if not data_dir:
         raise UserError(f"--data_dir: {args.checkpoint} records no test split; give --data_dir")
+    if not args.data_dir:
+        data_dir = recorded_folder(data_dir, args.checkpoint, "--data_dir")
     ds = open_split(data_dir, "--data_dir")
     size = input_size(ckpt, ds, data_dir, "--data_dir")
     if args.scene >= len(ds):

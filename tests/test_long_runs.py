@@ -283,3 +283,21 @@ def test_torchrun_signalled_during_the_end_of_run_score_says_training_finished(d
     assert f"training finished at step 6 ({latest} holds it); SIGTERM interrupted the end-of-run score: for the " \
            f"score, python evaluate.py --checkpoint {latest}" in err, err[-3000:]
     assert "blocked in a collective" not in err
+
+
+def test_a_run_moved_with_its_data_resumes_and_one_moved_without_says_which_flag(data, tmp_path, capsys):
+    import shutil as sh
+
+    place = tmp_path / "old"
+    (place / "data").mkdir(parents=True)
+    split = [str(sh.copytree(d, place / "data" / "sm3" / os.path.basename(d))) for d in data]
+    train.main(args(split, place / "runs", "run", 3))
+    moved = tmp_path / "new"
+    sh.move(str(place), str(moved))  # the run and its data, copied elsewhere: the recorded folders are gone
+    again = ["--root_log_dir", str(moved / "runs"), "--log_dir", "run", "--gradient_steps", "6", "--resume"]
+    train.main(again)
+    ckpt = weights(moved / "runs" / "run")
+    assert ckpt["step"] == 6 and ckpt["config"]["train_data_dir"] == str(moved / "data" / "sm3" / "train")
+    sh.rmtree(moved / "data")
+    main_error(train.main, again[:-2] + ["9", "--resume"], capsys, "--train_data_dir: the run's data folder",
+               "pass --train_data_dir")

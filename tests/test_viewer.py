@@ -128,7 +128,8 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
     shutil.copy(tmp_path / "viewer_moved.png", os.environ.get("GQN_VIEWER_SCREENSHOT", tmp_path / "kept.png"))
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "scene out of range", "port in use", "data of another size"])
+@pytest.mark.parametrize("case", ["missing checkpoint", "scene out of range", "port in use", "data of another size",
+                                  "a moved run"])
 def test_bad_input_gets_one_line(tmp_path, case):
     data = make_data(tmp_path / "test", scenes=3, views=6)
     ckpt = make_checkpoint(tmp_path / "c.pt")
@@ -137,7 +138,8 @@ def test_bad_input_gets_one_line(tmp_path, case):
             "scene out of range": ["--checkpoint", str(ckpt), "--data_dir", str(data), "--scene", "3"],
             "port in use": ["--checkpoint", str(ckpt), "--data_dir", str(data)],
             "data of another size": ["--checkpoint", str(make_checkpoint(tmp_path / "c32.pt", image_size=2 * SIZE)),
-                                     "--data_dir", str(data)]}[case]
+                                     "--data_dir", str(data)],
+            "a moved run": ["--checkpoint", str(moved_checkpoint(tmp_path))]}[case]
     import socket
 
     with socket.socket() as s:
@@ -145,7 +147,17 @@ def test_bad_input_gets_one_line(tmp_path, case):
         s.listen()
         r = run_script("view.py", "--port", port, "--device", "cpu", *argv)
     script_error(r, {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
-                     "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir"}[case])
+                     "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir",
+                     "a moved run": "--data_dir: the run's data folder /gone/sm/test is not there"}[case])
+
+
+def moved_checkpoint(tmp_path):
+    """A checkpoint whose run recorded its test split at a place that is gone, with nothing like it nearby."""
+    path = make_checkpoint(tmp_path / "moved.pt")
+    state = torch.load(path, weights_only=True)
+    state["config"] = {"test_data_dir": "/gone/sm/test"}
+    torch.save(state, path)
+    return path
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
