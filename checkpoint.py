@@ -201,10 +201,40 @@ def build_model(ckpt):
     return model
 
 
+# The most bytes a checkpoint's model may ask one scene's forward pass to hold: this machine's memory.
+MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 2 ** 40
+SIZES = {"L": 12, "h_dim": 128, "z_dim": 3, "u_dim": 128, "r_dim": 256, "image_size": 64}  # GQN's defaults
+
+
+def scene_bytes(config, views=3):
+    """About the float32 bytes one scene's forward pass holds for autograd at the sizes a model_config declares:
+    each of the L steps' gates, states, prior, posterior and z at a quarter of the image size, the canvas, r, and
+    the volume's samples along the query rays."""
+    g = {k: config.get(k, v) for k, v in SIZES.items()}
+    q = g["image_size"] // 4
+    steps = g["L"] * (8 * g["h_dim"] + 6 * g["z_dim"]) * q * q
+    volume = (2 * q) ** 2 * 16 * views * 40 if config.get("representation") == "volume" else 0
+    return 4 * (steps + 2 * g["u_dim"] * g["image_size"] ** 2 + views * g["r_dim"] * q * q + volume)
+
+
+def _check_size(config):
+    """ValueError naming the size that makes one scene's forward pass hold more than this machine's memory."""
+    sizes = {k: config.get(k, v) for k, v in SIZES.items()}
+    if not all(type(v) is int and v > 0 for v in sizes.values()):
+        return  # GQN's own checks name a size that is not one
+    need = scene_bytes(config)
+    if need > MEMORY:
+        k = max(sizes, key=lambda k: sizes[k] / SIZES[k])
+        raise ValueError(f"{k} {sizes[k]}: one scene's forward pass would hold about {need / 2**30:.3g} GiB, more "
+                         f"than this machine's {MEMORY / 2**30:.3g} GiB")
+
+
 def _check_fit(config, weights):
     """Raise ValueError unless model_config builds a model whose weights have the checkpoint's shapes, checked on
     the meta device, where building allocates nothing: a damaged config (h_dim 10**6, L 10**9) is refused before
-    it allocates, or loops, far beyond what the file holds."""
+    it allocates, or loops, far beyond what the file holds; and so is one whose sizes (a shared core's L 10**9)
+    would make a single scene's forward pass outgrow the machine's memory."""
+    _check_size(config)
     if not config.get("shared_core", False) and not (isinstance(config.get("L", 12), int)
                                                      and config.get("L", 12) <= len(weights)):
         raise ValueError(f"L {config.get('L')!r}: more steps than the checkpoint has weights")  # each step has its own

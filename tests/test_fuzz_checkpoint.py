@@ -130,3 +130,18 @@ def test_a_file_that_is_not_a_zip_is_refused_before_torch_reads_it():
     134 MB) was read by torch.load as a legacy pickle stream, whose unpickler allocates the stated length first."""
     _, error = load(b"X\xff\xff\xff\x7f" + VALID[5:])
     assert "not torch.save's zip format" in str(error)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("field", ["L", "h_dim", "z_dim", "u_dim", "r_dim", "image_size"])
+def test_a_size_beyond_the_machines_memory_is_refused_before_anything_is_allocated(field, shared):
+    """Each size a model_config declares, with shared and unshared cores: one that would make a single scene's
+    forward pass hold more than this machine's memory is refused in one line naming it, allocating nothing (a shared
+    core's L is not bounded by the weights the file holds: L 10**9 once loaded, and its first render asked 128 GB)."""
+    from checkpoint import MEMORY, scene_bytes
+
+    config = {**CKPT["model_config"], "shared_core": shared}
+    while scene_bytes(config) <= MEMORY:  # doubled until one scene needs more than the machine holds
+        config[field] *= 2
+    result, error = load(saved({**CKPT, "model_config": config}))
+    assert result is None and f"{field} {config[field]}: one scene's forward pass would hold" in str(error)
