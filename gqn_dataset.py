@@ -5,6 +5,7 @@ format and its writer: gqn_format.py; torch-gqn's scene files: legacy_scenes.py;
 views: sampling.py; the model's input (resize, to_model): model.py. Their public names are importable from here too.
 """
 import bisect
+import contextlib
 import os
 
 import numpy as np
@@ -30,6 +31,19 @@ def _decode_into(jpeg, out, where):
         raise DatasetError(f"{where}: bad JPEG ({one_line(e)})") from None
     if img.shape != out.shape:
         raise DatasetError(f"{where}: JPEG is {img.shape[1]}x{img.shape[0]}, expected {out.shape[1]}x{out.shape[0]}")
+
+
+@contextlib.contextmanager
+def _opened(path):
+    """The file open for os.pread, closed after; DatasetError naming it if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({one_line(e.strerror or e)})") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _identity(path):
@@ -135,7 +149,7 @@ class GQNDataset(torch.utils.data.Dataset):
                                    f"{(self.fov, self.near, self.far)}: two data sets in one folder?")
             self.source = self.source or source
             self.has_objects = self.has_objects and arrays[3] is not None
-            self._shards[i] = arrays  # mmap'd, so this holds no file handle and reads no JPEG bytes
+            self._shards[i] = arrays  # where the tensors lie: this holds no file handle and reads no JPEG bytes
             self._mapped[i] = identity
             counts.append(len(arrays[2]))
         if not self._shards:
@@ -189,7 +203,7 @@ class GQNDataset(torch.utils.data.Dataset):
         self.dataset = max(known, key=len) if known else None
 
     def __getstate__(self):
-        # DataLoader workers started with spawn re-open (mmap) shards themselves instead of receiving the bytes.
+        # DataLoader workers started with spawn find the shards' tensors again themselves (cheap: headers only).
         state = dict(self.__dict__)
         if "_shards" in state:
             state["_shards"] = {}
@@ -214,14 +228,13 @@ class GQNDataset(torch.utils.data.Dataset):
         k, local = self._locate(i)
         views = [int(j) for j in views]
         empty, offsets, masks = self._shard(k)[3]
-        o = offsets[local * self.views:(local + 1) * self.views + 1]
-        if o[0] < 0 or o[-1] > len(empty) or (o[1:] < o[:-1]).any():
-            raise DatasetError(f"{self._paths[k]}: scene {local}'s empty views are damaged (offsets out of order or "
-                               f"out of range)")
+        with _opened(self._paths[k]) as fd:
+            blob, o = self._frames(k, empty, offsets, local, "empty views", fd)
+            bits = masks.rows(local, local + 1, fd)[0][views]
         out = np.empty((len(views), self.image_size, self.image_size, 3), dtype=np.uint8)
         for j, im in zip(views, out):
-            _decode_into(empty[o[j]:o[j + 1]], im, self._paths[k])
-        bits = np.unpackbits(masks[local, views], axis=-1, count=self.image_size * self.image_size)
+            _decode_into(blob[o[j]:o[j + 1]], im, self._paths[k])
+        bits = np.unpackbits(bits, axis=-1, count=self.image_size * self.image_size)
         return (torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(),
                 torch.from_numpy(bits.reshape(len(views), self.image_size, self.image_size).astype(bool)))
 
@@ -251,9 +264,9 @@ class GQNDataset(torch.utils.data.Dataset):
         return k, i - self._starts[k]
 
     def _shard(self, k):
-        """Shard k's mmap'd arrays, mapped again when the file has changed on disk since they were mapped: a file
-        truncated under a mapping raises SIGBUS where the mapping reaches past its new end, which no handler can turn
-        into an error, so each read first compares the file's identity (a stat, about a microsecond)."""
+        """Shard k's Stored arrays (where its tensors lie in the file), found again when the file has changed on disk
+        since: each read first compares the file's identity (a stat, about a microsecond), so a shard rewritten in
+        place is read where its new tensors lie."""
         path = self._paths[k]
         identity = _identity(path)
         shard = self._shards.get(k)
@@ -266,15 +279,24 @@ class GQNDataset(torch.utils.data.Dataset):
         return shard
 
     def _scene(self, k, local):
-        """Scene `local` of shard k -> (the shard's JPEG bytes, the scene's S+1 offsets into them, cameras [S, 7]).
+        """Scene `local` of shard k -> (its JPEG bytes, the S+1 offsets of its views into them, cameras [S, 7]).
 
         Checked per scene, which costs microseconds, rather than all offsets and cameras when a folder is opened."""
         jpeg, offsets, cameras, _ = self._shard(k)
-        o = offsets[local * self.views:(local + 1) * self.views + 1]
-        if o[0] < 0 or o[-1] > len(jpeg) or (o[1:] < o[:-1]).any() or not np.isfinite(cameras[local]).all():
-            raise DatasetError(f"{self._paths[k]}: scene {local} is damaged (JPEG offsets out of order or out of "
-                               f"range, or a camera not finite)")
-        return jpeg, o, cameras[local]
+        with _opened(self._paths[k]) as fd:
+            camera = cameras.rows(local, local + 1, fd)[0]
+            if not np.isfinite(camera).all():
+                raise DatasetError(f"{self._paths[k]}: scene {local} is damaged (a camera not finite)")
+            blob, o = self._frames(k, jpeg, offsets, local, "views", fd)
+        return blob, o, camera
+
+    def _frames(self, k, jpeg, offsets, local, what, fd):
+        """One scene's JPEG frames, read in one go -> (their bytes, the S+1 offsets of its views into them)."""
+        o = offsets.read(local * self.views, (local + 1) * self.views + 1, fd)
+        if o[0] < 0 or o[-1] > len(jpeg) or (o[1:] < o[:-1]).any():
+            raise DatasetError(f"{self._paths[k]}: scene {local}'s {what} are damaged (JPEG offsets out of order or "
+                               f"out of range)")
+        return jpeg.read(o[0], o[-1], fd), o - o[0]
 
     def _legacy(self, k):
         frames, cameras5 = load_legacy_scene(self._paths[k])

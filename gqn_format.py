@@ -12,11 +12,16 @@ square), "near" and "far" (the depth range the scenes occupy, along the camera's
 written before these keys existed, DeepMind's and torch-gqn's data have none (GQNDataset gives None). The optional
 key "source" says which tool wrote the shard (SOURCES), so that a folder holding two data sets that share a name
 (DeepMind's Shepard-Metzler scenes and the built-in renderer's) is refused instead of read as one. The JPEGs are
-DeepMind's own bytes (lossless, about the TFRecords' size); with mmap only the views asked for are read.
+DeepMind's own bytes (lossless, about the TFRecords' size); a reader reads only the scenes it is asked for, with
+os.pread where the zip stores each tensor (Stored), never through a memory map: a shard cut short under a map would
+end the run with SIGBUS.
 """
 import io
 import math
 import os
+import re
+import struct
+import zipfile
 
 import numpy as np
 import simplejpeg
@@ -175,19 +180,81 @@ OBJECT_KEYS = (("empty_jpeg", torch.uint8, 1), ("empty_offsets", torch.int64, 1)
 
 
 def _plain(t, name, dtype, dim):
-    """A shard's tensor -> its numpy array, if it is what write_shard stores: dense, contiguous, on the CPU, of that
-    dtype and rank. Its size is then its bytes in the file (a stride-0 or sparse tensor could claim any size)."""
+    """A shard's tensor, if it is what write_shard stores: dense, contiguous, on the CPU, of that dtype and rank, the
+    whole of its storage. Its size is then its bytes in the file (a stride-0 or sparse tensor could claim any size)."""
     if (type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != dim or t.layout != torch.strided
-            or t.device.type != "cpu" or not t.is_contiguous()):
+            or t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.nbytes):
         raise ValueError(f"{name} is not a contiguous {dim}-d {dtype} tensor")
-    return t.numpy()
+    return t
+
+
+class Stored:
+    """A tensor a shard holds, read from the file with os.pread when asked, never memory-mapped: a shard cut short
+    while a run reads it (the stat before each read cannot close that window) is a short read, a DatasetError the
+    run skips the scene for, where a page of a memory map past the file's new end ends the process (SIGBUS)."""
+
+    def __init__(self, path, start, dtype, shape):
+        self.path, self.start, self.dtype, self.shape = path, start, np.dtype(dtype), tuple(shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, lo, hi, fd=None):
+        """Flat elements lo..hi-1 -> numpy array; fd: the file, open, to read several arrays with one open."""
+        n = (hi - lo) * self.dtype.itemsize
+        if lo < 0 or n < 0:
+            raise DatasetError(f"{self.path}: a read out of range (elements {lo} to {hi})")
+        own = fd is None
+        fd = os.open(self.path, os.O_RDONLY) if own else fd
+        try:
+            data = os.pread(fd, n, self.start + lo * self.dtype.itemsize)
+        finally:
+            if own:
+                os.close(fd)
+        if len(data) != n:
+            raise DatasetError(f"{self.path}: cut short (it ends inside the bytes a scene needs)")
+        return np.frombuffer(data, self.dtype)
+
+    def rows(self, i, j, fd=None):
+        """Rows i..j-1 along the first axis -> numpy array of shape (j - i, *shape[1:])."""
+        per = math.prod(self.shape[1:])
+        return self.read(i * per, j * per, fd).reshape(j - i, *self.shape[1:])
+
+
+_STORAGE = re.compile(r"/data/\d+$")
+
+
+def stored(path, tensors):
+    """{name: tensor} of a torch.save file loaded with mmap -> {name: Stored}: where each tensor's bytes lie in the
+    file. The zip's storage entries and the tensors' storages are both in file order (the addresses of the map),
+    and each tensor is the whole of its own storage (_plain), so they pair up one to one; torch writes the entries
+    uncompressed, after a local header whose name and extra lengths say where the bytes start."""
+    out = {k: Stored(path, 0, t.numpy().dtype, t.shape) for k, t in tensors.items() if t.nbytes == 0}  # no bytes
+    order = sorted((k for k in tensors if k not in out), key=lambda k: tensors[k].untyped_storage().data_ptr())
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        entries = sorted((i for i in z.infolist() if _STORAGE.search(i.filename) and i.file_size),
+                         key=lambda i: i.header_offset)
+        if len(entries) != len(order):
+            raise ValueError(f"{len(entries)} stored arrays for {len(order)} tensors")
+        for name, info in zip(order, entries):
+            t = tensors[name]
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != t.nbytes:
+                raise ValueError(f"{name}'s bytes are not stored as written")
+            header = os.pread(f.fileno(), 30, info.header_offset)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise ValueError(f"{name}'s zip entry has no local header")
+            n, m = struct.unpack("<HH", header[26:30])
+            out[name] = Stored(path, info.header_offset + 30 + n + m, t.numpy().dtype, t.shape)
+    return out
 
 
 def read_shard(path):
     """Load and check one converted shard -> ((dataset, image_size, views), (fov, near, far), source, (jpeg,
-    offsets, cameras, objects) as mmap'd numpy arrays; objects: None, or (empty_jpeg, empty_offsets, masks)). The fields are checked against each other and their ends (the
-    offsets' first and last, the cameras' shape), so that nothing is sized from a damaged or hostile value; each
-    scene's own offsets and cameras are checked when it is read (GQNDataset._scene). DatasetError names the file."""
+    offsets, cameras, objects) as Stored arrays; objects: None, or (empty_jpeg, empty_offsets, masks)). The fields
+    are checked against each other and their ends (the offsets' first and last, the cameras' shape), so that nothing
+    is sized from a damaged or hostile value; each scene's own offsets and cameras are checked when it is read
+    (GQNDataset._scene). DatasetError names the file."""
     try:
         obj = torch.load(path, weights_only=True, mmap=True)
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -197,32 +264,33 @@ def read_shard(path):
             raise ValueError("dataset or source is not a string")
         if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE or type(views) is not int or views < 0:
             raise ValueError(f"image_size {size!r} or views {views!r} out of range")
-        jpeg, offsets, cameras = (_plain(obj.get(k), k, dtype, dim) for k, dtype, dim in _SHARD_TENSORS)
-        if (cameras.shape[1:] != (views, 7) or len(offsets) != len(cameras) * views + 1 or offsets[0] != 0
-                or offsets[-1] != len(jpeg)):
+        tensors = {k: _plain(obj.get(k), k, dtype, dim) for k, dtype, dim in _SHARD_TENSORS}
+        present = [k for k, _, _ in OBJECT_KEYS if obj.get(k) is not None]
+        if present and len(present) < len(OBJECT_KEYS):
+            raise ValueError(f"{', '.join(present)} without the rest of {', '.join(k for k, _, _ in OBJECT_KEYS)}")
+        tensors.update({k: _plain(obj.get(k), k, dtype, dim) for k, dtype, dim in OBJECT_KEYS if present})
+        arrays = stored(path, tensors)
+        jpeg, offsets, cameras = (arrays[k] for k, _, _ in _SHARD_TENSORS)
+        ends = offsets.read(0, 1).tolist() + offsets.read(len(offsets) - 1, len(offsets)).tolist()
+        if cameras.shape[1:] != (views, 7) or len(offsets) != len(cameras) * views + 1 or ends != [0, len(jpeg)]:
             raise ValueError("inconsistent header")
         if len(offsets) > 1:  # the first frame's size, so that a damaged image_size allocates nothing to decode
-            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg[offsets[0]:offsets[1]])
+            h, w, _, _ = simplejpeg.decode_jpeg_header(jpeg.read(0, offsets.read(1, 2)[0]).tobytes())
             if (h, w) != (size, size):
                 raise ValueError(f"its first frame is {w}x{h}, its image_size {size}")
         camera = camera_model(**{k: obj[k] for k in CAMERA_KEYS if obj.get(k) is not None})
-        objects = _objects(obj, len(cameras), views, size)
+        objects = _objects(arrays, len(cameras), views, size) if present else None
     except Exception as e:  # torch's zip reader adds paragraphs of advice after its first sentence
-        raise DatasetError(f"{path}: not a converted GQN shard ({one_line(e).split('. ')[0]})") from None
+        why = one_line(e).removeprefix(f"{path}: ").split(". ")[0]
+        raise DatasetError(f"{path}: not a converted GQN shard ({why})") from None
     return (dataset, size, views), tuple(camera.get(k) for k in CAMERA_KEYS), source, \
         (jpeg, offsets, cameras, objects)
 
 
-def _objects(obj, n, views, size):
-    """A shard's optional record of what its objects change -> None, or (empty_jpeg, empty_offsets, masks),
-    checked as the frames are."""
-    present = [k for k, _, _ in OBJECT_KEYS if obj.get(k) is not None]
-    if not present:
-        return None
-    if len(present) < len(OBJECT_KEYS):
-        raise ValueError(f"{', '.join(present)} without the rest of {', '.join(k for k, _, _ in OBJECT_KEYS)}")
-    empty, offsets, masks = (_plain(obj.get(k), k, dtype, dim) for k, dtype, dim in OBJECT_KEYS)
-    if (len(offsets) != n * views + 1 or offsets[0] != 0 or offsets[-1] != len(empty)
-            or masks.shape != (n, views, -(-size * size // 8))):
+def _objects(arrays, n, views, size):
+    """A shard's record of what its objects change -> (empty_jpeg, empty_offsets, masks), checked as the frames are."""
+    empty, offsets, masks = (arrays[k] for k, _, _ in OBJECT_KEYS)
+    ends = offsets.read(0, 1).tolist() + offsets.read(len(offsets) - 1, len(offsets)).tolist()
+    if len(offsets) != n * views + 1 or ends != [0, len(empty)] or masks.shape != (n, views, -(-size * size // 8)):
         raise ValueError("inconsistent record of the empty views")
     return empty, offsets, masks

@@ -75,9 +75,8 @@ def test_shard_file_is_plain_tensors(converted, fixtures_dir):
 
 def test_scenes_are_numbered_through_shards_in_name_order(converted, tmp_path):
     src = GQNDataset(converted / SM5 / "train")
-    frames = [[bytes(src._shards[0][0][src._shards[0][1][i * 15 + j]:src._shards[0][1][i * 15 + j + 1]])
-               for j in range(15)] for i in range(2)]
-    cams = src._shards[0][2]
+    frames, cams = zip(*(src.encoded(i) for i in range(2)))
+    frames, cams = list(frames), np.stack(cams)
     out = tmp_path / "two"
     gd.write_shard(str(out / "002-of-002.pt"), frames[:1], cams[:1], SM5, 64)  # scene A
     gd.write_shard(str(out / "001-of-002.pt"), frames[::-1], cams[::-1], SM5, 64)  # scenes B, A
