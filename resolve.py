@@ -19,6 +19,7 @@ from config import RESUME_MAY_CHANGE, Config, RunState
 from dataset_names import resolve_dataset, stands_for
 from distributed import check_amp, pick_device
 from gqn_dataset import open_split
+from scheduler import anneal_steps
 
 
 @dataclass
@@ -169,7 +170,7 @@ def resumed(cfg, given, ckpt):
     names the saved value in another form (Room for rooms_ring_camera, 0 for 0.0) is the same flag."""
     old = Config.from_dict(ckpt["config"])
     for k, v in given.items():
-        if k not in RESUME_MAY_CHANGE | {"root_log_dir", "log_dir"} and not same_value(k, v, old):
+        if k not in RESUME_MAY_CHANGE | {"root_log_dir", "log_dir"} and not same_value(k, v, old, "state" in ckpt):
             raise UserError(f"--{k} {v} differs from the run being resumed ({getattr(old, k)}); only "
                             f"{', '.join('--' + n for n in sorted(RESUME_MAY_CHANGE - {'resume'}))} may change")
     keep = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE - {"resume"}}
@@ -203,11 +204,13 @@ def resume_notes(cfg, given, state):
             f"(the learning rate over {state.lr_n:g} steps, σ over {state.sigma_n:g})"]
 
 
-def same_value(flag, value, old):
-    """Whether --flag value (already parsed: booleans and numbers in any spelling are values) means what `old` has."""
+def same_value(flag, value, old, has_state=True):
+    """Whether --flag value (already parsed: booleans and numbers in any spelling are values) means what `old` has.
+    has_state: the checkpoint keeps the run's state apart from its config (an earlier version's config held the
+    step counts --lr_n / --sigma_n resolved to in their place)."""
     saved = getattr(old, flag)
     if flag == "dataset":  # what the name stood for when the run started: a torch-gqn name or the DeepMind one
         return value == saved or stands_for(value, saved)
-    if flag in ("lr_n", "sigma_n") and value < 1:  # the whole run or a share: a count once the length was fixed
-        return saved == value or saved >= 1
+    if flag in ("lr_n", "sigma_n") and value < 1 <= saved and not has_state:  # the count that share resolved to
+        return saved == anneal_steps(value, old.gradient_steps)
     return value == saved
