@@ -9,8 +9,10 @@ one table:
     python bench_data.py [--scenes 200] [--batch 36] [--workers 2] [--scenes_from fixtures|renderer]
 
 The torch-gqn-style reader is what torch-gqn's GQNDataset does per scene: gzip, unpickle (torch.load of a
-pickled Scene), Pillow-decode all S frames. Timings run on one thread (torch.set_num_threads(1)).
+pickled Scene), Pillow-decode all S frames. One row compares the converted reader (os.pread) with the memory-mapped
+reader it replaced instead (MappedShards). Timings run on one thread (torch.set_num_threads(1)).
 """
+import bisect
 import collections
 import gzip
 import io
@@ -52,6 +54,26 @@ class TorchGQNStyle(torch.utils.data.Dataset):
             scene = torch.load(f, weights_only=False)
         frames = np.stack([np.asarray(Image.open(io.BytesIO(x)).convert("RGB")) for x in scene.frames])
         return torch.from_numpy(frames).permute(0, 3, 1, 2), torch.from_numpy(pose7(scene.cameras[0]))
+
+
+class MappedShards:
+    """The converted reader as it was before os.pread: each shard memory-mapped (torch.load mmap=True), a scene's
+    frames sliced out of the map. A shard cut short under a map ends the process with SIGBUS, so it is only the
+    reference that the pread reader's speed is compared with."""
+
+    def __init__(self, root):
+        self.shards = [torch.load(os.path.join(root, n), weights_only=True, mmap=True) for n in sorted(os.listdir(root))]
+        self.starts = np.cumsum([0] + [len(s["cameras"]) for s in self.shards]).tolist()
+
+    def __getitem__(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        shard, local = self.shards[k], i - self.starts[k]
+        views, size, jpeg = shard["views"], shard["image_size"], shard["jpeg"].numpy()
+        o = shard["offsets"].numpy()[local * views:(local + 1) * views + 1]
+        out = np.empty((views, size, size, 3), dtype=np.uint8)
+        for j in range(views):
+            simplejpeg.decode_jpeg(jpeg[o[j]:o[j + 1]], colorspace="RGB", buffer=out[j])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(shard["cameras"][local].numpy())
 
 
 def torch_gqn_batch(frames, cameras, rng, k):
@@ -170,6 +192,9 @@ def run(argv=None):
         baseline = rate(read_all(old, order), args.scenes)
         rows.append(("full scene (15 views), converted shards", rate(read_all(converted, order), args.scenes),
                      "scenes/s", baseline, True))
+        mapped = rate(read_all(MappedShards(os.path.join(folder, "converted")), order), args.scenes)
+        rows.append(("  the same, against the memory-mapped reader it replaced", rate(read_all(converted, order),
+                     args.scenes), "scenes/s", mapped, True))
         rows.append(("full scene (15 views), torch-gqn folder via GQNDataset", rate(read_all(legacy, order),
                      args.scenes), "scenes/s", baseline, True))
 
