@@ -105,6 +105,13 @@ def positive_int(s):
     return _integer(s, 1, "a positive integer")
 
 
+def port_number(s):
+    n = _integer(s, 1, "a port, 1 to 65535")
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 1 to 65535, got {s!r}")
+    return n
+
+
 def nonneg_int(s):
     return _integer(s, 0, "a non-negative integer")
 

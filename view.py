@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import cli
+import view_gate
 from cameras import camera_frames, from_matrix, pose7
 from checkpoint import input_size, load_model, recorded_folder, run_seed
 from cli import UserError
@@ -123,7 +124,7 @@ class Viewer:
     """The viser server, its page and a renderer thread that always takes the latest camera of each browser."""
 
     def __init__(self, model, ds, host="localhost", port=8080, scene=0, context=None, samples=8, seed=0, size=None,
-                 fov=None, max_context=None):
+                 fov=None, max_context=None, token=None):
         import viser
 
         self.model, self.ds = model, ds
@@ -133,7 +134,8 @@ class Viewer:
         self.renderer = Renderer(model, ds, self.size, seed)
         self.lock = threading.Condition()
         self.pending, self.draw_set, self.rendered, self.closed = {}, 0, {}, False
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        with view_gate.gated(view_gate.Gate(token)):  # other sites, and other machines without the token, refused
+            self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.server.scene.set_up_direction("+z")  # the data's world: z up
         self._controls(scene, context, samples)
         self._show_scene()
@@ -258,11 +260,15 @@ class Viewer:
         self.server.stop()
 
 
-def serve(model, ds, host="localhost", port=8080, **kwargs):
+def serve(model, ds, host="localhost", port=8080, token=None, **kwargs):
     """Serve the viewer for `model` (a GQN in eval mode, e.g. torch.hub's) on the scenes of `ds` (a GQNDataset) ->
-    Viewer; view.py's command line does this for a checkpoint."""
+    Viewer, whose `url` opens it (with the token a --host other than localhost needs: view_gate.py); view.py's
+    command line does this for a checkpoint."""
     check_port(host, port)
-    return Viewer(model.eval(), ds, host, port, **kwargs)
+    token = token or view_gate.new_token(host)
+    viewer = Viewer(model.eval(), ds, host, port, token=token, **kwargs)
+    viewer.url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    return viewer
 
 
 def check_port(host, port):
@@ -283,8 +289,11 @@ def parse_args(argv=None):
       help="a train.py checkpoint (default: the default job's, runs/default/checkpoints/latest.pt)")
     a("--data_dir", default=None, help="split folder of the scenes to look at (default: the run's test split)")
     a("--scene", type=cli.nonneg_int, default=0, help="the test scene shown first (default 0)")
-    a("--port", type=cli.positive_int, default=8080, help="port to serve on (default 8080)")
-    a("--host", default="localhost", help="address to serve on (default localhost; 0.0.0.0: every interface)")
+    a("--port", type=cli.port_number, default=8080, help="port to serve on, 1 to 65535 (default 8080)")
+    a("--host", default="localhost",
+      help="address to serve on (default localhost: this machine only, and no other web page may connect). Any "
+           "other address (0.0.0.0: every interface) lets whoever reaches it on the network drive the viewer and "
+           "see the scenes, with the token printed at start in the address to open")
     a("--seed", type=cli.nonneg_int, default=None, help="chooses the first context views and the draws "
                                                         "(default: the run's --seed)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -317,8 +326,8 @@ def run(args):
     viewer = serve(model, ds, args.host, args.port, scene=args.scene, seed=seed, size=size,
                    max_context=(ckpt.get("data") or {}).get("max_context"))
     try:
-        print(f"Serving the GQN viewer on http://{args.host}:{args.port} ({args.checkpoint}, {len(ds)} scenes of "
-              f"{data_dir}); Ctrl-C stops it.", flush=True)
+        print(f"Serving the GQN viewer on {viewer.url} ({args.checkpoint}, {len(ds)} scenes of {data_dir}); "
+              f"Ctrl-C stops it.", flush=True)
         viewer.sleep_forever()
     finally:
         viewer.stop()

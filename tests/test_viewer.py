@@ -129,7 +129,7 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "scene out of range", "port in use", "data of another size",
-                                  "a moved run"])
+                                  "a moved run", "port out of range"])
 def test_bad_input_gets_one_line(tmp_path, case):
     data = make_data(tmp_path / "test", scenes=3, views=6)
     ckpt = make_checkpoint(tmp_path / "c.pt")
@@ -139,7 +139,8 @@ def test_bad_input_gets_one_line(tmp_path, case):
             "port in use": ["--checkpoint", str(ckpt), "--data_dir", str(data)],
             "data of another size": ["--checkpoint", str(make_checkpoint(tmp_path / "c32.pt", image_size=2 * SIZE)),
                                      "--data_dir", str(data)],
-            "a moved run": ["--checkpoint", str(moved_checkpoint(tmp_path))]}[case]
+            "a moved run": ["--checkpoint", str(moved_checkpoint(tmp_path))],
+            "port out of range": ["--checkpoint", str(ckpt), "--data_dir", str(data), "--port", "80800"]}[case]
     import socket
 
     with socket.socket() as s:
@@ -148,7 +149,8 @@ def test_bad_input_gets_one_line(tmp_path, case):
         r = run_script("view.py", "--port", port, "--device", "cpu", *argv)
     script_error(r, {"missing checkpoint": "no such checkpoint file", "scene out of range": "--scene 3: ",
                      "port in use": f"--port {port}: cannot serve", "data of another size": "--data_dir",
-                     "a moved run": "--data_dir: the run's data folder /gone/sm/test is not there"}[case])
+                     "a moved run": "--data_dir: the run's data folder /gone/sm/test is not there",
+                     "port out of range": "--port: expected a port, 1 to 65535, got '80800'"}[case])
 
 
 def moved_checkpoint(tmp_path):
@@ -174,3 +176,83 @@ def test_a_signal_stops_the_server_even_when_its_shell_ignored_sigint(tmp_path, 
         proc.kill()  # never outlive the test (its own session would keep it running)
     assert proc.returncode == 130 and "Traceback" not in out
     assert out.strip().splitlines()[-1] == "stopped the viewer"
+
+
+def handshake(url, **headers):
+    """A websocket handshake with view.py -> the HTTP status it answered (101: accepted)."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(url, additional_headers=headers, open_timeout=30):
+            return 101
+    except InvalidStatus as e:
+        return e.response.status_code
+
+
+def http_get(url, **headers):
+    """-> (status, headers) of a GET of view.py's page."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def serving(tmp_path):
+    """view.py serving a tiny model on localhost -> (process, port)."""
+    data = make_data(tmp_path / "test", scenes=2, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    port = free_port()
+    return start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port), port
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+
+
+def test_a_web_page_of_another_site_cannot_drive_the_viewer(tmp_path):
+    proc, port = serving(tmp_path)
+    try:
+        here = f"ws://localhost:{port}"
+        assert handshake(here, Origin=f"http://localhost:{port}") == 101  # the viewer's own page
+        assert handshake(here) == 101  # a program (no Origin): this machine's own user
+        assert handshake(here, Origin="http://evil.example") == 403  # another site open in the user's browser
+        # a site whose name was pointed at 127.0.0.1 (DNS rebinding): its own origin, its own Host
+        assert http_get(f"http://localhost:{port}/", Host=f"evil.example:{port}")[0] == 403
+        assert http_get(f"http://localhost:{port}/")[0] == 200
+    finally:
+        stop(proc)
+
+
+def test_another_host_needs_the_token_it_prints(tmp_path):
+    data = make_data(tmp_path / "test", scenes=2, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "view.py"), "--port", str(port), "--device", "cpu",
+                             "--host", "127.0.0.2", "--checkpoint", str(ckpt), "--data_dir", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        while line and "Serving" not in line:
+            line = proc.stdout.readline()
+        url = line.split(" on ")[1].split()[0]
+        assert url.startswith(f"http://127.0.0.2:{port}/?token=") and len(url.split("token=")[1]) >= 20
+        base = f"127.0.0.2:{port}"
+        assert http_get(f"http://{base}/")[0] == 403  # no token
+        assert http_get(f"http://{base}/?token=wrong")[0] == 403
+        status, headers = http_get(url)
+        assert status == 200
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert handshake(f"ws://{base}", Origin=f"http://{base}") == 403  # the page without the token's cookie
+        assert handshake(f"ws://{base}", Origin=f"http://{base}", Cookie=cookie) == 101
+        assert http_get(f"http://{base}/", Cookie=cookie)[0] == 200  # the page's own later requests
+    finally:
+        stop(proc)
