@@ -32,7 +32,7 @@ import cli
 import view_gate
 from cameras import camera_frames, from_matrix, pose7
 from checkpoint import input_size, load_model, recorded_folder, run_seed
-from cli import UserError
+from cli import UserError, one_line
 from gqn_dataset import DatasetError, MAX_CONTEXT, fixed_views, open_split, resize
 
 SHOW = ("one draw", "mean of draws", "spread")
@@ -158,11 +158,23 @@ class Viewer:
         self.time_out = gui.add_text("render time", "", disabled=True)
         self.pose_out = gui.add_text("camera (x y z yaw pitch)", "", disabled=True)
         self.note = gui.add_markdown("")
-        self.scene_in.on_update(lambda _: self._show_scene(new_scene=True))
+        self.scene_in.on_update(lambda _: self._within(self.scene_in, "scene", len(self.ds) - 1)
+                                and self._show_scene(new_scene=True))
         self.context_in.on_update(lambda _: self._show_scene())
         self.frustums_in.on_update(lambda _: self._show_scene())
-        for handle in (self.samples_in, self.show_in):
-            handle.on_update(lambda _: self._rerender())
+        self.samples_in.on_update(lambda _: self._within(self.samples_in, "draws of z", 16, low=1) and self._rerender())
+        self.show_in.on_update(lambda _: self._rerender())
+
+    def _within(self, handle, what, high, low=0):
+        """A number box's value -> True if it is a whole number in low..high; else it is set to the nearest that is
+        (which calls back again) and the page says so -> False."""
+        value = handle.value
+        fixed = min(high, max(low, round(value))) if math.isfinite(value) else low
+        if fixed == value:
+            return True
+        self.note.content = f"{what}: {low} to {high}, not {value:g}; set to {fixed}"
+        handle.value = fixed
+        return False
         self.resample.on_click(lambda _: self._rerender(new_draws=True))
 
     def _context_views(self, new_scene):
@@ -185,8 +197,12 @@ class Viewer:
         chosen = self._context_views(new_scene)
         if chosen is None:
             return
-        with self.lock:
-            self.renderer.set_context(*chosen)
+        try:
+            with self.lock:
+                self.renderer.set_context(*chosen)
+        except DatasetError as e:  # a damaged scene: the one shown stays
+            self.note.content = f"scene {chosen[0]} cannot be read: {e}"
+            return
         self.server.scene.reset()
         if self.frustums_in.value:
             for j, img, cam in zip(self.renderer.views, self.renderer.images, self.renderer.cameras):
@@ -237,7 +253,11 @@ class Viewer:
             except (AssertionError, ValueError):  # a camera the browser has not reported yet
                 continue
             t = time.perf_counter()
-            view = self.renderer.render(v_q, int(self.samples_in.value), self.show_in.value, draw_set, context)
+            try:
+                view = self.renderer.render(v_q, int(self.samples_in.value), self.show_in.value, draw_set, context)
+            except Exception as e:  # noqa: BLE001 - shown on the page; the next camera renders again
+                self.note.content = f"This view could not be drawn: {one_line(e)}"
+                continue
             ms = 1000 * (time.perf_counter() - t)
             client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
             self.rendered[client.client_id] = (v_q, view)

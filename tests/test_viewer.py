@@ -256,3 +256,62 @@ def test_another_host_needs_the_token_it_prints(tmp_path):
         assert http_get(f"http://{base}/", Cookie=cookie)[0] == 200  # the page's own later requests
     finally:
         stop(proc)
+
+
+class FakeClient:
+    """What the render thread reads of a browser: its id, its camera and where its view goes."""
+
+    def __init__(self, position):
+        import types
+
+        self.client_id = 1
+        self.camera = types.SimpleNamespace(position=position, wxyz=(1.0, 0.0, 0.0, 0.0), image_height=64,
+                                            image_width=64)
+        self.shown = []
+        self.scene = types.SimpleNamespace(set_background_image=lambda image, format: self.shown.append(image))
+
+
+@pytest.fixture
+def viewer(tmp_path):
+    import view
+    from checkpoint import load_model
+    from gqn_dataset import GQNDataset
+
+    model, _ = load_model(str(make_checkpoint(tmp_path / "c.pt", representation="volume")))
+    v = view.serve(model, GQNDataset(make_data(tmp_path / "test", scenes=3, views=6)), port=free_port(), samples=4)
+    yield v
+    v.stop()
+
+
+def test_out_of_range_controls_are_set_in_range_and_the_page_says_so(viewer):
+    for handle, bad, fixed, words in ((viewer.samples_in, 0, 1, "draws of z: 1 to 16, not 0; set to 1"),
+                                      (viewer.samples_in, -5, 1, "not -5"), (viewer.samples_in, 40, 16, "set to 16"),
+                                      (viewer.scene_in, 600, 2, "scene: 0 to 2, not 600; set to 2"),
+                                      (viewer.scene_in, -3, 0, "set to 0")):
+        handle.value = bad
+        assert handle.value == fixed and words in viewer.note.content
+    assert viewer.renderer.scene == 0  # the scene set in range is the one shown
+    viewer.show_in.value = "spread"
+    client = FakeClient((3.0, 0.0, 1.0))
+    viewer._request(client)
+    wait_until(lambda: client.shown, "a view at one draw's spread")
+
+
+def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, monkeypatch):
+    render = viewer.renderer.render
+    calls = []
+
+    def once_broken(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory\nand more")
+        return render(*a, **k)
+
+    monkeypatch.setattr(viewer.renderer, "render", once_broken)
+    client = FakeClient((3.0, 0.0, 1.0))
+    viewer._request(client)
+    wait_until(lambda: "could not be drawn: out of memory" in viewer.note.content, "the failure said on the page")
+    assert not client.shown
+    viewer._request(client)
+    wait_until(lambda: client.shown, "the next view")
+    assert client.shown[0].shape[2] == 3
