@@ -15,8 +15,9 @@ The browser's camera becomes the data's 7-d pose (DeepMind's convention, cameras
 a 7-d pose has no roll, so a rolled browser camera is drawn unrolled, and the page says so once. The controls: the
 test scene, which of its views are context (any number up to the model's K), the number of draws of z, a new set of
 draws, and whether the view shows one draw, the draws' mean or their per-pixel spread; the page shows the render
-time of the last view and its camera (x y z yaw pitch, as render.py --poses reads it). A camera moved while a view
-is being rendered replaces the request waiting for the renderer: nothing queues behind a slow model. The scene's
+time of the last view and its camera (x y z yaw pitch, as render.py --poses reads it). Each browser tab has its own
+controls and state (view_gate.py says who may open one). A camera moved while a view is being rendered replaces the
+tab's request waiting for the renderer: nothing queues behind a slow model. The scene's
 context is encoded once (GQN.encode_context) and only the query camera's part runs per view.
 """
 import math
@@ -24,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,23 +93,21 @@ class Renderer:
     def __init__(self, model, ds, size, seed=0):
         self.model, self.ds, self.size, self.seed = model, ds, size, seed
         self.device = next(model.parameters()).device
-        self.context = self.scene = self.views = None
-
-    def set_context(self, scene, views):
-        frames, cams = self.ds.load(scene, views)
-        x = (resize(frames, self.size) / 255).to(self.device)  # (K, 3, S, S)
-        self.images, self.cameras = frames, cams
-        self.scene, self.views = scene, list(views)
-        self.context = self.model.encode_context(x[None], cams[None].to(self.device))
 
     @torch.no_grad()
-    def render(self, v_q, samples, show, draw_set, context=None):
+    def context(self, scene, views):
+        """Context views of a scene -> Context, r's part encoded (GQN.encode_context)."""
+        frames, cams = self.ds.load(scene, views)
+        x = (resize(frames, self.size) / 255).to(self.device)  # (K, 3, S, S)
+        return Context(scene, list(views), frames, cams, self.model.encode_context(x[None], cams[None].to(self.device)))
+
+    @torch.no_grad()
+    def render(self, v_q, samples, show, draw_set, context):
         """The view from v_q (7,) -> (3, S, S) in [0, 1]: draw 0 of `samples` (the same draw whatever their number),
         their mean or their spread. Draw k of set `draw_set` comes from its own generator (seed, set, k): the same
         camera and set give the same picture."""
         n = 1 if show == SHOW[0] else samples
-        context = context or self.context
-        draws = torch.cat([self.model.generate_from(context, v_q[None].to(self.device),
+        draws = torch.cat([self.model.generate_from(context.encoded, v_q[None].to(self.device),
                                                     torch.Generator(self.device).manual_seed(
                                                         draw_seed(self.seed, draw_set, k)))
                            for k in range(n)]).float().cpu()  # (n, 3, S, S)
@@ -116,40 +116,29 @@ class Renderer:
         return draws.mean(0)
 
 
+@dataclass(frozen=True)
+class Context:
+    scene: int
+    views: list
+    images: torch.Tensor   # uint8 (K, 3, H, W), as stored
+    cameras: torch.Tensor  # (K, 7)
+    encoded: object        # GQN.encode_context's
+
+
 def draw_seed(seed, draw_set, k):
     return (seed * 1_000_003 + draw_set) * 1_000_003 + k
 
 
-class Viewer:
-    """The viser server, its page and a renderer thread that always takes the latest camera of each browser."""
+class Tab:
+    """One browser tab's controls and state: its scene, context, draws and what it shows. Another tab's are its own."""
 
-    def __init__(self, model, ds, host="localhost", port=8080, scene=0, context=None, samples=8, seed=0, size=None,
-                 fov=None, max_context=None, token=None):
-        import viser
-
-        self.model, self.ds = model, ds
-        self.size = size or model.config["image_size"]
-        self.max_context = min(ds.views - 1, max_context or MAX_CONTEXT.get(ds.dataset or "", ds.views - 1))
-        self.fov = fov or model.config.get("fov") or ds.fov or 20.0  # the model's camera, degrees
-        self.renderer = Renderer(model, ds, self.size, seed)
-        self.lock = threading.Condition()
-        self.pending, self.draw_set, self.rendered, self.closed = {}, 0, {}, False
-        with view_gate.gated(view_gate.Gate(token)):  # other sites, and other machines without the token, refused
-            self.server = viser.ViserServer(host=host, port=port, verbose=False)
-        self.server.scene.set_up_direction("+z")  # the data's world: z up
-        self._controls(scene, context, samples)
-        self._show_scene()
-        self.server.on_client_connect(self._connect)
-        self.thread = threading.Thread(target=self._work, name="gqn-render", daemon=True)
-        self.thread.start()
-
-    # ------------------------------------------------------------------------------------------------ the page
-
-    def _controls(self, scene, context, samples):
-        gui = self.server.gui
+    def __init__(self, viewer, client, scene, context, samples):
+        self.viewer, self.client, self.ds = viewer, client, viewer.ds
+        self.context, self.draw_set, self.roll_said = None, 0, False
+        gui = client.gui
         gui.add_markdown(f"**GQN viewer**: {self.ds.dataset or 'scenes'}, {len(self.ds)} test scenes; drag to orbit.")
         self.scene_in = gui.add_slider("scene", 0, len(self.ds) - 1, 1, scene)
-        default = context or fixed_views(self.renderer.seed, scene, self.ds.views, min(3, self.max_context))[0]
+        default = context or fixed_views(viewer.seed, scene, self.ds.views, min(3, viewer.max_context))[0]
         self.context_in = gui.add_text("context views", " ".join(str(int(i)) for i in default))
         self.samples_in = gui.add_slider("draws of z", 1, 16, 1, samples)
         self.show_in = gui.add_dropdown("show", SHOW, initial_value=SHOW[0])
@@ -159,11 +148,12 @@ class Viewer:
         self.pose_out = gui.add_text("camera (x y z yaw pitch)", "", disabled=True)
         self.note = gui.add_markdown("")
         self.scene_in.on_update(lambda _: self._within(self.scene_in, "scene", len(self.ds) - 1)
-                                and self._show_scene(new_scene=True))
-        self.context_in.on_update(lambda _: self._show_scene())
-        self.frustums_in.on_update(lambda _: self._show_scene())
-        self.samples_in.on_update(lambda _: self._within(self.samples_in, "draws of z", 16, low=1) and self._rerender())
-        self.show_in.on_update(lambda _: self._rerender())
+                                and self.show_scene(new_scene=True))
+        self.context_in.on_update(lambda _: self.show_scene())
+        self.frustums_in.on_update(lambda _: self.show_scene())
+        self.samples_in.on_update(lambda _: self._within(self.samples_in, "draws of z", 16, low=1) and self.rerender())
+        self.show_in.on_update(lambda _: self.rerender())
+        self.resample.on_click(lambda _: self.rerender(new_draws=True))
 
     def _within(self, handle, what, high, low=0):
         """A number box's value -> True if it is a whole number in low..high; else it is set to the nearest that is
@@ -175,77 +165,127 @@ class Viewer:
         self.note.content = f"{what}: {low} to {high}, not {value:g}; set to {fixed}"
         handle.value = fixed
         return False
-        self.resample.on_click(lambda _: self._rerender(new_draws=True))
 
     def _context_views(self, new_scene):
-        scene = int(self.scene_in.value)
+        scene, k = int(self.scene_in.value), self.viewer.max_context
         if new_scene:  # a new scene: its own fixed context views, as evaluate.py picks them
-            views = fixed_views(self.renderer.seed, scene, self.ds.views, len(self.renderer.views or [0, 0, 0]))[0]
+            count = len(self.context.views) if self.context else 3
+            views = fixed_views(self.viewer.seed, scene, self.ds.views, count)[0]
             self.context_in.value = " ".join(str(int(i)) for i in views)
         try:
             views = [int(t) for t in self.context_in.value.replace(",", " ").split()]
         except ValueError:
             views = []
-        if not (1 <= len(views) <= self.max_context and len(set(views)) == len(views)
-                and all(0 <= j < self.ds.views for j in views)):
-            self.note.content = (f"context views: give 1 to {self.max_context} distinct views of 0..{self.ds.views - 1}"
-                                 f", e.g. `0 5 9`")
+        if not (1 <= len(views) <= k and len(set(views)) == len(views) and all(0 <= j < self.ds.views for j in views)):
+            self.note.content = f"context views: give 1 to {k} distinct views of 0..{self.ds.views - 1}, e.g. `0 5 9`"
             return None
         return scene, views
 
-    def _show_scene(self, new_scene=False):
+    def show_scene(self, new_scene=False):
         chosen = self._context_views(new_scene)
         if chosen is None:
             return
         try:
-            with self.lock:
-                self.renderer.set_context(*chosen)
+            context = self.viewer.renderer.context(*chosen)
         except DatasetError as e:  # a damaged scene: the one shown stays
             self.note.content = f"scene {chosen[0]} cannot be read: {e}"
             return
-        self.server.scene.reset()
+        with self.viewer.lock:
+            self.context = context
+        scene = self.client.scene
+        scene.reset()
         if self.frustums_in.value:
-            for j, img, cam in zip(self.renderer.views, self.renderer.images, self.renderer.cameras):
+            for j, img, cam in zip(context.views, context.images, context.cameras):
                 position, wxyz = pose_wxyz(cam)
-                self.server.scene.add_camera_frustum(
-                    f"/context/view_{j}", fov=math.radians(self.fov), aspect=1.0, scale=0.25, color=(255, 160, 40),
-                    image=img.permute(1, 2, 0).numpy(), format="png", wxyz=wxyz, position=position)
-        self._rerender()
+                scene.add_camera_frustum(
+                    f"/context/view_{j}", fov=math.radians(self.viewer.fov), aspect=1.0, scale=0.25,
+                    color=(255, 160, 40), image=img.permute(1, 2, 0).numpy(), format="png", wxyz=wxyz,
+                    position=position)
+        self.rerender()
 
-    def _connect(self, client):
+    def rerender(self, new_draws=False):
+        with self.viewer.lock:
+            self.draw_set += int(new_draws)
+        self.viewer.request(self.client)
+
+    def show(self, v_q, roll, ms):
+        """The view rendered for this tab's camera: the page's outputs."""
+        raw = [*v_q[:3].tolist(), math.atan2(v_q[3], v_q[4]), math.atan2(v_q[5], v_q[6])]
+        self.time_out.value = f"{ms:.1f} ms ({self.show_in.value})"
+        self.pose_out.value = " ".join(f"{a:.6f}" for a in raw)
+        if abs(roll) > ROLL_NOTE and not self.roll_said:
+            self.roll_said = True
+            self.note.content = ("The browser's camera is rolled; a GQN pose (x, y, z, yaw, pitch) has no roll, so the "
+                                 "view is drawn unrolled.")
+
+
+class Viewer:
+    """The viser server, a Tab of controls and state for each browser tab, and a renderer thread that always takes
+    the latest camera of each tab."""
+
+    def __init__(self, model, ds, host="localhost", port=8080, scene=0, context=None, samples=8, seed=0, size=None,
+                 fov=None, max_context=None, token=None):
+        import viser
+
+        self.model, self.ds, self.seed = model, ds, seed
+        self.size = size or model.config["image_size"]
+        self.max_context = min(ds.views - 1, max_context or MAX_CONTEXT.get(ds.dataset or "", ds.views - 1))
+        self.fov = fov or model.config.get("fov") or ds.fov or 20.0  # the model's camera, degrees
+        self.renderer = Renderer(model, ds, self.size, seed)
+        self.start = (scene, context, samples)  # what a new tab opens on
+        self.lock = threading.Condition()
+        self.pending, self.tabs, self.closed = {}, {}, False
+        with view_gate.gated(view_gate.Gate(token)):  # other sites, and other machines without the token, refused
+            self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.server.scene.set_up_direction("+z")  # the data's world: z up
+        self.server.on_client_connect(self.open_tab)
+        self.server.on_client_disconnect(self._close_tab)
+        self.thread = threading.Thread(target=self._work, name="gqn-render", daemon=True)
+        self.thread.start()
+
+    def open_tab(self, client):
+        """A browser tab connected: its own controls, on the scene the viewer was started with, from a held-out
+        camera of it."""
+        tab = Tab(self, client, *self.start)
+        with self.lock:
+            self.tabs[client.client_id] = tab
+        tab.show_scene()
+        if tab.context is None:
+            return
         client.camera.fov = math.radians(self.fov)  # the browser sees what the model's camera would
-        held = [j for j in range(self.ds.views) if j not in self.renderer.views]
-        o, _, _, _ = camera_frames(self.ds.load(self.renderer.scene, held[:1])[1][0])
+        held = [j for j in range(self.ds.views) if j not in tab.context.views]
+        o, _, _, _ = camera_frames(self.ds.load(tab.context.scene, held[:1])[1][0])
         client.camera.position = tuple(float(a) for a in o)
         client.camera.look_at = (0.0, 0.0, 0.0)
         client.camera.up_direction = (0.0, 0.0, 1.0)
-        client.camera.on_update(lambda camera: self._request(camera.client))
-        self._request(client)
+        client.camera.on_update(lambda camera: self.request(camera.client))
+        self.request(client)
+
+    def _close_tab(self, client):
+        with self.lock:
+            self.tabs.pop(client.client_id, None)
+            self.pending.pop(client.client_id, None)
 
     # ------------------------------------------------------------------------------------------------ rendering
 
-    def _request(self, client):
-        """The client's current camera replaces whatever of its requests is still waiting."""
+    def request(self, client):
+        """The tab's current camera replaces whatever of its requests is still waiting."""
         with self.lock:
             self.pending[client.client_id] = client
             self.lock.notify()
 
-    def _rerender(self, new_draws=False):
-        with self.lock:
-            self.draw_set += int(new_draws)
-        for client in self.server.get_clients().values():
-            self._request(client)
-
     def _work(self):
-        roll_said = False
         while True:
             with self.lock:
                 while not self.pending and not self.closed:
                     self.lock.wait()
                 if self.closed:
                     return
-                _, client = self.pending.popitem()
-                context, draw_set = self.renderer.context, self.draw_set
+                client_id, client = self.pending.popitem()
+                tab = self.tabs.get(client_id)
+                if tab is None or tab.context is None:
+                    continue
+                context, draw_set = tab.context, tab.draw_set
             camera = client.camera
             try:
                 v_q, roll = camera_pose(camera.position, camera.wxyz)
@@ -254,20 +294,13 @@ class Viewer:
                 continue
             t = time.perf_counter()
             try:
-                view = self.renderer.render(v_q, int(self.samples_in.value), self.show_in.value, draw_set, context)
+                view = self.renderer.render(v_q, int(tab.samples_in.value), tab.show_in.value, draw_set, context)
             except Exception as e:  # noqa: BLE001 - shown on the page; the next camera renders again
-                self.note.content = f"This view could not be drawn: {one_line(e)}"
+                tab.note.content = f"This view could not be drawn: {one_line(e)}"
                 continue
             ms = 1000 * (time.perf_counter() - t)
             client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
-            self.rendered[client.client_id] = (v_q, view)
-            raw = [*v_q[:3].tolist(), math.atan2(v_q[3], v_q[4]), math.atan2(v_q[5], v_q[6])]
-            self.time_out.value = f"{ms:.1f} ms ({self.show_in.value})"
-            self.pose_out.value = " ".join(f"{a:.6f}" for a in raw)
-            if abs(roll) > ROLL_NOTE and not roll_said:
-                roll_said = True
-                self.note.content = ("The browser's camera is rolled; a GQN pose (x, y, z, yaw, pitch) has no roll, "
-                                     "so the view is drawn unrolled.")
+            tab.show(v_q, roll, ms)
 
     def sleep_forever(self):
         while True:

@@ -259,16 +259,17 @@ def test_another_host_needs_the_token_it_prints(tmp_path):
 
 
 class FakeClient:
-    """What the render thread reads of a browser: its id, its camera and where its view goes."""
+    """What the viewer reads and writes of a browser tab, in this process: its id, camera, controls (the server's own
+    GUI, as real as a tab's) and scene (the views drawn)."""
 
-    def __init__(self, position):
+    def __init__(self, viewer, client_id=1):
         import types
 
-        self.client_id = 1
-        self.camera = types.SimpleNamespace(position=position, wxyz=(1.0, 0.0, 0.0, 0.0), image_height=64,
-                                            image_width=64)
-        self.shown = []
-        self.scene = types.SimpleNamespace(set_background_image=lambda image, format: self.shown.append(image))
+        self.client_id, self.gui, self.shown = client_id, viewer.server.gui, []
+        self.camera = types.SimpleNamespace(position=(3.0, 0.0, 1.0), wxyz=(1.0, 0.0, 0.0, 0.0), image_height=64,
+                                            image_width=64, on_update=lambda fn: None)
+        self.scene = types.SimpleNamespace(reset=lambda: None, add_camera_frustum=lambda *a, **k: None,
+                                           set_background_image=lambda image, format: self.shown.append(image))
 
 
 @pytest.fixture
@@ -284,17 +285,21 @@ def viewer(tmp_path):
 
 
 def test_out_of_range_controls_are_set_in_range_and_the_page_says_so(viewer):
-    for handle, bad, fixed, words in ((viewer.samples_in, 0, 1, "draws of z: 1 to 16, not 0; set to 1"),
-                                      (viewer.samples_in, -5, 1, "not -5"), (viewer.samples_in, 40, 16, "set to 16"),
-                                      (viewer.scene_in, 600, 2, "scene: 0 to 2, not 600; set to 2"),
-                                      (viewer.scene_in, -3, 0, "set to 0")):
+    client = FakeClient(viewer)
+    viewer.open_tab(client)
+    wait_until(lambda: client.shown, "the first view")
+    tab = viewer.tabs[client.client_id]
+    for handle, bad, fixed, words in ((tab.samples_in, 0, 1, "draws of z: 1 to 16, not 0; set to 1"),
+                                      (tab.samples_in, -5, 1, "not -5"), (tab.samples_in, 40, 16, "set to 16"),
+                                      (tab.scene_in, 600, 2, "scene: 0 to 2, not 600; set to 2"),
+                                      (tab.scene_in, -3, 0, "set to 0")):
         handle.value = bad
-        assert handle.value == fixed and words in viewer.note.content
-    assert viewer.renderer.scene == 0  # the scene set in range is the one shown
-    viewer.show_in.value = "spread"
-    client = FakeClient((3.0, 0.0, 1.0))
-    viewer._request(client)
-    wait_until(lambda: client.shown, "a view at one draw's spread")
+        assert handle.value == fixed and words in tab.note.content
+    assert tab.context.scene == 0  # the scene set in range is the one shown
+    tab.show_in.value = "spread"
+    client.shown.clear()
+    viewer.request(client)
+    wait_until(lambda: client.shown, "a view of the draws' spread")
 
 
 def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, monkeypatch):
@@ -308,10 +313,90 @@ def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer
         return render(*a, **k)
 
     monkeypatch.setattr(viewer.renderer, "render", once_broken)
-    client = FakeClient((3.0, 0.0, 1.0))
-    viewer._request(client)
-    wait_until(lambda: "could not be drawn: out of memory" in viewer.note.content, "the failure said on the page")
+    client = FakeClient(viewer)
+    viewer.open_tab(client)
+    tab = viewer.tabs[client.client_id]
+    wait_until(lambda: "could not be drawn: out of memory" in tab.note.content, "the failure said on the page")
     assert not client.shown
-    viewer._request(client)
+    viewer.request(client)
     wait_until(lambda: client.shown, "the next view")
     assert client.shown[0].shape[2] == 3
+
+
+def test_each_tab_keeps_its_own_scene_context_and_draws(viewer):
+    a, b = FakeClient(viewer, 1), FakeClient(viewer, 2)
+    viewer.open_tab(a)
+    viewer.open_tab(b)
+    ta, tb = viewer.tabs[1], viewer.tabs[2]
+    tb.scene_in.value = 2
+    tb.resample.value = True  # a click: a new set of draws for this tab only
+    assert (ta.context.scene, tb.context.scene) == (0, 2) and (ta.draw_set, tb.draw_set) == (0, 1)
+    viewer._close_tab(b)
+    assert list(viewer.tabs) == [1]
+
+
+def model_view(model, ds, scene):
+    """model.generate's view of `scene` (its fixed 3 context views, draw 0) from a camera the page reports -> the
+    pixels a page should show."""
+    import cameras
+    from gqn_dataset import fixed_views
+    from view import draw_seed
+
+    frames, cams = ds.load(scene, fixed_views(0, scene, ds.views, 3)[0].tolist())
+
+    def expected(raw):
+        v_q = cameras.pose7(torch.tensor(raw, dtype=torch.float32))[None]
+        img = model.generate(frames[None].float() / 255, cams[None], v_q,
+                             generator=torch.Generator().manual_seed(draw_seed(0, 0, 0)))
+        return (img[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy().astype(int)
+    return expected
+
+
+def number_box(page, label):
+    """The text box of the control labelled `label` (a slider's number box)."""
+    return page.locator(f"xpath=//label[normalize-space()='{label}']/following::input[@type='text'][1]")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from checkpoint import load_model
+    from gqn_dataset import GQNDataset
+
+    data = make_data(tmp_path / "test", scenes=3, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["observation.weight"] *= 30  # views that differ from scene to scene
+    torch.save(state, ckpt)
+    port = free_port()
+    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    model, ds = load_model(str(ckpt))[0], GQNDataset(data)
+    scene0, scene2 = model_view(model, ds, 0), model_view(model, ds, 2)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            a, b = (browser.new_page(viewport={"width": 1400, "height": 600}) for _ in range(2))
+            for page in (a, b):
+                page.goto(f"http://localhost:{port}")
+                page.get_by_label("context cameras").uncheck()
+                wait_until(lambda: shows_the_model(page, scene0), "each tab's first view, of scene 0")
+            number_box(b, "scene").fill("2")
+            number_box(b, "scene").press("Enter")
+            wait_until(lambda: shows_the_model(b, scene2), "scene 2 in the tab that chose it")
+            before = camera(b)
+            box = a.locator("canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            first = camera(a)
+            a.mouse.move(cx, cy)
+            a.mouse.down()
+            a.mouse.move(cx + 150, cy + 20, steps=10)
+            a.mouse.up()
+            wait_until(lambda: camera(a) != first, "a new camera in the dragged tab")
+            wait_until(lambda: shows_the_model(a, scene0), "scene 0 still, from the dragged tab's new camera")
+            assert number_box(a, "scene").input_value() == "0"
+            assert camera(b) == before and shows_the_model(b, scene2)  # the other tab: its camera, its scene
+            browser.close()
+    finally:
+        stop(proc)
