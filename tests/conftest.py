@@ -31,6 +31,14 @@ def fixtures_dir():
     return FIXTURES
 
 
+@pytest.fixture(autouse=True)
+def subnormals_kept():
+    """train.setup flushes subnormal floats to zero for the whole process; a test that runs it in-process must not
+    leave that to the next one (hypothesis refuses to draw floats in that state)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny convolutions on one thread: on a busy 2-core machine a second OpenMP thread makes them 100x slower."""
@@ -173,7 +181,7 @@ def proc_state(pid):
         return None
 
 
-def wait_until(condition, what, seconds=600):
+def wait_until(condition, what, seconds=int(os.environ.get("GQN_WAIT", 600))):
     """Poll condition() until it holds; fail naming `what` after `seconds` (a bound for a hung job, not a timing)."""
     deadline = time.monotonic() + seconds
     while not condition():
