@@ -18,6 +18,7 @@ import time
 
 import torch
 
+import browser_camera
 import cli
 import config
 import view
@@ -57,7 +58,7 @@ def measure(kwargs, cameras, seed=0):
     from viser._scene_api import _encode_image_binary
 
     def wxyz_of(pose):
-        return view.pose_wxyz(pose)
+        return browser_camera.pose_wxyz(pose)
 
     browser = [wxyz_of(p) for p in ring]  # cameras as the browser reports them: position and orientation
     state = {"k": 0}
@@ -65,7 +66,7 @@ def measure(kwargs, cameras, seed=0):
     def camera_to_image(cached):
         position, wxyz = browser[state["k"] % cameras]
         state["k"] += 1
-        v_q, _ = view.camera_pose(position, wxyz)
+        v_q, _ = browser_camera.camera_pose(position, wxyz)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             img = model.generate_from(context, v_q[None], g) if cached else model.generate(x, v, v_q[None], generator=g)

@@ -284,7 +284,7 @@ class GQNDataset(torch.utils.data.Dataset):
         Checked per scene, which costs microseconds, rather than all offsets and cameras when a folder is opened."""
         jpeg, offsets, cameras, _ = self._shard(k)
         with _opened(self._paths[k]) as fd:
-            camera = cameras.rows(local, local + 1, fd)[0]
+            camera = cameras.rows(local, local + 1, fd)[0].copy()  # writable, as torch.from_numpy wants
             if not np.isfinite(camera).all():
                 raise DatasetError(f"{self._paths[k]}: scene {local} is damaged (a camera not finite)")
             blob, o = self._frames(k, jpeg, offsets, local, "views", fd)

@@ -238,11 +238,11 @@ def panels_frames(panels, scale=2):
             for i, pred in enumerate(list(panels["ring"][0]) + list(panels["model"][0]))]
 
 
-def save_panels(path, panels, scale):
-    """Write novel_views as a .png grid or a .gif animation, chosen by the file name."""
-    if os.path.splitext(path)[1].lower() == ".png":
-        atomic_write(path, png_bytes(panels_grid(panels, scale)))
-        return
+def panels_bytes(panels, scale, gif=False):
+    """novel_views as the bytes of a .png grid, or of a .gif animation with gif=True (render.py's files; view.py's
+    downloads)."""
+    if not gif:
+        return png_bytes(panels_grid(panels, scale))
     frames = panels_frames(panels, scale)
     n_ring = panels["ring"].shape[1]
     # Hold the held-out views longer than the ring: they are the ones to compare with the truth.
@@ -250,4 +250,9 @@ def save_panels(path, panels, scale):
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
                    disposal=1)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_panels(path, panels, scale):
+    """Write novel_views as a .png grid or a .gif animation, chosen by the file name."""
+    atomic_write(path, panels_bytes(panels, scale, gif=os.path.splitext(path)[1].lower() != ".png"))

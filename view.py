@@ -12,12 +12,9 @@ with the browser's vertical field of view set to the model's.
     # from Python, any GQN (torch.hub's included): view.serve(model, GQNDataset("D/test")).sleep_forever()
 
 The browser's camera becomes the data's 7-d pose (DeepMind's convention, cameras.py): its position, yaw and pitch;
-a 7-d pose has no roll, so a rolled browser camera is drawn unrolled, and the page says so once. The controls: the
-test scene, which of its views are context (any number up to the model's K), the number of draws of z, a new set of
-draws, and whether the view shows one draw, the draws' mean or their per-pixel spread; the page shows the render
-time of the last view and its camera (x y z yaw pitch, as render.py --poses reads it). Each browser tab has its own
-controls and state (view_gate.py says who may open one). A camera moved while a view is being rendered replaces the
-tab's request waiting for the renderer: nothing queues behind a slow model. The scene's
+a 7-d pose has no roll, so a rolled browser camera is drawn unrolled, and the page says so once. Each browser tab has
+its own controls and state (view_tab.py); view_gate.py says who may open one. A camera moved while a view is being
+rendered replaces the tab's request waiting for the renderer: nothing queues behind a slow model. The scene's
 context is encoded once (GQN.encode_context) and only the query camera's part runs per view.
 """
 import math
@@ -31,45 +28,20 @@ import numpy as np
 import torch
 
 import cli
+import pictures
 import view_gate
-from cameras import camera_frames, from_matrix, pose7
+from browser_camera import camera_pose, distance_and_pitch
+from cameras import ring
 from checkpoint import input_size, load_model, recorded_folder, run_seed
 from cli import UserError, one_line
-from gqn_dataset import DatasetError, MAX_CONTEXT, fixed_views, open_split, resize
+from gqn_dataset import DatasetError, MAX_CONTEXT, open_split, resize
+from view_tab import RANGE_MARGIN, SHOW, Tab, trained_range
 
-SHOW = ("one draw", "mean of draws", "spread")
-SPREAD_WHITE = 0.25  # as pictures.py: a per-pixel standard deviation drawn white (0-1 scale)
-ROLL_NOTE = 1.0      # degrees of browser-camera roll past which the page says once that it is dropped
 BACKDROP = (32, 32, 32)  # the viewport outside the model's square view
 # The background image's height at most: its PNG takes 8 ms to encode at 384 px against 30 ms at the 672 px of a
 # 700 px viewport (2-core EPYC); the browser stretches it the rest of the way, softening only the blocks' edges.
 MAX_HEIGHT = 400
-
-
-def camera_pose(position, wxyz):
-    """A browser camera (position (3,), orientation quaternion wxyz: OpenCV axes, +z forward, +y down) -> the data's
-    7-d pose (7,) and the roll (degrees) a 7-d pose cannot express."""
-    w, x, y, z = wxyz
-    R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                  [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                  [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-    gl = np.eye(4)
-    gl[:3, 0], gl[:3, 1], gl[:3, 2], gl[:3, 3] = R[:, 0], -R[:, 1], -R[:, 2], position  # OpenGL: +y up, -z forward
-    raw, roll = from_matrix(gl)
-    return pose7(torch.tensor(raw, dtype=torch.float32)), math.degrees(float(roll))
-
-
-def pose_wxyz(v):
-    """A 7-d pose (7,) -> (position (3,), wxyz) of the camera in viser's OpenCV axes (a frustum's orientation)."""
-    o, d, right, up = (t.numpy().astype(np.float64) for t in camera_frames(v))
-    R = np.stack([right, -up, d], 1)  # columns: camera x right, y down, z forward
-    w = math.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
-    if w > 1e-6:
-        q = (w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w))
-    else:  # a half turn: read the axis off the diagonal
-        x = math.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2
-        q = (0.0, x, (R[0, 1] + R[1, 0]) / (4 * x), (R[0, 2] + R[2, 0]) / (4 * x)) if x > 1e-6 else (0.0, 0.0, 0.0, 1.0)
-    return o, np.array(q)
+SAVE_SCALE = 2  # saved pictures: each pixel of the model's view drawn 2x2, as render.py's --scale 2
 
 
 def picture(view, height, width):
@@ -99,21 +71,36 @@ class Renderer:
         """Context views of a scene -> Context, r's part encoded (GQN.encode_context)."""
         frames, cams = self.ds.load(scene, views)
         x = (resize(frames, self.size) / 255).to(self.device)  # (K, 3, S, S)
-        return Context(scene, list(views), frames, cams, self.model.encode_context(x[None], cams[None].to(self.device)))
+        return Context(scene, list(views), frames, cams, torch.as_tensor(np.array(self.ds.encoded(scene)[1], np.float32)),
+                       self.model.encode_context(x[None], cams[None].to(self.device)))
+
+    def truth(self, scene, view):
+        """A stored view of the scene at the model's size -> (3, S, S) in [0, 1]."""
+        return resize(self.ds.load(scene, [view])[0], self.size)[0] / 255
 
     @torch.no_grad()
     def render(self, v_q, samples, show, draw_set, context):
-        """The view from v_q (7,) -> (3, S, S) in [0, 1]: draw 0 of `samples` (the same draw whatever their number),
-        their mean or their spread. Draw k of set `draw_set` comes from its own generator (seed, set, k): the same
-        camera and set give the same picture."""
+        """The view from v_q (7,) -> ((3, S, S) in [0, 1]: draw 0 of `samples` (the same draw whatever their number),
+        their mean or their spread; the draws (n, 3, S, S)). Draw k of set `draw_set` comes from its own generator
+        (seed, set, k): the same camera and set give the same picture."""
         n = 1 if show == SHOW[0] else samples
         draws = torch.cat([self.model.generate_from(context.encoded, v_q[None].to(self.device),
                                                     torch.Generator(self.device).manual_seed(
                                                         draw_seed(self.seed, draw_set, k)))
                            for k in range(n)]).float().cpu()  # (n, 3, S, S)
-        if show == SHOW[2]:
-            return (draws.var(0, correction=0).mean(0).sqrt() / SPREAD_WHITE).clamp(0, 1).expand(3, -1, -1)
-        return draws.mean(0)
+        return (pictures.spread(draws[:, None])[0] if show == SHOW[2] else draws.mean(0)), draws
+
+    def saved(self, context, v_q, samples, held=None, orbit=0):
+        """What the tab sees, as render.py draws it (pictures.novel_views, z from render.py's seeds): from a held-out
+        view's camera `held`, the context, the truth, the draws, their spread and the error of their mean; from any
+        other camera v_q (7,), the context and the draws -> PNG bytes; with orbit=n, n cameras around the scene from
+        v_q (its distance and pitch) -> GIF bytes."""
+        frames, cams = self.ds[context.scene]
+        queries = ring(v_q[None], orbit) if orbit else None if held is not None else v_q[None]
+        panels = pictures.novel_views(self.model, frames, cams, context.views, 0, self.seed, self.size,
+                                      samples=1 if orbit else samples, queries=queries,
+                                      held=None if held is None else [held])
+        return pictures.panels_bytes(panels, SAVE_SCALE, gif=bool(orbit))
 
 
 @dataclass(frozen=True)
@@ -122,101 +109,12 @@ class Context:
     views: list
     images: torch.Tensor   # uint8 (K, 3, H, W), as stored
     cameras: torch.Tensor  # (K, 7)
+    all_cameras: object    # the scene's every camera (S, 7): where a tab can jump, and the held-out ones
     encoded: object        # GQN.encode_context's
 
 
 def draw_seed(seed, draw_set, k):
     return (seed * 1_000_003 + draw_set) * 1_000_003 + k
-
-
-class Tab:
-    """One browser tab's controls and state: its scene, context, draws and what it shows. Another tab's are its own."""
-
-    def __init__(self, viewer, client, scene, context, samples):
-        self.viewer, self.client, self.ds = viewer, client, viewer.ds
-        self.context, self.draw_set, self.roll_said = None, 0, False
-        gui = client.gui
-        gui.add_markdown(f"**GQN viewer**: {self.ds.dataset or 'scenes'}, {len(self.ds)} test scenes; drag to orbit.")
-        self.scene_in = gui.add_slider("scene", 0, len(self.ds) - 1, 1, scene)
-        default = context or fixed_views(viewer.seed, scene, self.ds.views, min(3, viewer.max_context))[0]
-        self.context_in = gui.add_text("context views", " ".join(str(int(i)) for i in default))
-        self.samples_in = gui.add_slider("draws of z", 1, 16, 1, samples)
-        self.show_in = gui.add_dropdown("show", SHOW, initial_value=SHOW[0])
-        self.resample = gui.add_button("resample")
-        self.frustums_in = gui.add_checkbox("context cameras", True)
-        self.time_out = gui.add_text("render time", "", disabled=True)
-        self.pose_out = gui.add_text("camera (x y z yaw pitch)", "", disabled=True)
-        self.note = gui.add_markdown("")
-        self.scene_in.on_update(lambda _: self._within(self.scene_in, "scene", len(self.ds) - 1)
-                                and self.show_scene(new_scene=True))
-        self.context_in.on_update(lambda _: self.show_scene())
-        self.frustums_in.on_update(lambda _: self.show_scene())
-        self.samples_in.on_update(lambda _: self._within(self.samples_in, "draws of z", 16, low=1) and self.rerender())
-        self.show_in.on_update(lambda _: self.rerender())
-        self.resample.on_click(lambda _: self.rerender(new_draws=True))
-
-    def _within(self, handle, what, high, low=0):
-        """A number box's value -> True if it is a whole number in low..high; else it is set to the nearest that is
-        (which calls back again) and the page says so -> False."""
-        value = handle.value
-        fixed = min(high, max(low, round(value))) if math.isfinite(value) else low
-        if fixed == value:
-            return True
-        self.note.content = f"{what}: {low} to {high}, not {value:g}; set to {fixed}"
-        handle.value = fixed
-        return False
-
-    def _context_views(self, new_scene):
-        scene, k = int(self.scene_in.value), self.viewer.max_context
-        if new_scene:  # a new scene: its own fixed context views, as evaluate.py picks them
-            count = len(self.context.views) if self.context else 3
-            views = fixed_views(self.viewer.seed, scene, self.ds.views, count)[0]
-            self.context_in.value = " ".join(str(int(i)) for i in views)
-        try:
-            views = [int(t) for t in self.context_in.value.replace(",", " ").split()]
-        except ValueError:
-            views = []
-        if not (1 <= len(views) <= k and len(set(views)) == len(views) and all(0 <= j < self.ds.views for j in views)):
-            self.note.content = f"context views: give 1 to {k} distinct views of 0..{self.ds.views - 1}, e.g. `0 5 9`"
-            return None
-        return scene, views
-
-    def show_scene(self, new_scene=False):
-        chosen = self._context_views(new_scene)
-        if chosen is None:
-            return
-        try:
-            context = self.viewer.renderer.context(*chosen)
-        except DatasetError as e:  # a damaged scene: the one shown stays
-            self.note.content = f"scene {chosen[0]} cannot be read: {e}"
-            return
-        with self.viewer.lock:
-            self.context = context
-        scene = self.client.scene
-        scene.reset()
-        if self.frustums_in.value:
-            for j, img, cam in zip(context.views, context.images, context.cameras):
-                position, wxyz = pose_wxyz(cam)
-                scene.add_camera_frustum(
-                    f"/context/view_{j}", fov=math.radians(self.viewer.fov), aspect=1.0, scale=0.25,
-                    color=(255, 160, 40), image=img.permute(1, 2, 0).numpy(), format="png", wxyz=wxyz,
-                    position=position)
-        self.rerender()
-
-    def rerender(self, new_draws=False):
-        with self.viewer.lock:
-            self.draw_set += int(new_draws)
-        self.viewer.request(self.client)
-
-    def show(self, v_q, roll, ms):
-        """The view rendered for this tab's camera: the page's outputs."""
-        raw = [*v_q[:3].tolist(), math.atan2(v_q[3], v_q[4]), math.atan2(v_q[5], v_q[6])]
-        self.time_out.value = f"{ms:.1f} ms ({self.show_in.value})"
-        self.pose_out.value = " ".join(f"{a:.6f}" for a in raw)
-        if abs(roll) > ROLL_NOTE and not self.roll_said:
-            self.roll_said = True
-            self.note.content = ("The browser's camera is rolled; a GQN pose (x, y, z, yaw, pitch) has no roll, so the "
-                                 "view is drawn unrolled.")
 
 
 class Viewer:
@@ -232,6 +130,7 @@ class Viewer:
         self.max_context = min(ds.views - 1, max_context or MAX_CONTEXT.get(ds.dataset or "", ds.views - 1))
         self.fov = fov or model.config.get("fov") or ds.fov or 20.0  # the model's camera, degrees
         self.renderer = Renderer(model, ds, self.size, seed)
+        self.trained = trained_range(ds)  # the data's camera distances and pitches: the range the model knows
         self.start = (scene, context, samples)  # what a new tab opens on
         self.lock = threading.Condition()
         self.pending, self.tabs, self.closed = {}, {}, False
@@ -253,13 +152,21 @@ class Viewer:
         if tab.context is None:
             return
         client.camera.fov = math.radians(self.fov)  # the browser sees what the model's camera would
-        held = [j for j in range(self.ds.views) if j not in tab.context.views]
-        o, _, _, _ = camera_frames(self.ds.load(tab.context.scene, held[:1])[1][0])
-        client.camera.position = tuple(float(a) for a in o)
-        client.camera.look_at = (0.0, 0.0, 0.0)
-        client.camera.up_direction = (0.0, 0.0, 1.0)
         client.camera.on_update(lambda camera: self.request(camera.client))
-        self.request(client)
+        tab.go_to(tab.start_view())
+
+    def outside_range(self, v_q):
+        """A camera (7,) -> "" inside the distances and pitches of the data's cameras (with RANGE_MARGIN), else a
+        line for the page saying where it is and what the model was trained on."""
+        if self.trained is None:
+            return ""
+        d_lo, d_hi, p_lo, p_hi = self.trained
+        d, p = (float(t) for t in distance_and_pitch(v_q))
+        if d_lo * (1 - RANGE_MARGIN) <= d <= d_hi * (1 + RANGE_MARGIN) and p_lo - 5 <= p <= p_hi + 5:
+            return ""
+        return (f"**Outside the trained range**: this camera is {d:.2f} from the centre at pitch {p:.0f}°; the model "
+                f"was trained on cameras {d_lo:.2f} to {d_hi:.2f} away at pitches {p_lo:.0f}° to {p_hi:.0f}°, so "
+                f"what it draws here is a guess")
 
     def _close_tab(self, client):
         with self.lock:
@@ -294,13 +201,14 @@ class Viewer:
                 continue
             t = time.perf_counter()
             try:
-                view = self.renderer.render(v_q, int(tab.samples_in.value), tab.show_in.value, draw_set, context)
+                view, draws = self.renderer.render(v_q, int(tab.samples_in.value), tab.show_in.value, draw_set,
+                                                   context)
             except Exception as e:  # noqa: BLE001 - shown on the page; the next camera renders again
                 tab.note.content = f"This view could not be drawn: {one_line(e)}"
                 continue
             ms = 1000 * (time.perf_counter() - t)
             client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
-            tab.show(v_q, roll, ms)
+            tab.show(v_q, roll, draws, context, ms)
 
     def sleep_forever(self):
         while True:

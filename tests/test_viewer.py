@@ -1,6 +1,7 @@
 """view.py in a real browser: headless Chromium (Debian's package, driven by playwright; nothing downloaded) opens the
 page, the first view arrives, a drag moves the camera, and the view shown is model.generate's for the camera the page
 reports, pixel for pixel within JPEG-free rounding; bad input gets one line."""
+import io
 import math
 import os
 import shutil
@@ -96,7 +97,7 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 600})
             page.goto(f"http://localhost:{port}")
-            page.get_by_label("context cameras").uncheck()  # frustums drawn over the view would hide its pixels
+            page.get_by_label("cameras", exact=True).uncheck()  # frustums drawn over the view would hide its pixels
             wait_until(lambda: camera(page) is not None, "the first view")
             first = camera(page)
             # the background image reaches the canvas after the page's text: until then the view is not the model's
@@ -268,8 +269,19 @@ class FakeClient:
         self.client_id, self.gui, self.shown = client_id, viewer.server.gui, []
         self.camera = types.SimpleNamespace(position=(3.0, 0.0, 1.0), wxyz=(1.0, 0.0, 0.0, 0.0), image_height=64,
                                             image_width=64, on_update=lambda fn: None)
-        self.scene = types.SimpleNamespace(reset=lambda: None, add_camera_frustum=lambda *a, **k: None,
+        self.frustums, self.downloads = {}, {}
+        self.scene = types.SimpleNamespace(reset=self.frustums.clear, add_camera_frustum=self._frustum,
                                            set_background_image=lambda image, format: self.shown.append(image))
+
+    def _frustum(self, name, **kwargs):
+        import types
+
+        handle = types.SimpleNamespace(on_click=lambda fn: setattr(handle, "click", lambda: fn(None)), **kwargs)
+        self.frustums[name] = handle
+        return handle
+
+    def send_file_download(self, name, data):
+        self.downloads[name] = data
 
 
 @pytest.fixture
@@ -278,8 +290,9 @@ def viewer(tmp_path):
     from checkpoint import load_model
     from gqn_dataset import GQNDataset
 
-    model, _ = load_model(str(make_checkpoint(tmp_path / "c.pt", representation="volume")))
-    v = view.serve(model, GQNDataset(make_data(tmp_path / "test", scenes=3, views=6)), port=free_port(), samples=4)
+    ckpt, data = make_checkpoint(tmp_path / "c.pt", representation="volume"), make_data(tmp_path / "test", 3, 6)
+    v = view.serve(load_model(str(ckpt))[0], GQNDataset(data), port=free_port(), samples=4)
+    v.files = ckpt, data  # what render.py is given to draw the same
     yield v
     v.stop()
 
@@ -317,10 +330,10 @@ def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer
     viewer.open_tab(client)
     tab = viewer.tabs[client.client_id]
     wait_until(lambda: "could not be drawn: out of memory" in tab.note.content, "the failure said on the page")
-    assert not client.shown
+    shown = len(client.shown)  # the tab's second request (its start camera) may have rendered already
     viewer.request(client)
-    wait_until(lambda: client.shown, "the next view")
-    assert client.shown[0].shape[2] == 3
+    wait_until(lambda: len(client.shown) > shown, "the next view")
+    assert client.shown[-1].shape[2] == 3
 
 
 def test_each_tab_keeps_its_own_scene_context_and_draws(viewer):
@@ -335,14 +348,14 @@ def test_each_tab_keeps_its_own_scene_context_and_draws(viewer):
     assert list(viewer.tabs) == [1]
 
 
-def model_view(model, ds, scene):
-    """model.generate's view of `scene` (its fixed 3 context views, draw 0) from a camera the page reports -> the
-    pixels a page should show."""
+def model_view(model, ds, scene, count=3):
+    """model.generate's view of `scene` (its fixed `count` context views, draw 0) from a camera the page reports ->
+    the pixels a page should show."""
     import cameras
     from gqn_dataset import fixed_views
     from view import draw_seed
 
-    frames, cams = ds.load(scene, fixed_views(0, scene, ds.views, 3)[0].tolist())
+    frames, cams = ds.load(scene, fixed_views(0, scene, ds.views, count)[0].tolist())
 
     def expected(raw):
         v_q = cameras.pose7(torch.tensor(raw, dtype=torch.float32))[None]
@@ -353,8 +366,8 @@ def model_view(model, ds, scene):
 
 
 def number_box(page, label):
-    """The text box of the control labelled `label` (a slider's number box)."""
-    return page.locator(f"xpath=//label[normalize-space()='{label}']/following::input[@type='text'][1]")
+    """The box one types into of the control labelled `label` (a slider's number box follows its hidden input)."""
+    return page.locator(f"xpath=//label[normalize-space()='{label}']/following::input[not(@type='hidden')][1]")
 
 
 @pytest.mark.slow
@@ -380,7 +393,7 @@ def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(
             a, b = (browser.new_page(viewport={"width": 1400, "height": 600}) for _ in range(2))
             for page in (a, b):
                 page.goto(f"http://localhost:{port}")
-                page.get_by_label("context cameras").uncheck()
+                page.get_by_label("cameras", exact=True).uncheck()
                 wait_until(lambda: shows_the_model(page, scene0), "each tab's first view, of scene 0")
             number_box(b, "scene").fill("2")
             number_box(b, "scene").press("Enter")
@@ -400,3 +413,130 @@ def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(
             browser.close()
     finally:
         stop(proc)
+
+
+def test_a_typed_list_applies_once_typing_pauses_and_the_slider_sets_the_count(viewer):
+    import view_tab
+
+    client = FakeClient(viewer)
+    viewer.open_tab(client)
+    tab = viewer.tabs[client.client_id]
+    encoded = []
+    context = viewer.renderer.context
+    viewer.renderer.context = lambda scene, views: encoded.append(list(views)) or context(scene, views)
+    for text in ("4", "4 ", "4 5"):  # keystrokes, as the page sends them
+        tab.context_in.value = text
+    assert encoded == []  # nothing yet: view 4 alone is never rendered on the way to "4 5"
+    wait_until(lambda: tab.context.views == [4, 5] and tab.count_in.value == 2, "the list once typing paused",
+               seconds=10 * view_tab.TYPING_PAUSE)
+    assert encoded == [[4, 5]]
+    tab.count_in.value = 1
+    assert tab.context.views == fixed_views_of(viewer, 0, 1) and tab.context_in.value == str(tab.context.views[0])
+    tab.scene_in.value = 1  # a new scene keeps the count
+    assert tab.context.scene == 1 and tab.context.views == fixed_views_of(viewer, 1, 1)
+
+
+def test_the_cameras_can_be_clicked_and_a_saved_view_is_what_render_py_draws(viewer, tmp_path):
+    import render
+    import view_tab
+    from browser_camera import pose_wxyz
+    from PIL import Image
+
+    client = FakeClient(viewer)
+    viewer.open_tab(client)
+    tab = viewer.tabs[client.client_id]
+    views = tab.context.views
+    held = [j for j in range(viewer.ds.views) if j not in views]
+    assert sorted(client.frustums) == sorted([f"/context/view_{j}" for j in views] +
+                                             [f"/held_out/view_{j}" for j in held])
+    assert all("image" in client.frustums[f"/context/view_{j}"].__dict__ for j in views)
+    assert not any("image" in client.frustums[f"/held_out/view_{j}"].__dict__ for j in held)  # no truth given away
+    pose = tab.context.all_cameras[held[-1]]
+    client.frustums[f"/held_out/view_{held[-1]}"].click()
+    assert np.allclose(client.camera.position, pose[:3].numpy(), atol=1e-6)
+    client.camera.wxyz = pose_wxyz(pose)[1]  # what the browser reports after the move
+
+    tab.save()
+    ckpt, data = viewer.files
+    render.run(render.parse_args(["--checkpoint", str(ckpt), "--data_dir", str(data), "--out", str(tmp_path / "r.png"),
+                                  "--context_views", *map(str, views), "--query_views", str(held[-1]),
+                                  "--views", "0", "--samples", "4", "--seed", "0"]))
+    assert client.downloads[f"scene0_view{held[-1]}.png"] == (tmp_path / "r.png").read_bytes()
+    tab.save(orbit=view_tab.ORBIT)
+    gif = Image.open(io.BytesIO(client.downloads["scene0_orbit.gif"]))
+    assert gif.n_frames == view_tab.ORBIT
+    client.camera.position = (2.0, 1.0, 0.5)  # no stored camera here
+    tab.save()
+    assert "scene0_camera.png" in client.downloads and tab.note.content.startswith("saved scene0_camera.png")
+
+
+def fixed_views_of(viewer, scene, count):
+    from gqn_dataset import fixed_views
+
+    return fixed_views(viewer.seed, scene, viewer.ds.views, count)[0].tolist()
+
+
+def test_a_camera_outside_the_trained_range_is_said(viewer):
+    import cameras
+
+    inside = viewer.renderer.context(0, [0]).all_cameras[1]
+    far = cameras.pose7(torch.tensor([15.0, 0.0, 0.0, math.pi, 0.0]))
+    assert viewer.outside_range(inside) == ""
+    assert viewer.outside_range(far).startswith("**Outside the trained range**: this camera is 15.00 from the centre")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_a_jump_to_a_held_out_camera_shows_the_truth_beside_the_model_and_bad_values_leave_it_working(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from checkpoint import load_model
+    from gqn_dataset import GQNDataset
+
+    data = make_data(tmp_path / "test", scenes=3, views=6)
+    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+    port = free_port()
+    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    model, ds = load_model(str(ckpt))[0], GQNDataset(data)
+    first, held = [j for j in range(ds.views) if j not in fixed_views_of_ds(ds, 0, 3)][:2]  # a tab starts at the first
+    raw = raw_pose(ds, 0, held)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 600})
+            page.goto(f"http://localhost:{port}")
+            page.get_by_label("cameras", exact=True).uncheck()
+            wait_until(lambda: camera(page) is not None, "the first view")
+            truth = page.get_by_text("truth at this held-out camera")
+            page.get_by_label("go to camera").click()
+            page.get_by_role("option", name=f"held-out view {held}").click()
+            wait_until(lambda: np.allclose(camera(page), raw, atol=2e-3), f"the camera of held-out view {held}")
+            wait_until(lambda: truth.is_visible(), "the truth beside the model's view")
+            wait_until(lambda: shows_the_model(page, model_view(model, ds, 0)), "the model's view at that camera")
+            page.screenshot(path=str(tmp_path / "held_out.png"))
+            number_box(page, "draws of z").fill("0")  # bad values: set in range, said, and the page still renders
+            number_box(page, "draws of z").press("Enter")
+            wait_until(lambda: number_box(page, "draws of z").input_value() == "1", "draws of z set to 1")
+            assert page.get_by_text("draws of z: 1 to 16, not 0; set to 1").is_visible()
+            number_box(page, "number of context views").fill("1")
+            number_box(page, "number of context views").press("Enter")
+            one = fixed_views_of_ds(ds, 0, 1)
+            wait_until(lambda: number_box(page, "context views").input_value() == str(one[0]), "one context view")
+            wait_until(lambda: shows_the_model(page, model_view(model, ds, 0, count=1)), "the view from one view")
+            page.get_by_role("button", name="back to the start camera").click()
+            wait_until(lambda: np.allclose(camera(page), raw_pose(ds, 0, first), atol=2e-3), "the start camera")
+            browser.close()
+    finally:
+        stop(proc)
+
+
+def raw_pose(ds, scene, view):
+    """A stored camera as the page reports it: x y z yaw pitch."""
+    pose = ds.load(scene, [view])[1][0]
+    return [*pose[:3].tolist(), math.atan2(pose[3], pose[4]), math.atan2(pose[5], pose[6])]
+
+
+def fixed_views_of_ds(ds, scene, count):
+    from gqn_dataset import fixed_views
+
+    return fixed_views(0, scene, ds.views, count)[0].tolist()
