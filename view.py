@@ -188,7 +188,10 @@ class Viewer:
                     self.lock.wait()
                 if self.closed:
                     return
-                client_id, client = self.pending.popitem()
+                # The tab that has waited longest first (a dict keeps a waiting tab's place when its camera moves
+                # again): with several tabs dragging, each gets every n-th render, none starves.
+                client_id = next(iter(self.pending))
+                client = self.pending.pop(client_id)
                 tab = self.tabs.get(client_id)
                 if tab is None or tab.context is None:
                     continue

@@ -540,3 +540,32 @@ def fixed_views_of_ds(ds, scene, count):
     from gqn_dataset import fixed_views
 
     return fixed_views(0, scene, ds.views, count)[0].tolist()
+
+
+def test_inside_a_room_the_camera_is_on_the_ring_in_range_and_the_truth_is_beside_the_model(room_data, tmp_path):
+    import view
+    from browser_camera import pose_wxyz
+    from checkpoint import load_model
+    from dataset import rooms
+    from gqn_dataset import GQNDataset
+
+    ds = GQNDataset(room_data[1])  # 64 px rooms; the model draws at its own 32 px, as a run on them would
+    model = load_model(str(make_checkpoint(tmp_path / "c.pt", representation="volume", **rooms.camera_model())))[0]
+    viewer = view.serve(model, ds, port=free_port(), samples=2)
+    try:
+        client = FakeClient(viewer)
+        viewer.open_tab(client)
+        tab = viewer.tabs[client.client_id]
+        pose = tab.context.all_cameras[tab.start_view()]
+        assert float(pose[:3].norm()) < rooms.ROOM  # the tab starts inside the room, at a camera of the ring
+        assert viewer.fov == rooms.camera_model()["fov"]
+        client.camera.position, client.camera.wxyz = pose_wxyz(pose)  # where the browser went
+        viewer.request(client)
+        wait_until(lambda: tab.truth_img.visible, "the truth at the start camera")
+        assert tab.range_note.content == "" and tab.note.content == ""
+        client.camera.position = (3 * rooms.ROOM, 0.0, 1.0)  # out through the wall: past the ring the model knows
+        viewer.request(client)
+        wait_until(lambda: tab.range_note.content.startswith("**Outside the trained range**"), "the range note")
+        assert not tab.truth_img.visible
+    finally:
+        viewer.stop()
