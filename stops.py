@@ -107,7 +107,9 @@ class Stop:
     def __exit__(self, kind, value, tb):
         signal.set_wakeup_fd(self._wakeup)
         for s, old in self._old.items():
-            signal.signal(s, old)
+            # Leaving on a signal, a second one (Ctrl-C twice, a scheduler's repeated SIGTERM) must still end the
+            # process with its status, not with the default action's death by signal while the line is printed.
+            signal.signal(s, _exit_now if kind is KeyboardInterrupt else old)
         os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
         self._watcher.join(5)
         if kind is KeyboardInterrupt:
@@ -153,6 +155,10 @@ class Stop:
         if text:  # os.write: no lock a blocked thread may hold
             os.write(2, f"\n{text}\n".encode())
         os._exit(exit_code(name))
+
+
+def _exit_now(signum, frame):
+    os._exit(128 + signum)
 
 
 def pause_for_test(moment):

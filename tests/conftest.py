@@ -5,6 +5,7 @@ import io
 import math
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -32,11 +33,15 @@ def fixtures_dir():
 
 
 @pytest.fixture(autouse=True)
-def subnormals_kept():
-    """train.setup flushes subnormal floats to zero for the whole process; a test that runs it in-process must not
-    leave that to the next one (hypothesis refuses to draw floats in that state)."""
+def process_state_kept():
+    """What train.py sets for its whole process, put back after a test that ran it in-process: subnormal floats
+    flushed to zero (hypothesis refuses to draw floats in that state), and the SIGINT/SIGTERM handlers a run stopped
+    by a signal leaves (a second signal exits at once)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     torch.set_flush_denormal(False)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture

@@ -132,9 +132,9 @@ def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypat
 def test_preemption_loses_no_step(data, tmp_path, sig, workers):
     """SIGTERM (a cluster) or SIGINT (Ctrl-C, DataLoader workers running): the step in flight ends, latest.pt holds
     it, and the same command with --resume auto ends where an uninterrupted run does."""
-    run = args(data, tmp_path, "run", 300, "--save_interval", "100", "--log_interval", "50", "--workers", workers,
+    run = args(data, tmp_path, "run", 30, "--save_interval", "10", "--log_interval", "5", "--workers", workers,
                "--resume", "auto")
-    proc = start(run, tmp_path, "step 150")  # between checkpoints
+    proc = start(run, tmp_path, "step 15")  # between checkpoints
     # the whole group, DataLoader workers included, as Ctrl-C in a terminal does
     signal_paused([proc.pid], sig, lambda: os.killpg(proc.pid, sig))
     _, err = proc.communicate(timeout=60)
@@ -144,10 +144,10 @@ def test_preemption_loses_no_step(data, tmp_path, sig, workers):
     # A signal sent to a process may reach any of its threads: the main thread, continued, may finish the step after
     # the pause before it hears of it. Either way the step in flight is the last.
     step = weights(tmp_path / "run")["step"]
-    assert step in (150, 151) and lines[0].startswith(f"stopped by {sig.name} at step {step}:")
+    assert step in (15, 16) and lines[0].startswith(f"stopped by {sig.name} at step {step}:")
     assert "--resume" in lines[0] and "Traceback" not in err
     train.main(run)
-    train.main(args(data, tmp_path, "whole", 300, "--save_interval", "100", "--log_interval", "50"))
+    train.main(args(data, tmp_path, "whole", 30, "--save_interval", "10", "--log_interval", "5"))
     same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"))
 
 
@@ -248,14 +248,14 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
 def test_torchrun_preempted_loses_no_step_and_a_blocked_rank_still_ends(data, tmp_path):
-    run = args(data, tmp_path, "run", 200, "--save_interval", "100", "--log_interval", "50", "--resume", "auto")
-    out, _ = preempted(run, "step 150")  # the stop flag travels with the next step's sums
-    step = weights(tmp_path / "run")["step"]  # 151 or 152: as for one process, and the flag takes one more step
-    assert step in (151, 152) and f"stopped by SIGTERM at step {step}:" in out, out[-3000:]
+    run = args(data, tmp_path, "run", 40, "--save_interval", "20", "--log_interval", "10", "--resume", "auto")
+    out, _ = preempted(run, "step 30")  # the stop flag travels with the next step's sums
+    step = weights(tmp_path / "run")["step"]  # 31 or 32: as for one process, and the flag takes one more step
+    assert step in (31, 32) and f"stopped by SIGTERM at step {step}:" in out, out[-3000:]
     cmd, env = torchrun(run)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr[-3000:]
-    train.main(args(data, tmp_path, "whole", 200, "--save_interval", "100", "--log_interval", "50"))
+    train.main(args(data, tmp_path, "whole", 40, "--save_interval", "20", "--log_interval", "10"))
     same_weights(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-4)
 
     # Rank 1 frozen: rank 0 waits in a collective that never returns; SIGTERM still ends it within its grace.

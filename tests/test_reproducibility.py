@@ -1,7 +1,9 @@
 """The randomness contract: a step is a pure function of (seed, step, scenes), whatever the machine's shape.
 
 The matrix {one process, 2 torchrun ranks} x {pool, volume} x {--batch_threads 1, 2, 3}: each configuration is run
-whole and again stopped half-way and resumed, and the two end with the same weights, bit for bit. Across the matrix
+whole; those with 3 threads (the batch split unevenly, the hardest case) are run again stopped half-way and resumed,
+and the two end with the same weights, bit for bit (1 and 2 threads resume by the same code, and each resumed run
+costs two more launches). Across the matrix
 (the same function, with the gradients of the batch's shares and ranks added in another order) every step's losses
 (ELBO, KL, NLL over the whole batch), gradient norm and test ELBO equal one process's to 1e-5 relative, and the
 weights after 6 steps to 1e-5 (measured: 1e-6 and 1e-6). A rank or a thread that drew other noise for a scene (the
@@ -18,6 +20,7 @@ import train
 from conftest import args, torchrun, weights
 
 STEPS, HALF = 6, 3
+RESUMED_THREADS = 3
 MATRIX = list(itertools.product((1, 2), ("pool", "volume"), (1, 2, 3)))  # processes, representation, batch_threads
 
 
@@ -50,9 +53,12 @@ def test_same_weights_whatever_the_processes_threads_and_resumes(data, tmp_path)
         name = f"{procs}p-{representation}-{threads}t"
         config = (procs, representation, threads)
         launch(data, tmp_path, name + "-whole", STEPS, *config)
+        runs[config] = weights(tmp_path / (name + "-whole")), curves(tmp_path / (name + "-whole"))
+        if threads != RESUMED_THREADS:
+            continue
         launch(data, tmp_path, name + "-resumed", HALF, *config)
         launch(data, tmp_path, name + "-resumed", STEPS, *config, "--resume")
-        whole, resumed = weights(tmp_path / (name + "-whole")), weights(tmp_path / (name + "-resumed"))
+        whole, resumed = runs[config][0], weights(tmp_path / (name + "-resumed"))
         assert whole["step"] == resumed["step"] == STEPS
         for k in whole["model"]:  # the same configuration: bit for bit, stopped and resumed or not
             assert torch.equal(whole["model"][k], resumed["model"][k]), (name, k)
@@ -61,7 +67,6 @@ def test_same_weights_whatever_the_processes_threads_and_resumes(data, tmp_path)
             assert not any(k.startswith("module.") for k in resumed["model"])
             assert sorted(os.listdir(run / "checkpoints")) == ["latest.pt", "step_00000003.pt", "step_00000006.pt"]
             assert len([p for p in run.rglob("events.out.tfevents.*") if p.parent == run]) == 2  # one a launch
-        runs[config] = whole, curves(tmp_path / (name + "-whole"))
     for (procs, representation, threads), (ckpt, logged) in runs.items():
         ref_ckpt, ref_logged = runs[(1, representation, 1)]
         for tag, values in logged.items():  # another configuration: the same function, summed in another order
