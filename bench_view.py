@@ -100,8 +100,9 @@ class DraggingTab:
         self.seen = threading.Condition()
         self.camera = self  # the viewer reads the camera's position, orientation and viewport from here
         self.image_height, self.image_width = VIEWPORT
+        frustum = types.SimpleNamespace(on_click=lambda fn: fn)
         self.scene = types.SimpleNamespace(reset=lambda: None, set_background_image=self._shown,
-                                           add_camera_frustum=lambda *a, **k: types.SimpleNamespace(on_click=lambda fn: fn))
+                                           add_camera_frustum=lambda *a, **k: frustum)
         self.pause = [0.05 + 0.1 * ((seed * 7 + i * 3) % 10) / 10 for i in range(drags)]  # 50 to 150 ms, per tab
 
     position = property(lambda self: self._read(), lambda self, _: None)  # the bench, not the viewer, moves it

@@ -71,8 +71,9 @@ class Renderer:
         """Context views of a scene -> Context, r's part encoded (GQN.encode_context)."""
         frames, cams = self.ds.load(scene, views)
         x = (resize(frames, self.size) / 255).to(self.device)  # (K, 3, S, S)
-        return Context(scene, list(views), frames, cams, torch.as_tensor(np.array(self.ds.encoded(scene)[1], np.float32)),
-                       self.model.encode_context(x[None], cams[None].to(self.device)))
+        every = torch.as_tensor(np.array(self.ds.encoded(scene)[1], np.float32))  # the scene's every camera
+        encoded = self.model.encode_context(x[None], cams[None].to(self.device))
+        return Context(scene, list(views), frames, cams, every, encoded)
 
     def truth(self, scene, view):
         """A stored view of the scene at the model's size -> (3, S, S) in [0, 1]."""

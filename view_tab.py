@@ -135,7 +135,9 @@ class Tab:
         except ValueError:
             views = []
         if not (1 <= len(views) <= k and len(set(views)) == len(views) and all(0 <= j < self.ds.views for j in views)):
-            self.note.content = f"context views: give 1 to {k} distinct views of 0..{self.ds.views - 1}, e.g. `0 5 9`"
+            n, m = self.ds.views, min(3, k)
+            example = " ".join(str(j) for j in range(0, n, max(1, n // m))[:m])
+            self.note.content = f"context views: give 1 to {k} distinct views of 0..{n - 1}, e.g. `{example}`"
             return None
         return scene, views
 

@@ -1,6 +1,8 @@
 """view.py in a real browser: headless Chromium (Debian's package, driven by playwright; nothing downloaded) opens the
 page, the first view arrives, a drag moves the camera, and the view shown is model.generate's for the camera the page
 reports, pixel for pixel within JPEG-free rounding; bad input gets one line."""
+import functools
+import http.server
 import io
 import math
 import os
@@ -8,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -233,6 +236,38 @@ def test_a_web_page_of_another_site_cannot_drive_the_viewer(tmp_path):
         stop(proc)
 
 
+OPEN_SOCKET = """url => new Promise(done => {
+    const ws = new WebSocket(url);
+    ws.onopen = () => { ws.close(); done("open"); };
+    ws.onerror = () => done("refused");
+})"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_in_chromium_a_page_of_another_site_cannot_open_the_viewers_websocket(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<p>another site</p>")
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site")))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    proc, port = serving(tmp_path)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{site.server_port}/")  # another site open in the user's browser
+            assert page.evaluate(OPEN_SOCKET, f"ws://localhost:{port}") == "refused"
+            page.goto(f"http://localhost:{port}")  # the viewer's own page: the same script opens it
+            assert page.evaluate(OPEN_SOCKET, f"ws://localhost:{port}") == "open"
+            browser.close()
+    finally:
+        stop(proc)
+        site.shutdown()
+
+
 def test_another_host_needs_the_token_it_prints(tmp_path):
     data = make_data(tmp_path / "test", scenes=2, views=6)
     ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
@@ -313,6 +348,23 @@ def test_out_of_range_controls_are_set_in_range_and_the_page_says_so(viewer):
     client.shown.clear()
     viewer.request(client)
     wait_until(lambda: client.shown, "a view of the draws' spread")
+
+
+def test_bad_lists_of_context_views_are_refused_in_words_and_the_page_goes_on(viewer):
+    client = FakeClient(viewer)
+    viewer.open_tab(client)
+    wait_until(lambda: client.shown, "the first view")
+    tab = viewer.tabs[client.client_id]
+    before = tab.context.views
+    # empty, junk, a view past the scene's 6, a negative one, one twice, more than K = 5
+    for text in ("", "foo", "9 1", "-1", "1 1", "0 1 2 3 4 5"):
+        tab.context_in.value = text
+        tab.show_scene()  # what the typing pause applies
+        assert tab.context.views == before, text
+        assert tab.note.content == "context views: give 1 to 5 distinct views of 0..5, e.g. `0 2 4`", text
+    client.shown.clear()
+    viewer.request(client)
+    wait_until(lambda: client.shown, "a view after the bad lists")
 
 
 def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, monkeypatch):
