@@ -338,7 +338,8 @@ def is_cpu_preset(cfg):
     return all(getattr(cfg, k) == v for k, v in CPU_PRESET.items() if k not in run)
 
 
-def check_config(cfg, world_size):
+def check_config(cfg, world_size, fresh=True):
+    """The flags' combinations; fresh=False for a resumed run (its built-in world's folders are in its config)."""
     if cfg.batch_size % world_size:
         raise UserError(f"--batch_size {cfg.batch_size} does not split evenly over {world_size} processes")
     if cfg.kernel_size % 2 == 0:
@@ -347,7 +348,7 @@ def check_config(cfg, world_size):
         raise UserError(f"--image_size {cfg.image_size}: must be a multiple of 4 (the canvas is 4x the state)")
     if cfg.max_context and cfg.min_context > cfg.max_context:
         raise UserError(f"--min_context {cfg.min_context} is more than --max_context {cfg.max_context}")
-    if cfg.builtin != Config.builtin and cfg.train_data_dir:
+    if fresh and cfg.builtin != Config.builtin and cfg.train_data_dir:
         raise UserError(f"--builtin {cfg.builtin}: only for a run without data folders (it picks the built-in world)")
     if bool(cfg.train_data_dir) != bool(cfg.test_data_dir):
         missing = "--test_data_dir" if cfg.train_data_dir else "--train_data_dir"

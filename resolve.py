@@ -44,7 +44,7 @@ def resolve(cfg, given, dist):
     ckpt = dist.broadcast(dist.agreed((lambda: run_to_resume(run_dir, cfg.resume)) if dist.master else lambda: None))
     cfg, state = (cfg, RunState.start(cfg)) if ckpt is None else resumed(cfg, given, ckpt)
     default_job = ckpt is None and not cfg.train_data_dir and not cfg.test_data_dir
-    dist.agreed(lambda: config.check_config(cfg, dist.world_size))
+    dist.agreed(lambda: config.check_config(cfg, dist.world_size, fresh=ckpt is None))
     if cfg.seed < 0:
         cfg = dataclasses.replace(cfg, seed=dist.broadcast(secrets.randbelow(2**31)))
     if default_job:

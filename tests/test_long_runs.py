@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+import config
 import train
 from conftest import (ROOT, args, main_error, paused_env, proc_state, rank_pid, signal_pending, tiny_default_job,
                       torchrun, wait_paused, wait_until, weights)
@@ -106,6 +107,21 @@ def test_the_default_job_resumes_from_any_directory(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(elsewhere)
     train.main(["--root_log_dir", str(tmp_path / "runs"), "--resume", "--gradient_steps", "4"])
     assert "Resuming" in capsys.readouterr().out and weights(tmp_path / "runs" / "default")["step"] == 4
+
+
+def test_the_rooms_job_resumes_with_the_same_command(tmp_path, monkeypatch, capsys):
+    tiny_default_job(monkeypatch, tmp_path)
+    monkeypatch.setattr(config, "ROOMS_DATA", dict(train_scenes=6, test_scenes=2, seed=0, workers=1))
+    train.main(["--builtin", "rooms_ring_camera"])
+    assert weights(tmp_path / "runs" / "rooms")["step"] == 2
+    train.main(["--builtin", "rooms_ring_camera", "--gradient_steps", "3", "--resume"])  # the same command, resumed
+    train.main(["--log_dir", "rooms", "--gradient_steps", "4", "--resume"])  # or the run named alone
+    ckpt = weights(tmp_path / "runs" / "rooms")
+    assert ckpt["step"] == 4 and ckpt["config"]["builtin"] == "rooms_ring_camera"
+    assert "Resuming" in capsys.readouterr().out
+    fresh = ["--builtin", "rooms_ring_camera", "--log_dir", "other", "--train_data_dir",
+             ckpt["config"]["train_data_dir"], "--test_data_dir", ckpt["config"]["test_data_dir"]]
+    main_error(train.main, fresh, capsys, "--builtin rooms_ring_camera: only for a run without data folders")
 
 
 def test_an_interruption_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
