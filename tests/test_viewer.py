@@ -67,6 +67,16 @@ def shows_the_model(page, expected):
     return raw is not None and np.abs(view_pixels(page, SIZE)[0] - expected(raw)).mean() < 2.5
 
 
+def vivid_checkpoint(path):
+    """A tiny untrained GQN whose views differ from camera to camera and scene to scene (an untrained GQN draws
+    nearly one grey from every camera)."""
+    ckpt = make_checkpoint(path, representation="volume")
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["observation.weight"] *= 30
+    torch.save(state, ckpt)
+    return ckpt
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
 def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_moves_it(tmp_path):
@@ -77,13 +87,7 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
     from gqn_dataset import GQNDataset, fixed_views
     from view import draw_seed
 
-    data = make_data(tmp_path / "test", scenes=3, views=6)
-    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
-    state = torch.load(ckpt, weights_only=True)
-    state["model"]["observation.weight"] *= 30  # an untrained GQN draws nearly one grey from every camera
-    torch.save(state, ckpt)
-    port = free_port()
-    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    proc, port, ckpt, data = serving(tmp_path, scenes=3, vivid=True)
     model, _ = load_model(str(ckpt))
     ds = GQNDataset(data)
     context = fixed_views(0, 0, ds.views, 3)[0].tolist()
@@ -107,12 +111,7 @@ def test_the_page_shows_model_generate_for_the_camera_it_reports_and_a_drag_move
             wait_until(lambda: shows_the_model(page, expected), "the model's view from the camera the page reports")
             shown, _ = view_pixels(page, SIZE)
             page.screenshot(path=str(tmp_path / "viewer.png"))
-            box = page.locator("canvas").first.bounding_box()
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            page.mouse.move(cx, cy)
-            page.mouse.down()
-            page.mouse.move(cx + 150, cy + 20, steps=10)
-            page.mouse.up()
+            drag(page)
             wait_until(lambda: camera(page) != first, "a new camera after the drag")
             # the last request of the drag rendered and drawn: the view shown is the model's from the camera reported
             wait_until(lambda: shows_the_model(page, expected), "the model's view after the drag")
@@ -206,12 +205,13 @@ def http_get(url, **headers):
         return e.code, e.headers
 
 
-def serving(tmp_path):
-    """view.py serving a tiny model on localhost -> (process, port)."""
-    data = make_data(tmp_path / "test", scenes=2, views=6)
-    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
+def serving(tmp_path, scenes=2, vivid=False):
+    """view.py serving a tiny model (vivid_checkpoint's with vivid) on localhost -> (process, port, checkpoint, its
+    data)."""
+    data = make_data(tmp_path / "test", scenes=scenes, views=6)
+    ckpt = vivid_checkpoint(tmp_path / "c.pt") if vivid else make_checkpoint(tmp_path / "c.pt", representation="volume")
     port = free_port()
-    return start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port), port
+    return start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port), port, ckpt, data
 
 
 def stop(proc):
@@ -223,7 +223,7 @@ def stop(proc):
 
 
 def test_a_web_page_of_another_site_cannot_drive_the_viewer(tmp_path):
-    proc, port = serving(tmp_path)
+    proc, port, _, _ = serving(tmp_path)
     try:
         here = f"ws://localhost:{port}"
         assert handshake(here, Origin=f"http://localhost:{port}") == 101  # the viewer's own page
@@ -253,7 +253,7 @@ def test_in_chromium_a_page_of_another_site_cannot_open_the_viewers_websocket(tm
     site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
         http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site")))
     threading.Thread(target=site.serve_forever, daemon=True).start()
-    proc, port = serving(tmp_path)
+    proc, port, _, _ = serving(tmp_path)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -417,6 +417,16 @@ def model_view(model, ds, scene, count=3):
     return expected
 
 
+def drag(page):
+    """Drag across the middle of the page's 3D view, as a user orbits."""
+    box = page.locator("canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 150, cy + 20, steps=10)
+    page.mouse.up()
+
+
 def number_box(page, label):
     """The box one types into of the control labelled `label` (a slider's number box follows its hidden input)."""
     return page.locator(f"xpath=//label[normalize-space()='{label}']/following::input[not(@type='hidden')][1]")
@@ -430,13 +440,7 @@ def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(
     from checkpoint import load_model
     from gqn_dataset import GQNDataset
 
-    data = make_data(tmp_path / "test", scenes=3, views=6)
-    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
-    state = torch.load(ckpt, weights_only=True)
-    state["model"]["observation.weight"] *= 30  # views that differ from scene to scene
-    torch.save(state, ckpt)
-    port = free_port()
-    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    proc, port, ckpt, data = serving(tmp_path, scenes=3, vivid=True)
     model, ds = load_model(str(ckpt))[0], GQNDataset(data)
     scene0, scene2 = model_view(model, ds, 0), model_view(model, ds, 2)
     try:
@@ -451,13 +455,8 @@ def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(
             number_box(b, "scene").press("Enter")
             wait_until(lambda: shows_the_model(b, scene2), "scene 2 in the tab that chose it")
             before = camera(b)
-            box = a.locator("canvas").first.bounding_box()
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             first = camera(a)
-            a.mouse.move(cx, cy)
-            a.mouse.down()
-            a.mouse.move(cx + 150, cy + 20, steps=10)
-            a.mouse.up()
+            drag(a)
             wait_until(lambda: camera(a) != first, "a new camera in the dragged tab")
             wait_until(lambda: shows_the_model(a, scene0), "scene 0 still, from the dragged tab's new camera")
             assert number_box(a, "scene").input_value() == "0"
@@ -483,9 +482,9 @@ def test_a_typed_list_applies_once_typing_pauses_and_the_slider_sets_the_count(v
                seconds=10 * view_tab.TYPING_PAUSE)
     assert encoded == [[4, 5]]
     tab.count_in.value = 1
-    assert tab.context.views == fixed_views_of(viewer, 0, 1) and tab.context_in.value == str(tab.context.views[0])
+    assert tab.context.views == fixed_context(viewer.ds, 0, 1) and tab.context_in.value == str(tab.context.views[0])
     tab.scene_in.value = 1  # a new scene keeps the count
-    assert tab.context.scene == 1 and tab.context.views == fixed_views_of(viewer, 1, 1)
+    assert tab.context.scene == 1 and tab.context.views == fixed_context(viewer.ds, 1, 1)
 
 
 def test_the_cameras_can_be_clicked_and_a_saved_view_is_what_render_py_draws(viewer, tmp_path):
@@ -522,12 +521,6 @@ def test_the_cameras_can_be_clicked_and_a_saved_view_is_what_render_py_draws(vie
     assert "scene0_camera.png" in client.downloads and tab.note.content.startswith("saved scene0_camera.png")
 
 
-def fixed_views_of(viewer, scene, count):
-    from gqn_dataset import fixed_views
-
-    return fixed_views(viewer.seed, scene, viewer.ds.views, count)[0].tolist()
-
-
 def test_a_camera_outside_the_trained_range_is_said(viewer):
     import cameras
 
@@ -545,12 +538,9 @@ def test_a_jump_to_a_held_out_camera_shows_the_truth_beside_the_model_and_bad_va
     from checkpoint import load_model
     from gqn_dataset import GQNDataset
 
-    data = make_data(tmp_path / "test", scenes=3, views=6)
-    ckpt = make_checkpoint(tmp_path / "c.pt", representation="volume")
-    port = free_port()
-    proc = start(["--checkpoint", str(ckpt), "--data_dir", str(data)], port)
+    proc, port, ckpt, data = serving(tmp_path, scenes=3)
     model, ds = load_model(str(ckpt))[0], GQNDataset(data)
-    first, held = [j for j in range(ds.views) if j not in fixed_views_of_ds(ds, 0, 3)][:2]  # a tab starts at the first
+    first, held = [j for j in range(ds.views) if j not in fixed_context(ds, 0, 3)][:2]  # a tab starts at the first
     raw = raw_pose(ds, 0, held)
     try:
         with sync_playwright() as p:
@@ -572,7 +562,7 @@ def test_a_jump_to_a_held_out_camera_shows_the_truth_beside_the_model_and_bad_va
             assert page.get_by_text("draws of z: 1 to 16, not 0; set to 1").is_visible()
             number_box(page, "number of context views").fill("1")
             number_box(page, "number of context views").press("Enter")
-            one = fixed_views_of_ds(ds, 0, 1)
+            one = fixed_context(ds, 0, 1)
             wait_until(lambda: number_box(page, "context views").input_value() == str(one[0]), "one context view")
             wait_until(lambda: shows_the_model(page, model_view(model, ds, 0, count=1)), "the view from one view")
             page.get_by_role("button", name="back to the start camera").click()
@@ -588,7 +578,8 @@ def raw_pose(ds, scene, view):
     return [*pose[:3].tolist(), math.atan2(pose[3], pose[4]), math.atan2(pose[5], pose[6])]
 
 
-def fixed_views_of_ds(ds, scene, count):
+def fixed_context(ds, scene, count):
+    """The `count` context views the viewer (seed 0) shows first for a scene of ds."""
     from gqn_dataset import fixed_views
 
     return fixed_views(0, scene, ds.views, count)[0].tolist()
