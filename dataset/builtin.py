@@ -19,7 +19,7 @@ import numpy as np
 if not __package__:  # `python dataset/builtin.py`: the repository's modules, one folder up
     import _repo  # noqa: F401
 import cameras  # noqa: E402
-from cli import UserError  # noqa: E402
+from cli import ArgumentParser, UserError, nonneg_int, positive_int  # noqa: E402
 from gqn_format import foreign_shards, write_shard  # noqa: E402
 from progress import progress_bar  # noqa: E402
 
@@ -167,3 +167,26 @@ def render_once(out, world, train_scenes, test_scenes, seed=0, workers=1):
         os.replace(out, out + f".old-{int(time.time())}")
     os.replace(partial, out)
     return splits
+
+
+def render_parser(description):
+    """A renderer's command line (dataset/shepard_metzler.py, dataset/rooms.py): the flags they share."""
+    p = ArgumentParser(description=description)
+    p.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
+    p.add_argument("--train_scenes", type=nonneg_int, required=True, help="number of training scenes")
+    p.add_argument("--test_scenes", type=nonneg_int, required=True, help="number of test scenes")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes (default 1)")
+    p.add_argument("--scenes_per_shard", type=positive_int, default=250, help="scenes per .pt file (default 250)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/train, OUT/test")
+    return p
+
+
+def render_command(args, world):
+    """render_parser's args and a world -> its splits written, and said; an unwritable folder is one line."""
+    try:
+        folders = render_dataset(args.out, world, args.train_scenes, args.test_scenes, args.seed, args.workers,
+                                 args.scenes_per_shard, args.overwrite)
+    except OSError as e:
+        raise UserError(f"{e.filename or args.out}: {e.strerror}") from None
+    print("wrote " + ", ".join(folders))

@@ -34,7 +34,7 @@ import simplejpeg
 if not __package__:  # `python dataset/rooms.py`: the repository's modules, one folder up
     import _repo  # noqa: F401
 import cameras  # noqa: E402
-from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
+from cli import main as cli_main  # noqa: E402
 from dataset import builtin  # noqa: E402
 from dataset.raycast import bounds, nearest_object, near_shadow_rays  # noqa: E402
 from gqn_format import JPEG_QUALITY  # noqa: E402
@@ -347,23 +347,10 @@ class Rooms:
 
 
 def run(argv):
-    p = ArgumentParser(description="Render look-alikes of DeepMind's rooms_ring_camera scenes into OUT/train and "
-                                   "OUT/test in the converted format (the test split also records what the objects "
-                                   "change: the empty room and the objects' masks).")
-    p.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
-    p.add_argument("--train_scenes", type=nonneg_int, required=True, help="number of training scenes")
-    p.add_argument("--test_scenes", type=nonneg_int, required=True, help="number of test scenes")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="same seed, same bytes (default 0)")
-    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes (default 1)")
-    p.add_argument("--scenes_per_shard", type=positive_int, default=250, help="scenes per .pt file (default 250)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/train, OUT/test")
-    args = p.parse_args(argv)
-    try:
-        folders = builtin.render_dataset(args.out, Rooms(), args.train_scenes, args.test_scenes, args.seed,
-                                         args.workers, args.scenes_per_shard, args.overwrite)
-    except OSError as e:
-        raise UserError(f"{e.filename or args.out}: {e.strerror}") from None
-    print("wrote " + ", ".join(folders))
+    p = builtin.render_parser("Render look-alikes of DeepMind's rooms_ring_camera scenes into OUT/train and OUT/test "
+                              "in the converted format (the test split also records what the objects change: the "
+                              "empty room and the objects' masks).")
+    builtin.render_command(p.parse_args(argv), Rooms())
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ import numpy as np
 if not __package__:  # `python dataset/shepard_metzler.py`: the repository's modules, one folder up
     import _repo  # noqa: F401
 import cameras  # noqa: E402
-from cli import ArgumentParser, UserError, main as cli_main, nonneg_int, positive_int  # noqa: E402
+from cli import UserError, main as cli_main, positive_int  # noqa: E402
 from dataset import builtin  # noqa: E402
 from dataset.builtin import _is_int  # noqa: E402
 from gqn_format import encode_jpeg  # noqa: E402
@@ -274,24 +274,12 @@ def render_dataset(out, train_scenes, test_scenes, parts=7, seed=0, workers=1, s
 
 
 def run(argv):
-    p = ArgumentParser(description="Render Shepard-Metzler scenes (GQN's built-in data set) into "
-                                            "OUT/train and OUT/test in the converted format.")
-    p.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
-    p.add_argument("--train_scenes", type=nonneg_int, required=True, help="number of training scenes")
-    p.add_argument("--test_scenes", type=nonneg_int, required=True, help="number of test scenes")
+    p = builtin.render_parser("Render Shepard-Metzler scenes (GQN's built-in data set) into OUT/train and OUT/test "
+                              "in the converted format.")
     p.add_argument("--parts", type=positive_int, default=7, help="cubes per object (DeepMind: 5 or 7; default 7)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="same seed, same bytes (default 0)")
-    p.add_argument("--workers", type=positive_int, default=1, help="rendering processes (default 1)")
-    p.add_argument("--scenes_per_shard", type=positive_int, default=250, help="scenes per .pt file (default 250)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/train, OUT/test")
     args = p.parse_args(argv)
-    try:
-        folders = render_dataset(args.out, args.train_scenes, args.test_scenes, parts=args.parts, seed=args.seed,
-                                 workers=args.workers, scenes_per_shard=args.scenes_per_shard,
-                                 overwrite=args.overwrite)
-    except OSError as e:
-        raise UserError(f"{e.filename or args.out}: {e.strerror}") from None
-    print("wrote " + ", ".join(folders))
+    check_parts(args.parts)
+    builtin.render_command(args, ShepardMetzler(args.parts))
 
 
 def main(argv=None):
