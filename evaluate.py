@@ -116,15 +116,11 @@ def sample_seed(seed, batch, i):
 @torch.no_grad()
 def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=None, baseline=None,
              workers=0, progress=True, max_scenes=0, samples=1, reference=None, sigma=SIGMA):
-    """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring).
-
-    baseline: optional mean training image (3, H, W) on the 0-255 scale, scored on the same query views.
-    sigma: the pixel σ of the ELBO (the run's final σ); it is also given at SIGMA, the paper's, for comparing runs.
-    samples: views drawn from the prior per query (mean-of-N, best-of-N and the draws' scores when > 1).
-    reference: the image whose departures mark the informative pixels of the draws' scores (metrics.informative;
-    default: baseline).
-    Scenes that cannot be read are left out of every score: "unreadable" lists them as [scene, why].
-    """
+    """Score model on every scene of ds (the first max_scenes if > 0) -> dict of means (module docstring). baseline:
+    the mean training image (3, H, W) on 0-255, scored on the same queries; sigma: the ELBO's pixel σ (the run's
+    final σ; also given at SIGMA, the paper's); samples: draws from the prior per query (their scores when > 1);
+    reference: whose departures mark the draws' informative pixels (metrics.informative; default: baseline).
+    Unreadable scenes are left out of every score and listed in "unreadable" as [scene, why]."""
     reference = baseline if reference is None else reference
     if samples > 1 and reference is None:
         raise ValueError("scores of several draws need a reference image (the mean training image)")
@@ -155,22 +151,13 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         out = model(x, v, v_q, (x_q255 / 255).to(device), sigma, eps=eps)
         add("", {"elbo": out.elbo, "kl": out.kl, "nll": out.nll})
         kl_steps = kl_steps + out.kl_steps.double().sum(0).cpu()
-        draws = []
-        for i in range(samples):
-            g.manual_seed(sample_seed(seed, batch, i))
-            draws.append(model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu())
+        draws = draw_views(model, x, v, v_q, samples, g, seed, batch)  # (N, B, 3, H, W) in [0, 1]
         if objects:
             add_objects(sums, draws, x_q255, *readable[5:], size)
-        draws = torch.stack(draws) * 255  # (N, B, 3, H, W) on 0-255
+        draws = draws * 255
         add("", image_scores(draws[0], x_q255))
         if samples > 1:
-            add("mean_of_samples_", image_scores(draws.mean(0), x_q255))
-            add("best_of_samples_", best_of(draws, x_q255))
-            scores, c = draw_scores(draws, x_q255, reference)
-            add("draws_", scores)
-            for k in curves:
-                curves[k].append(c[k])
-            spread_max = max(spread_max, draws.std(0).max().item())
+            spread_max = max(spread_max, add_draws(add, draws, x_q255, reference, curves))
         if baseline is not None:
             add("mean_image_", image_scores(baseline.expand_as(x_q255), x_q255))
         n += x.shape[0]
@@ -178,20 +165,44 @@ def evaluate(model, ds, context=3, seed=0, batch_size=32, device="cpu", size=Non
         raise UserError(f"{ds.root}: none of the {len(loader.dataset)} scenes can be read (the first: "
                         f"{unreadable[0][1]})")
     m = {k: s / n for k, s in sums.items()}
-    elbo = {k: m.pop(k) for k in ("elbo", "kl", "nll")}
-    dims = 3 * size * size
-    at_paper = {f"nll_sigma_{SIGMA}": nll_at(elbo["nll"], sigma, SIGMA, dims)}
-    at_paper[f"elbo_sigma_{SIGMA}"] = -(elbo["kl"] + at_paper[f"nll_sigma_{SIGMA}"])
+    elbo = elbo_scores({k: m.pop(k) for k in ("elbo", "kl", "nll")}, sigma, 3 * size * size)
     result = {"scenes": n, "context": context, "seed": seed, "sigma": sigma, "image_size": size, "samples": samples,
-              **elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], dims), **at_paper, **m}  # then the image scores
+              **elbo, **m}  # then the image scores
     if baseline is not None:
         result["rmse_ratio"] = ratio(m["rmse"], m["mean_image_rmse"])
-    result["kl_per_step"] = (kl_steps / n).tolist()
-    result.update(object_scores(result, ds))
-    result["unreadable"] = unreadable
+    result.update(kl_per_step=(kl_steps / n).tolist(), **object_scores(result, ds), unreadable=unreadable)
     if samples > 1:
         result.update(draws_summary(result, {k: torch.cat(v) for k, v in curves.items()}, spread_max == 0))
     return result
+
+
+def add_draws(add, draws, x_q255, reference, curves):
+    """A batch's scores of several draws (N, B, 3, H, W) on 0-255 added: their mean's, their best's and metrics'
+    draw scores (curves extended) -> the largest spread of a pixel."""
+    add("mean_of_samples_", image_scores(draws.mean(0), x_q255))
+    add("best_of_samples_", best_of(draws, x_q255))
+    scores, c = draw_scores(draws, x_q255, reference)
+    add("draws_", scores)
+    for k in curves:
+        curves[k].append(c[k])
+    return draws.std(0).max().item()
+
+
+def draw_views(model, x, v, v_q, samples, g, seed, batch):
+    """`samples` views drawn from the prior for each query of a batch, each draw from its own seed -> (N, B, 3, H,
+    W) in [0, 1]."""
+    draws = []
+    for i in range(samples):
+        g.manual_seed(sample_seed(seed, batch, i))
+        draws.append(model.generate(x, v, v_q, generator=g).clamp(0, 1).cpu())
+    return torch.stack(draws)
+
+
+def elbo_scores(elbo, sigma, dims):
+    """The mean ELBO, KL and NLL at the run's σ -> with bits/dim, and the ELBO and NLL at the paper's σ (SIGMA)."""
+    nll = nll_at(elbo["nll"], sigma, SIGMA, dims)
+    return {**elbo, "bits_per_dim": bits_per_dim(-elbo["elbo"], dims), f"nll_sigma_{SIGMA}": nll,
+            f"elbo_sigma_{SIGMA}": -(elbo["kl"] + nll)}
 
 
 def ratio(a, b):
@@ -199,11 +210,11 @@ def ratio(a, b):
 
 
 def add_objects(sums, draws, x_q255, empty, masks, size):
-    """A batch's squared errors over the pixels its objects change: the first draw's, the draws' mean's, the empty
-    room's (metrics.object_sums), at the model's size (the masks area-resized to shares of a pixel)."""
+    """A batch's squared errors over the pixels its objects change (draws (N, B, 3, H, W) in [0, 1]): the first
+    draw's, the draws' mean's, the empty room's (metrics.object_sums), at the model's size (the masks area-resized to shares of a pixel)."""
     truth, room = x_q255 / 255, resize(empty, size) / 255
     weight = resize(masks[:, None].float(), size)
-    for prefix, pred in (("", draws[0]), ("mean_of_samples_", torch.stack(draws).mean(0) if len(draws) > 1 else None)):
+    for prefix, pred in (("", draws[0]), ("mean_of_samples_", draws.mean(0) if len(draws) > 1 else None)):
         if pred is not None:
             model_sq, room_sq, w = object_sums(pred, truth, room, weight)
             sums[prefix + "objects_model"] += model_sq
