@@ -152,7 +152,7 @@ def loader_rate(loader, scenes_per_batch):
     return n * scenes_per_batch / (time.perf_counter() - t)
 
 
-def run(argv=None):
+def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=positive_int, default=200, help="scenes in the benchmark data (default 200)")
     parser.add_argument("--batch", type=positive_int, default=36, help="training batch size (the paper's 36)")
@@ -165,6 +165,11 @@ def run(argv=None):
     args = parser.parse_args(argv)
     if args.scenes < args.batch:
         raise UserError(f"--scenes {args.scenes}: fewer than one batch (--batch {args.batch})")
+    return args
+
+
+def run(argv=None):
+    args = parse_args(argv)
     fixtures = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
     found = os.path.isdir(os.path.join(fixtures, "gqn-tfrecord"))
     source = args.scenes_from or ("fixtures" if found else "renderer")
@@ -197,24 +202,31 @@ def run(argv=None):
                      args.scenes), "scenes/s", mapped, True))
         rows.append(("full scene (15 views), torch-gqn folder via GQNDataset", rate(read_all(legacy, order),
                      args.scenes), "scenes/s", baseline, True))
+        rows += loader_rows(converted, old, args)
+    print_table(rows, args, source)
 
-        k, steps = 15, args.steps
-        for workers in (0, args.workers):
-            ours = TrainBatches(converted, args.batch, k, seed=0, noise={"eps": ("normal", (12, 3, 16, 16))})
-            loader = torch.utils.data.DataLoader(ours, batch_size=None, sampler=range(steps + 1),
-                                                 num_workers=workers)
-            rng = np.random.default_rng(0)
-            theirs = torch.utils.data.DataLoader(old, batch_size=args.batch, shuffle=True, num_workers=workers,
-                                                 drop_last=True)
 
-            def old_batches():  # torch-gqn: full scenes through the loader, views picked in the training loop
-                for _ in range(-(-(steps + 1) * args.batch // len(old))):
-                    for frames, cameras in theirs:
-                        yield torch_gqn_batch(frames, cameras, rng, k - 1)
-            baseline = loader_rate(old_batches(), args.batch)
-            rows.append((f"training batches (batch {args.batch}), {workers} workers",
-                         loader_rate(loader, args.batch), "scenes/s", baseline, True))
+def loader_rows(converted, old, args):
+    """Training batches from our loader and from a torch-gqn-style one, with 0 and --workers workers -> rows."""
+    k, steps, rows = 15, args.steps, []
+    for workers in (0, args.workers):
+        ours = TrainBatches(converted, args.batch, k, seed=0, noise={"eps": ("normal", (12, 3, 16, 16))})
+        loader = torch.utils.data.DataLoader(ours, batch_size=None, sampler=range(steps + 1), num_workers=workers)
+        rng = np.random.default_rng(0)
+        theirs = torch.utils.data.DataLoader(old, batch_size=args.batch, shuffle=True, num_workers=workers,
+                                             drop_last=True)
 
+        def old_batches():  # torch-gqn: full scenes through the loader, views picked in the training loop
+            for _ in range(-(-(steps + 1) * args.batch // len(old))):
+                for frames, cameras in theirs:
+                    yield torch_gqn_batch(frames, cameras, rng, k - 1)
+        baseline = loader_rate(old_batches(), args.batch)
+        rows.append((f"training batches (batch {args.batch}), {workers} workers",
+                     loader_rate(loader, args.batch), "scenes/s", baseline, True))
+    return rows
+
+
+def print_table(rows, args, source):
     print(f"\nGQN data benchmark: {args.scenes} Shepard-Metzler scenes (64 px, 15 views; two "
           f"{'real scenes of the fixtures' if source == 'fixtures' else 'of the built-in renderer'}, repeated), "
           f"batch {args.batch}, "
