@@ -109,21 +109,8 @@ def measure(spec):
     if spec["channels_last"]:
         ref_model = copy.deepcopy(model)
         model = model.to(memory_format=torch.channels_last)
-    B, M, S = cfg["batch_size"], cfg["context"], cfg["image_size"]
-    x, v = torch.rand(B, M, 3, S, S, device=device), torch.randn(B, M, 7, device=device)
-    x_q, v_q = torch.rand(B, 3, S, S, device=device), torch.randn(B, 7, device=device)
-    if spec["channels_last"]:
-        x_q = x_q.contiguous(memory_format=torch.channels_last)
-    eps = torch.randn(B, *model.noise_shape, device=device)
-    sigma = 2.0
-    extra = {}  # volume: cameras around the object, 1 to M real views per scene, the depth jitter
-    if cfg["representation"] == "volume":
-        from cameras import look_at
-        yaw, pitch = 2 * math.pi * torch.rand(B, M + 1), 0.8 * torch.rand(B, M + 1) - 0.4
-        cams = look_at(10 / 3, yaw, pitch).to(device)  # (B, M + 1, 7)
-        v, v_q = cams[:, :M].contiguous(), cams[:, M].contiguous()
-        extra = dict(mask=torch.arange(M, device=device) < torch.arange(B, device=device)[:, None] % M + 1,
-                     depth_noise=torch.rand(B, model.training_noise()["depth_noise"][1][0], device=device))
+    x, v, x_q, v_q, eps, extra = batch_of(cfg, model, device, spec["channels_last"])
+    B, sigma = cfg["batch_size"], 2.0
     fns = {"fast": torch.compile(model, mode=spec["compile_mode"]) if spec["compile"] else model,
            "reference": lambda *a, **k: reference_elbo(ref_model, *a, **k)}
     # fused Adam: the same for both paths, and the cheapest (on the CPU ~8x faster than the foreach default)
@@ -131,14 +118,7 @@ def measure(spec):
     opts["reference"] = opts["fast"] if ref_model is model else \
         torch.optim.Adam(ref_model.parameters(), lr=5e-4, fused=True)
     if spec.get("against"):  # the same step with the model code of another revision, on a copy of the same weights
-        Old = model_at(spec["against"])
-        known = inspect.signature(Old).parameters  # a revision before a model flag builds the model without it
-        old = Old(**{k: cfg[k] for k in MODEL_KEYS if k in cfg and k in known},
-                  checkpoint_activations=spec["checkpoint_activations"]).to(device)
-        weights = model.state_dict()
-        old.load_state_dict({k: weights[k] for k in old.state_dict()})
-        fns["against"] = old  # eager, as the reference: with --compile, `--against HEAD` times what compiling gives
-        opts["against"] = torch.optim.Adam(old.parameters(), lr=5e-4, fused=True)
+        fns["against"], opts["against"] = against_model(spec, cfg, model, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     threads = BatchThreads(spec.get("batch_threads", 1))
@@ -159,6 +139,47 @@ def measure(spec):
         opts[path].step()
         opts[path].zero_grad(set_to_none=True)
 
+    result = time_paths(step, spec, device, sync)
+    if spec.get("profile"):  # where the fast path's time goes, by operator's self time
+        result["profile"] = profile_fast(step, spec["profile"], device, sync)
+    return result
+
+
+def batch_of(cfg, model, device, channels_last):
+    """A random batch of cfg's shape -> x, v, x_q, v_q, eps and, for volume, its mask and depth jitter (cameras
+    around the object, 1 to M real views a scene)."""
+    B, M, S = cfg["batch_size"], cfg["context"], cfg["image_size"]
+    x, v = torch.rand(B, M, 3, S, S, device=device), torch.randn(B, M, 7, device=device)
+    x_q, v_q = torch.rand(B, 3, S, S, device=device), torch.randn(B, 7, device=device)
+    if channels_last:
+        x_q = x_q.contiguous(memory_format=torch.channels_last)
+    eps = torch.randn(B, *model.noise_shape, device=device)
+    extra = {}
+    if cfg["representation"] == "volume":
+        from cameras import look_at
+        yaw, pitch = 2 * math.pi * torch.rand(B, M + 1), 0.8 * torch.rand(B, M + 1) - 0.4
+        cams = look_at(10 / 3, yaw, pitch).to(device)  # (B, M + 1, 7)
+        v, v_q = cams[:, :M].contiguous(), cams[:, M].contiguous()
+        extra = dict(mask=torch.arange(M, device=device) < torch.arange(B, device=device)[:, None] % M + 1,
+                     depth_noise=torch.rand(B, model.training_noise()["depth_noise"][1][0], device=device))
+    return x, v, x_q, v_q, eps, extra
+
+
+def against_model(spec, cfg, model, device):
+    """The model code of revision spec["against"] on a copy of model's weights -> (model, its optimiser)."""
+    Old = model_at(spec["against"])
+    known = inspect.signature(Old).parameters  # a revision before a model flag builds the model without it
+    old = Old(**{k: cfg[k] for k in MODEL_KEYS if k in cfg and k in known},
+              checkpoint_activations=spec["checkpoint_activations"]).to(device)
+    weights = model.state_dict()
+    old.load_state_dict({k: weights[k] for k in old.state_dict()})
+    # eager, as the reference: with --compile, `--against HEAD` times what compiling gives
+    return old, torch.optim.Adam(old.parameters(), lr=5e-4, fused=True)
+
+
+def time_paths(step, spec, device, sync):
+    """Warm-up steps, then spec["steps"] steps of each path in turn -> dict(ms={path: [ms]}, peak={path: bytes},
+    first={path: ms of its first step})."""
     paths = spec["paths"]
     base = _maxrss_bytes()
     first = {}  # the first step of each path, with --compile its compilation
@@ -182,17 +203,19 @@ def measure(spec):
                 peak[path] = max(peak[path], torch.cuda.max_memory_allocated())
     if device.type == "cpu":
         peak = {p: _maxrss_bytes() - base for p in paths}
-    result = dict(ms=ms, peak=peak, first=first)
-    if spec.get("profile"):  # where the fast path's time goes, by operator's self time
-        from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(spec["profile"]):
-                step("fast")
-            sync()
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40)
-    return result
+    return dict(ms=ms, peak=peak, first=first)
+
+
+def profile_fast(step, n, device, sync):
+    """n more steps of the fast path under the profiler -> its table of operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step("fast")
+        sync()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40)
 
 
 def run_isolated(spec):
@@ -216,7 +239,7 @@ def fmt_bytes(n):
     return f"{n / 2 ** 20:.0f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
 
 
-def run(argv=None):
+def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configurations (default: cpu-check on the CPU, "
@@ -252,17 +275,11 @@ def run(argv=None):
                    help="after timing, profile N more steps of this checkout's model and print the top operators")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        print(json.dumps(measure(json.loads(args._worker))))
-        return
+    return p.parse_args(argv)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    check_amp(args.amp, torch.device(device))
+
+def configs_of(args, device):
+    """The configurations to time: the preset's (or --representation's, the paper's sizes), with the flags' sizes."""
     configs = [dict(c) for c in PRESETS[args.preset or ("paper-nets" if device == "cuda" else "cpu-check")]]
     if args.representation:  # a custom single configuration, the paper's defaults for what is not given
         configs = [dict(representation=args.representation, L=12, shared_core=False, batch_size=36, context=5,
@@ -272,15 +289,26 @@ def run(argv=None):
                          ("context", args.context), ("image_size", args.image_size)):
             if val is not None:
                 c[key] = val
+    return configs
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    if args._worker:
+        print(json.dumps(measure(json.loads(args._worker))))
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    check_amp(args.amp, torch.device(device))
+    configs = configs_of(args, device)
     if args.compile_mode:
         args.compile = True
     cuda = device == "cuda"
     steps = args.steps or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 1)
-    flags = [f for f, on in (("bf16", args.amp == "bf16"),
-                             (f"compile {args.compile_mode or ''}".strip(), args.compile),
-                             ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last),
-                             (f"batch over {args.batch_threads} threads", args.batch_threads > 1)) if on]
     if args.against:  # one error line for a revision git does not know, before any worker starts
         here = os.path.dirname(os.path.abspath(__file__))
         if subprocess.run(["git", "-C", here, "cat-file", "-e", f"{args.against}:model.py"],
@@ -291,31 +319,48 @@ def run(argv=None):
     name = torch.cuda.get_device_name() if cuda else f"{os.cpu_count()}-core CPU, {args.threads} threads"
     print(f"# GQN training step (forward, backward, fused Adam), {name}, torch {torch.__version__}; {warmup} "
           f"warm-up + {steps} timed steps of each path per run, {args.repeats} runs")
-    cpu = not cuda
     base = dict(device=device, threads=args.threads, batch_threads=args.batch_threads, amp=args.amp,
-                compile=args.compile,
-                compile_mode=args.compile_mode, checkpoint_activations=args.checkpoint_activations,
-                channels_last=args.channels_last, against=args.against)
+                compile=args.compile, compile_mode=args.compile_mode,
+                checkpoint_activations=args.checkpoint_activations, channels_last=args.channels_last,
+                against=args.against)
+    timing, memory = time_configs(args, configs, paths, dict(base, steps=steps, warmup=warmup), cuda)
+    rows, out = table(args, configs, paths, timing, memory)
+    print("\n".join(rows))
+    if args.json:
+        atomic_write(args.json, json.dumps(dict(device=name, torch=torch.__version__, results=out), indent=1).encode())
+
+
+def time_configs(args, configs, paths, base, cuda):
+    """--repeats runs of every configuration, each in its own process -> (timing {config: [ms of each run]},
+    memory {(config, path): peak bytes})."""
     timing, memory = {}, {}
     for rep in range(args.repeats):
         for i, c in enumerate(configs):
-            r = run_isolated(dict(base, config=c, paths=paths, steps=steps, warmup=warmup,
-                                  profile=args.profile if rep == args.repeats - 1 else 0))
+            r = run_isolated(dict(base, config=c, paths=paths, profile=args.profile if rep == args.repeats - 1 else 0))
             if r.get("profile"):
                 print(f"# profile of {args.profile} steps, {describe(c)}\n{r['profile']}", file=sys.stderr)
             timing.setdefault(i, []).append(r["ms"])
-            if not cpu:
+            if cuda:
                 for path in paths:
                     memory[(i, path)] = max(memory.get((i, path), 0), r["peak"][path])
             print(f"  run {rep + 1}: {describe(c)}: " + ", ".join(
                 f"{p} {statistics.median(r['ms'][p]):.0f} ms/step" for p in paths) + (
                 f" (the first step {r['first']['fast'] / 1000:.1f} s)" if args.compile and r["first"] else ""),
                 file=sys.stderr, flush=True)
-    if cpu:  # the CPU's peak RSS is per process: one short run per path
+    if not cuda:  # the CPU's peak RSS is per process: one short run per path
         for i, c in enumerate(configs):
             for path in paths:
                 r = run_isolated(dict(base, config=c, paths=[path], steps=1, warmup=1))
                 memory[(i, path)] = r["peak"][path]
+    return timing, memory
+
+
+def table(args, configs, paths, timing, memory):
+    """The results -> (the markdown table's rows, the JSON's records)."""
+    flags = [f for f, on in (("bf16", args.amp == "bf16"),
+                             (f"compile {args.compile_mode or ''}".strip(), args.compile),
+                             ("ckpt", args.checkpoint_activations), ("channels_last", args.channels_last),
+                             (f"batch over {args.batch_threads} threads", args.batch_threads > 1)) if on]
     rows = ["| configuration | path | ms/step (median) | steps/s | peak memory | speed-up (per run) |",
             "|---|---|---:|---:|---:|---|"]
     names = {"reference": "reference (float32)", "against": f"model.py at {args.against}" + (
@@ -333,14 +378,12 @@ def run(argv=None):
                     per = [statistics.median(r[base_path]) / statistics.median(r["fast"]) for r in runs]
                     speedup.append(f"**{ref_med / med:.2f}x** ({', '.join(f'{s:.2f}' for s in per)}) vs "
                                    f"{names[base_path].split(' (')[0]}")
-            speedup = "; ".join(speedup)
             peak = memory[(i, path)]
-            rows.append(f"| {describe(c)} | {label} | {med:.0f} | {1000 / med:.2f} | {fmt_bytes(peak)} | {speedup} |")
+            rows.append(f"| {describe(c)} | {label} | {med:.0f} | {1000 / med:.2f} | {fmt_bytes(peak)} | "
+                        f"{'; '.join(speedup)} |")
             out.append(dict(config=c, path=path, flags=flags, ms_median=med, peak_bytes=peak,
                             ms=[r[path] for r in runs]))
-    print("\n".join(rows))
-    if args.json:
-        atomic_write(args.json, json.dumps(dict(device=name, torch=torch.__version__, results=out), indent=1).encode())
+    return rows, out
 
 
 def main(argv=None):
