@@ -23,6 +23,35 @@ def _lstm(gates, c):
     return c, torch.sigmoid(o) * torch.tanh(c)
 
 
+def reference_r(model, x, v, mask=None):
+    """The representation one view at a time, summed per scene -> r (B, r_dim, 16 or 1, 16 or 1)."""
+    net = model.representation.net
+    rs = []
+    for b in range(x.shape[0]):
+        r_b = 0
+        for i in range(x.shape[1]):
+            if mask is None or mask[b, i]:
+                r_b = r_b + net(x[b, i:i + 1], v[b, i:i + 1])
+        rs.append(r_b)
+    return torch.cat(rs)
+
+
+def gate_weights(core, lead, n, spatial, vd):
+    """Per layer of n: the four gates' (weight, bias) over [lead-in spatial channels, v, r, per-step inputs, h].
+
+    Cut once per forward pass with chunk/split (whose backward is one concatenation), as a model with separate
+    per-gate parameters would hold them; the cutting costs a copy of the weights, nothing per step.
+    """
+    wb = core.invariant_broadcast.weight.chunk(n, 0)
+    wi = core.invariant.weight.chunk(n, 0) if core.invariant is not None else [None] * n
+    layers = []
+    for k in range(n):
+        w_r = wi[k][:, lead:] if spatial else wb[k][:, vd:]
+        parts = ([wi[k][:, :lead]] if lead else []) + [wb[k][:, :vd], w_r, core.cells[k].gates.weight]
+        layers.append(list(zip(torch.cat(parts, 1).chunk(4, 0), core.cells[k].gates.bias.chunk(4, 0))))
+    return layers
+
+
 def reference_run(model, x, v, v_q, x_q, noise, mask=None):
     """The GQN's L steps computed the straightforward way on `model`'s weights -> (KL of each step (B, L) or None,
     mean image).
@@ -33,41 +62,15 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
     z_l comes from the posterior (noise = eps); with x_q None, from the prior (generation).
     """
     cfg = model.config
-    B, M = x.shape[:2]
+    B = x.shape[0]
     L, h, u_dim, xc, vd = cfg["L"], cfg["h_dim"], cfg["u_dim"], cfg["x_channels"], cfg["v_dim"]
     s = cfg["image_size"] // 4
 
-    # representation: one view at a time, summed per scene
-    net = model.representation.net
-    rs = []
-    for b in range(B):
-        r_b = 0
-        for i in range(M):
-            if mask is None or mask[b, i]:
-                r_b = r_b + net(x[b, i:i + 1], v[b, i:i + 1])
-        rs.append(r_b)
-    r = torch.cat(rs)  # (B, r_dim, 16 or 1, 16 or 1)
+    r = reference_r(model, x, v, mask)  # (B, r_dim, 16 or 1, 16 or 1)
     spatial = r.shape[-1] > 1
-
     ic, gc = model.inference_core, model.generation_core
     n = 1 if cfg["shared_core"] else L
-
-    def gate_weights(core, lead):
-        """Per layer: the four gates' (weight, bias) over [lead-in spatial channels, v, r, per-step inputs, h].
-
-        Cut once per forward pass with chunk/split (whose backward is one concatenation), as a model with
-        separate per-gate parameters would hold them; the cutting costs a copy of the weights, nothing per step.
-        """
-        wb = core.invariant_broadcast.weight.chunk(n, 0)
-        wi = core.invariant.weight.chunk(n, 0) if core.invariant is not None else [None] * n
-        layers = []
-        for k in range(n):
-            w_r = wi[k][:, lead:] if spatial else wb[k][:, vd:]
-            parts = ([wi[k][:, :lead]] if lead else []) + [wb[k][:, :vd], w_r, core.cells[k].gates.weight]
-            layers.append(list(zip(torch.cat(parts, 1).chunk(4, 0), core.cells[k].gates.bias.chunk(4, 0))))
-        return layers
-
-    gates_e, gates_g = gate_weights(ic, xc), gate_weights(gc, 0)
+    gates_e, gates_g = gate_weights(ic, xc, n, spatial, vd), gate_weights(gc, 0, n, spatial, vd)
     D, T = ic.downsample_u.weight.chunk(n, 0), gc.upsample.weight.chunk(n, 0)
 
     u = v_q.new_zeros(B, u_dim, 4 * s, 4 * s)  # the canvas (B, 128, 64, 64)
