@@ -145,6 +145,32 @@ def _shadowed(o, rays, view, entry, axis, sign, lo, hi):
     return ((t_exit > np.maximum(t_enter, 0)) & (t_exit > 0)).any(0)
 
 
+def _seen(centres, o, d, right, up, f, size):
+    """Pixels that can see a cube: inside the bounding box of some cube's 8 projected corners -> (V, size, size)."""
+    corners = centres[:, None, :] + CUBE / 2 * np.array(np.meshgrid(*[[-1, 1]] * 3)).reshape(3, 8).T
+    q = corners[None] - o[:, None, None]                                    # (V, C, 8, 3)
+    z = np.einsum("vcks,vs->vck", q, d)
+    col = size / 2 + f * np.einsum("vcks,vs->vck", q, right) / z
+    row = size / 2 - f * np.einsum("vcks,vs->vck", q, up) / z
+    pix = np.arange(size) + 0.5
+    in_cols = (pix >= np.floor(col.min(2))[..., None]) & (pix <= np.ceil(col.max(2))[..., None])  # (V, C, size)
+    in_rows = (pix >= np.floor(row.min(2))[..., None]) & (pix <= np.ceil(row.max(2))[..., None])
+    return np.einsum("vci,vcj->vij", in_rows.astype(np.float32), in_cols.astype(np.float32)) > 0
+
+
+def _faces(centres, colours, o, d):
+    """Per (view, cube, axis), flattened so that each ray needs one gather per table: the face's colour lit and in
+    shadow (N, RGB), whether the sun lights it, and the sign of its normal."""
+    sign = np.sign(o[:, None, :] - centres[None])                           # (V, C, 3) normal of the face seen
+    n_dot_l = np.maximum(sign * LIGHT, 0)
+    n_dot_v = np.maximum(sign * -d[:, None, :], 0)
+    lit = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v + SUN * n_dot_l)[..., None] \
+        + WHITE * n_dot_l[..., None]
+    dark = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v)[..., None]
+    lit, dark = np.clip(lit, 0, 1), np.clip(dark, 0, 1)                    # (V, C, 3 axes, RGB)
+    return lit.reshape(-1, 3), dark.reshape(-1, 3), (n_dot_l > 0).ravel(), sign.ravel()
+
+
 def render_views(centres, colours, raw, size=IMAGE_SIZE, supersample=SUPERSAMPLE):
     """Ray-cast axis-aligned cubes of side CUBE: uint8 [V, size, size, 3] for raw cameras [V, 5] (x, y, z, yaw, pitch).
 
@@ -160,28 +186,8 @@ def render_views(centres, colours, raw, size=IMAGE_SIZE, supersample=SUPERSAMPLE
     V, C = len(d), len(centres)
     lo, hi = centres - CUBE / 2, centres + CUBE / 2
 
-    # Pixels that can see a cube: inside the bounding box of some cube's 8 projected corners.
-    corners = centres[:, None, :] + CUBE / 2 * np.array(np.meshgrid(*[[-1, 1]] * 3)).reshape(3, 8).T
-    q = corners[None] - o[:, None, None]                                    # (V, C, 8, 3)
-    z = np.einsum("vcks,vs->vck", q, d)
-    col = size / 2 + f * np.einsum("vcks,vs->vck", q, right) / z
-    row = size / 2 - f * np.einsum("vcks,vs->vck", q, up) / z
-    pix = np.arange(size) + 0.5
-    in_cols = (pix >= np.floor(col.min(2))[..., None]) & (pix <= np.ceil(col.max(2))[..., None])  # (V, C, size)
-    in_rows = (pix >= np.floor(row.min(2))[..., None]) & (pix <= np.ceil(row.max(2))[..., None])
-    mask = np.einsum("vci,vcj->vij", in_rows.astype(np.float32), in_cols.astype(np.float32)) > 0
-
-    sign = np.sign(o[:, None, :] - centres[None])                           # (V, C, 3) normal of the face seen
-    n_dot_l = np.maximum(sign * LIGHT, 0)
-    n_dot_v = np.maximum(sign * -d[:, None, :], 0)
-    lit = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v + SUN * n_dot_l)[..., None] \
-        + WHITE * n_dot_l[..., None]
-    dark = colours[None, :, None, :] * (AMBIENT + HEADLIGHT * n_dot_v)[..., None]
-    lit, dark = np.clip(lit, 0, 1), np.clip(dark, 0, 1)                    # (V, C, 3 axes, RGB)
-
-    # Per (view, cube, axis) tables, flattened so each ray needs one gather per table.
-    lit, dark, lit_face = lit.reshape(-1, 3), dark.reshape(-1, 3), (n_dot_l > 0).ravel()
-    normal = sign.ravel()
+    mask = _seen(centres, o, d, right, up, f, size)
+    lit, dark, lit_face, normal = _faces(centres, colours, o, d)
     fd, right32, up32 = (f * d).T.astype(np.float32), right.T.astype(np.float32), up.T.astype(np.float32)
 
     def shade(view, r, c):
