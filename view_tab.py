@@ -48,6 +48,7 @@ class Tab:
     def __init__(self, viewer, client, scene, context, samples):
         self.viewer, self.client, self.ds = viewer, client, viewer.ds
         self.context, self.draw_set, self.roll_said, self.typed = None, 0, False, None
+        self.frustums, self.hidden, self.frustum_scale = {}, set(), 0.0  # the scene's cameras drawn, and those hidden
         k = viewer.max_context
         count = len(context) if context else min(3, k)
         gui = client.gui
@@ -168,9 +169,10 @@ class Tab:
         moves the view there."""
         scene = self.client.scene
         scene.reset()
+        self.frustums, self.hidden = {}, set()
         if not self.frustums_in.value:
             return
-        scale = FRUSTUM * float(context.all_cameras[:, :3].norm(dim=-1).mean())
+        scale = self.frustum_scale = FRUSTUM * float(context.all_cameras[:, :3].norm(dim=-1).mean())
         for j, cam in enumerate(context.all_cameras):
             position, wxyz = pose_wxyz(cam)
             kind = "context" if j in context.views else "held_out"
@@ -180,6 +182,16 @@ class Tab:
                 f"/{kind}/view_{j}", fov=math.radians(self.viewer.fov), aspect=1.0, scale=scale, wxyz=wxyz,
                 position=position, color=CONTEXT_COLOUR if kind == "context" else HELD_COLOUR, **image)
             frustum.on_click(lambda _, j=j: self.go_to(j))
+            self.frustums[j] = frustum
+
+    def _clear_view(self, v_q):
+        """Hide the frustums within two of their sizes of the camera v_q (7,): the one it stands in, and any so near
+        that it would cover the model's view; show the others again."""
+        near = {j for j in self.frustums
+                if float((self.context.all_cameras[j, :3] - v_q[:3]).norm()) < 2 * self.frustum_scale}
+        for j in near ^ self.hidden:
+            self.frustums[j].visible = j not in near
+        self.hidden = near
 
     # ------------------------------------------------------------------------------------------------ the camera
 
@@ -217,6 +229,7 @@ class Tab:
         self.time_out.value = f"{ms:.1f} ms ({self.show_in.value})"
         self.pose_out.value = " ".join(f"{a:.6f}" for a in raw)
         self.range_note.content = self.viewer.outside_range(v_q)
+        self._clear_view(v_q)
         if abs(roll) > ROLL_NOTE and not self.roll_said:
             self.roll_said = True
             self.note.content = ("The browser's camera is rolled; a GQN pose (x, y, z, yaw, pitch) has no roll, so the "

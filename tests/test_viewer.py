@@ -506,6 +506,15 @@ def test_the_cameras_can_be_clicked_and_a_saved_view_is_what_render_py_draws(vie
     client.frustums[f"/held_out/view_{held[-1]}"].click()
     assert np.allclose(client.camera.position, pose[:3].numpy(), atol=1e-6)
     client.camera.wxyz = pose_wxyz(pose)[1]  # what the browser reports after the move
+    viewer.request(client)
+    wait_until(lambda: tab.truth_img.visible, "the truth at the held-out camera")
+    # the frustum the camera stands in, and any within two of its sizes, are hidden (they would cover the model's
+    # view); the others are seen
+    cams = tab.context.all_cameras
+    near = {j for j in range(len(cams)) if float((cams[j, :3] - pose[:3]).norm()) < 2 * tab.frustum_scale}
+    hidden = {name for name, f in client.frustums.items() if not getattr(f, "visible", True)}
+    assert held[-1] in near and len(near) < len(cams)
+    assert hidden == {f"/{'context' if j in views else 'held_out'}/view_{j}" for j in near}
 
     tab.save()
     ckpt, data = viewer.files
