@@ -48,6 +48,7 @@ class Tab:
     def __init__(self, viewer, client, scene, context, samples):
         self.viewer, self.client, self.ds = viewer, client, viewer.ds
         self.context, self.draw_set, self.roll_said, self.typed = None, 0, False, None
+        self.chosen = bool(context)  # context views the user gave (kept for a new scene) or the scene's own
         self.frustums, self.hidden, self.frustum_scale = {}, set(), 0.0  # the scene's cameras drawn, and those hidden
         k = viewer.max_context
         count = len(context) if context else min(3, k)
@@ -111,8 +112,13 @@ class Tab:
         views = fixed_views(self.viewer.seed, int(self.scene_in.value), self.ds.views, int(self.count_in.value))[0]
         self._set_list(views.tolist())
 
+    def _chose(self):
+        """A list the user typed applies, and stays for the next scene (every scene has the same views)."""
+        self.chosen = True
+        self.show_scene()
+
     def _set_list(self, views):
-        self.typed = None
+        self.typed, self.chosen = None, False
         self.context_in.value = " ".join(str(int(i)) for i in views)
         self.show_scene()
 
@@ -122,13 +128,13 @@ class Tab:
         if self.context is not None and text == " ".join(map(str, self.context.views)):
             return  # set by the page itself
         self.typed = text
-        timer = threading.Timer(TYPING_PAUSE, lambda: self.typed == text and self.show_scene())
+        timer = threading.Timer(TYPING_PAUSE, lambda: self.typed == text and self._chose())
         timer.daemon = True
         timer.start()
 
     def _context_views(self, new_scene):
         scene, k = int(self.scene_in.value), self.viewer.max_context
-        if new_scene:  # a new scene: its own fixed context views, as many as the tab had
+        if new_scene and not self.chosen:  # a new scene: its own fixed context views, as many as the tab had
             views = fixed_views(self.viewer.seed, scene, self.ds.views, int(self.count_in.value))[0]
             self.context_in.value = " ".join(str(int(i)) for i in views)
         try:

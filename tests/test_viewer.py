@@ -466,7 +466,7 @@ def test_two_tabs_one_changing_scene_and_one_dragging_do_not_disturb_each_other(
         stop(proc)
 
 
-def test_a_typed_list_applies_once_typing_pauses_and_the_slider_sets_the_count(viewer):
+def test_a_typed_list_applies_once_typing_pauses_and_stays_and_the_slider_sets_the_count(viewer):
     import view_tab
 
     client = FakeClient(viewer)
@@ -481,10 +481,12 @@ def test_a_typed_list_applies_once_typing_pauses_and_the_slider_sets_the_count(v
     wait_until(lambda: tab.context.views == [4, 5] and tab.count_in.value == 2, "the list once typing paused",
                seconds=10 * view_tab.TYPING_PAUSE)
     assert encoded == [[4, 5]]
-    tab.count_in.value = 1
-    assert tab.context.views == fixed_context(viewer.ds, 0, 1) and tab.context_in.value == str(tab.context.views[0])
-    tab.scene_in.value = 1  # a new scene keeps the count
-    assert tab.context.scene == 1 and tab.context.views == fixed_context(viewer.ds, 1, 1)
+    tab.scene_in.value = 1  # a new scene keeps the user's own list
+    assert tab.context.scene == 1 and tab.context.views == [4, 5]
+    tab.count_in.value = 1  # the slider: the scene's own views, as many as it says
+    assert tab.context.views == fixed_context(viewer.ds, 1, 1) and tab.context_in.value == str(tab.context.views[0])
+    tab.scene_in.value = 2  # a new scene keeps the count
+    assert tab.context.scene == 2 and tab.context.views == fixed_context(viewer.ds, 2, 1)
 
 
 def test_the_cameras_can_be_clicked_and_a_saved_view_is_what_render_py_draws(viewer, tmp_path):
