@@ -234,7 +234,7 @@ def object_scores(r, ds):
             out[prefix + "object_score"] = math.sqrt(model / room) if room > 0 else float("nan")
             if not prefix:
                 out["object_rmse"], out["empty_room_rmse"] = (255 * math.sqrt(ratio(s, w)) for s in (model, room))
-                out["object_pixels"] = w / (3 * r["scenes"] * r["image_size"] ** 2)
+                out["object_pixels"] = w / (3 * r["image_size"] ** 2)  # w is already a mean over the scenes
     return out
 
 
@@ -315,7 +315,8 @@ def table(results):
     lines += [(f"{what}: {name}", prefix + key, fmt) for prefix, what in predictions(r0["samples"])
               for key, name, fmt in SCORES]
     lines.append(("RMSE / mean-image RMSE", "rmse_ratio", ".3f"))
-    lines += [("objects' pixels: RMSE (0-255)", "object_rmse", ".3f"), ("objects' pixels: empty room's RMSE",
+    lines += [("objects' pixels: share of the view", "object_pixels", ".3f"),
+              ("objects' pixels: RMSE (0-255)", "object_rmse", ".3f"), ("objects' pixels: empty room's RMSE",
               "empty_room_rmse", ".3f"), ("object score (empty room 1, truth 0)", "object_score", ".3f"),
               (f"object score, mean of {r0['samples']} draws", "mean_of_samples_object_score", ".3f")]
     lines += DRAW_LINES
