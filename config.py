@@ -45,7 +45,6 @@ class Config:
     u_dim: int = 128
     kernel_size: int = 5                 # the cores' gate convolutions and the prior/posterior heads: k x k
     image_from_r: bool = False           # η_r: a path from r straight to the image (model.py; not the paper's)
-    canvas_kernel: int = 4               # T_l's and η_r's kernel (stride 4): 4 the paper's; 8 overlapping patches
     image_size: int = 64                 # the model's; stored images of another size are resized (area)
     fov: float = 20.0                    # representation "volume" only: the cameras' field of view in degrees,
     near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
@@ -242,9 +241,6 @@ FLAGS = {
     "image_size": (positive_int, "the model's image size (stored images are resized to it, area)"),
     "image_from_r": (str2bool, "a path from r straight to the image (model.py: η_r, zero at the start; not in the "
                                "paper): the representation's view shows before the cores learn to carry it"),
-    "canvas_kernel": (positive_int, "kernel of the stride-4 transposed convolutions that write the cores' state and r "
-                                    "onto the image: 4, the paper's (each cell its own 4x4 block), or 8 (padding 2: "
-                                    "each cell's patch overlaps its neighbours', for edges without 4-pixel steps)"),
     "fov": (float, "volume: the cameras' field of view in degrees (taken from the data when it records it)"),
     "near": (float, "volume: nearest depth sampled along the query rays (taken from the data when it records it)"),
     "far": (float, "volume: farthest depth sampled along the query rays (taken from the data when it records it)"),
@@ -364,7 +360,7 @@ def check_config(cfg, world_size, fresh=True):
 # own (check_camera), once the data has filled in what the flags did not give.
 MODEL_FLAGS = {"representation": "representation", "layers": "L", "shared_core": "shared_core", "r_dim": "r_dim",
                "h_dim": "h_dim", "z_dim": "z_dim", "u_dim": "u_dim", "image_size": "image_size",
-               "kernel_size": "kernel_size", "image_from_r": "image_from_r", "canvas_kernel": "canvas_kernel"}
+               "kernel_size": "kernel_size", "image_from_r": "image_from_r"}
 
 
 def gqn_kwargs(cfg):
@@ -400,7 +396,7 @@ def check_model(cfg):
             model.generate(x, v, torch.zeros(1, 7))
     except (ValueError, RuntimeError) as e:
         flags = " ".join(f"--{f} {getattr(cfg, f)}" for f in ("representation", "image_size", "r_dim", "layers",
-                                                               "kernel_size", "canvas_kernel"))
+                                                               "kernel_size"))
         raise UserError(f"{flags}: the model cannot be built with these flags: "
                         f"{str(e).strip().splitlines()[0]}") from None
 

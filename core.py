@@ -1,8 +1,7 @@
 """The inference and generation cores of GQN (Eslami et al. 2018, supplementary fig. S2).
 
 Generation core C_g^l: a ConvLSTM whose input is (v_q, r, z_l) and state (c_g, h_g) 128x16x16; after each step
-the canvas u (128x64x64) grows by a 4x4, stride-4 transposed convolution of h_g (canvas_kernel 8: 8x8, padding 2,
-each cell's patch overlapping its neighbours', not in the paper).
+the canvas u (128x64x64) grows by a 4x4, stride-4 transposed convolution of h_g.
 Inference core C_e^l: a ConvLSTM whose input is (x_q, v_q, r, h_g, u) and state (c_e, h_e); x_q and u enter
 through 4x4, stride-4 convolutions. v_q (and r when it is 1x1) reach 16x16 by broadcasting, as in the paper:
 no learned upsampling. With shared cores one C_e and one C_g serve all L steps; otherwise there are L of each.
@@ -15,9 +14,8 @@ How the weights are laid out, and why (the function is the paper's; the layout m
 - A broadcast input (v_q, a 1x1 r) is constant over the map, so its convolution is `broadcast_conv`: a product
   with the 0/1 matrix of kernel taps that fall inside the image, instead of a 5x5 convolution over 16x16.
 - The canvas is linear in h_g: u^l = Σ_{j<l} T_j(h_g^{j+1}). T_j (4x4/4 transposed) and the inference core's D_l
-  (4x4/4) tile the same 4x4 blocks, so D_l∘T_j is a 1x1 convolution (`tap_product`; 3x3 when T's 8x8 patches
-  overlap), and the observation η_g(u^L) is one transposed convolution of [h_g^1..h_g^L]. model.py uses both, and
-  never builds the 64x64 canvas.
+  (4x4/4) tile the same 4x4 blocks, so D_l∘T_j is a 1x1 convolution (`tap_product`), and the observation
+  η_g(u^L) is one transposed convolution of [h_g^1..h_g^L]. model.py uses both, and never builds the 64x64 canvas.
 """
 import torch
 import torch.nn.functional as F
@@ -49,26 +47,9 @@ def stacked_conv(conv, x, n):
     return [F.conv2d(x, w, padding=conv.padding) for w in conv.weight.chunk(n, 0)]
 
 
-def canvas_padding(kernel):
-    """The padding of a stride-4 transposed convolution with this kernel that keeps the canvas 4x the cores' map."""
-    return (kernel - 4) // 2
-
-
 def tap_product(down, up):
-    """D∘T as a convolution weight (o, i, t, t) at the cores' size, to run with padding t // 2: D a 4x4/4 convolution
-    (o, c, 4, 4), T a stride-4 transposed convolution (i, c, K, K) with canvas_padding(K). K = 4, the paper's, gives a
-    1x1 convolution (each cell paints its own 4x4 block); K = 8 a 3x3 one (each cell's 8x8 patch overlaps its
-    neighbours' blocks)."""
-    K = up.shape[-1]
-    if K == 4:
-        return torch.einsum("ocab,icab->oi", down, up)[:, :, None, None]
-    P = canvas_padding(K)
-    R = (P + 3) // 4  # how many cells away T's patch reaches into D's blocks
-    # D's cell y reads the canvas at 4y + s (s < 4); T writes cell y + d's h at 4(y + d) - P + t, so t = s + P - 4d:
-    # T's taps P + 4R - 4d .. + 3 (zero-padded by 4R) meet D's, for d = -R..R; one window of 4 taps each, in one go
-    windows = F.pad(up, (4 * R,) * 4)[:, :, P:P + 4 * (2 * R + 1), P:P + 4 * (2 * R + 1)]
-    windows = windows.unfold(2, 4, 4).unfold(3, 4, 4).flip(2, 3)  # (i, c, d_y, d_x, 4, 4), d from -R
-    return torch.einsum("ocab,icyxab->oiyx", down, windows)
+    """1x1-conv weight (o, i) of D∘T: D a 4x4/4 conv weight (o, c, 4, 4), T a 4x4/4 transposed conv (i, c, 4, 4)."""
+    return torch.einsum("ocab,icab->oi", down, up)
 
 
 class InferenceCore(nn.Module):
@@ -102,8 +83,7 @@ class InferenceCore(nn.Module):
 class GenerationCore(nn.Module):
     """C_g for n = 1 (shared) or L layers: ConvLSTM over [v_q, r, z] with state (c_g, h_g), and the canvas update."""
 
-    def __init__(self, n, v_dim=7, r_dim=256, r_spatial=False, z_dim=3, h_dim=128, u_dim=128, kernel_size=5,
-                 canvas_kernel=4):
+    def __init__(self, n, v_dim=7, r_dim=256, r_spatial=False, z_dim=3, h_dim=128, u_dim=128, kernel_size=5):
         super().__init__()
         self.n, self.r_spatial = n, r_spatial
         k, p = kernel_size, kernel_size // 2
@@ -112,10 +92,9 @@ class GenerationCore(nn.Module):
                                              bias=False)
         # per step: input z, hidden h_g (the gate bias lives here)
         self.cells = nn.ModuleList(ConvLSTMCell(z_dim, h_dim, k) for _ in range(n))
-        # T_l of every layer, stacked on the input axis: weight (n*h, u, K, K), so that one transposed convolution
-        # of [h_1, ..., h_n] is Σ_l T_l(h_l); K = canvas_kernel, 4 the paper's
-        self.upsample = nn.ConvTranspose2d(n * h_dim, u_dim, canvas_kernel, stride=4,
-                                           padding=canvas_padding(canvas_kernel), bias=False)
+        # T_l of every layer, stacked on the input axis: weight (n*h, u, 4, 4), so that one transposed convolution
+        # of [h_1, ..., h_n] is Σ_l T_l(h_l)
+        self.upsample = nn.ConvTranspose2d(n * h_dim, u_dim, 4, stride=4, bias=False)
 
     def invariant_gates(self, v_q, r, size):
         """v_q (B, 7), r (B, r_dim, size or 1, .) -> n gate addends (B, 4h, size, size), one per layer."""

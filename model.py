@@ -12,8 +12,6 @@ Names, as in the paper:
     η_g         observation head: mean of x_q = sigmoid(1x1 conv of u^L)
     η_r         with image_from_r (not in the paper; the `cpu` preset's): a 4x4/4 transposed convolution of r
                 added to η_g's logit, zero at the start: a path from r straight to the image
-    canvas_kernel  T_l's and η_r's kernel: 4, the paper's, paints each 16x16 cell's own 4x4 block of the image;
-                8 (padding 2; not in the paper) overlaps each cell's patch with its neighbours' blocks
 
 Per step l = 0..L-1 (h_g^0 = h_e^0 = c = u^0 = 0):
     prior     π(z_l) = N(η_π(h_g^l))                           from the state before this step's update
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core import GenerationCore, InferenceCore, canvas_padding, tap_product
+from core import GenerationCore, InferenceCore, tap_product
 from representation import SceneEncoder
 from volume import SAMPLES, Volume
 
@@ -94,12 +92,12 @@ class GQN(nn.Module):
 
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
                  h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
-                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False, canvas_kernel=4):
+                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
                            checkpoint_activations=checkpoint_activations, kernel_size=kernel_size,
-                           image_from_r=image_from_r, canvas_kernel=canvas_kernel)
+                           image_from_r=image_from_r)
         if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
             self.config.update(fov=fov, near=near, far=far)
         if L < 1:
@@ -108,8 +106,6 @@ class GQN(nn.Module):
             raise ValueError(f"image_size must be divisible by 4 (the cores run at image_size/4), got {image_size}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the state keeps its size), got {kernel_size}")
-        if canvas_kernel not in (4, 8):
-            raise ValueError(f"canvas_kernel must be 4 (the paper's) or 8 (overlapping patches), got {canvas_kernel}")
         self.L, self.shared_core, self.z_dim, self.h_dim, self.u_dim = L, shared_core, z_dim, h_dim, u_dim
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
@@ -121,15 +117,13 @@ class GQN(nn.Module):
         n = 1 if shared_core else L
         k = kernel_size  # the paper's 5x5 for every convolution of the state
         self.inference_core = InferenceCore(n, x_channels, v_dim, r_dim, r_spatial, h_dim, u_dim, k)
-        self.generation_core = GenerationCore(n, v_dim, r_dim, r_spatial, z_dim, h_dim, u_dim, k, canvas_kernel)
-        self.canvas_padding = canvas_padding(canvas_kernel)
+        self.generation_core = GenerationCore(n, v_dim, r_dim, r_spatial, z_dim, h_dim, u_dim, k)
         self.prior = nn.Conv2d(h_dim, 2 * z_dim, k, padding=k // 2)  # η_π: h_g -> (mean, log std) of z
         self.posterior = nn.Conv2d(h_dim, 2 * z_dim, k, padding=k // 2)  # η_q: h_e -> (mean, log std) of z
         self.observation = nn.Conv2d(u_dim, x_channels, 1)  # η_g: u -> logit of the mean of x_q
         self.image_from_r = None  # η_r: r -> a term of that logit, zero at the start: training starts as the paper's
         if image_from_r:
-            self.image_from_r = nn.ConvTranspose2d(r_dim, x_channels, canvas_kernel, stride=4,
-                                                   padding=self.canvas_padding)
+            self.image_from_r = nn.ConvTranspose2d(r_dim, x_channels, 4, stride=4)
             nn.init.zeros_(self.image_from_r.weight)
             nn.init.zeros_(self.image_from_r.bias)
 
@@ -151,30 +145,20 @@ class GQN(nn.Module):
 
     # ------------------------------------------------------------------------------------------ the L steps
 
-    def _canvas_taps(self):
-        """With canvas_kernel 8, every D_l∘T_j at once ((n*u, n*h, 3, 3)), once a pass rather than at every step; None
-        with the paper's kernel, whose 1x1 products _canvas_seen forms step by step."""
-        if self.canvas_padding == 0:
-            return None
-        return tap_product(self.inference_core.downsample_u.weight, self.generation_core.upsample.weight)
-
-    def _canvas_seen(self, l, canvas, taps):
+    def _canvas_seen(self, l, canvas):
         """D_l(u^l), the inference core's 4x4/4 view of the canvas, from the generator states so far.
 
-        u^l = Σ_{j<l} T_j(h_g^{j+1}), so D_l(u^l) = Σ_j (D_l∘T_j)(h_g^{j+1}), each D_l∘T_j a 1x1 convolution (3x3
-        with canvas_kernel 8, taken from taps). canvas: Σ_j h_g^{j+1} (shared cores: one T and one D) or the list
-        [h_g^1, ..., h_g^l] (unshared).
+        u^l = Σ_{j<l} T_j(h_g^{j+1}), so D_l(u^l) = Σ_j (D_l∘T_j)(h_g^{j+1}), each D_l∘T_j a 1x1 convolution.
+        canvas: Σ_j h_g^{j+1} (shared cores: one T and one D) or the list [h_g^1, ..., h_g^l] (unshared).
         """
         D, T = self.inference_core.downsample_u.weight, self.generation_core.upsample.weight
         if self.shared_core:
-            M = tap_product(D, T) if taps is None else taps  # (u, h, t, t)
-            return F.conv2d(canvas, M, padding=M.shape[-1] // 2)
+            return F.conv2d(canvas, tap_product(D, T)[:, :, None, None])
         u, h = self.u_dim, self.h_dim
-        # (u, l*h, t, t): D_l∘T_j for j < l side by side
-        M = tap_product(D[l * u:(l + 1) * u], T[:l * h]) if taps is None else taps[l * u:(l + 1) * u, :l * h]
-        return F.conv2d(torch.cat(canvas, 1), M, padding=M.shape[-1] // 2)  # (B, u, 16, 16)
+        M = tap_product(D[l * u:(l + 1) * u], T[:l * h])  # (u, l*h): D_l∘T_j for j < l side by side
+        return F.conv2d(torch.cat(canvas, 1), M[:, :, None, None])  # (B, u, 16, 16)
 
-    def _step(self, l, g_in, e_in, state_g, state_e, canvas, taps, noise):
+    def _step(self, l, g_in, e_in, state_g, state_e, canvas, noise):
         """Step l of the loop in the module docstring -> (state_g, state_e, KL_l (B,) or None)."""
         k = 0 if self.shared_core else l
         if state_g is None:  # h_g^0 = 0: η_π gives its bias
@@ -188,7 +172,7 @@ class GQN(nn.Module):
             z = mu_p + logstd_p.exp() * noise
         else:
             # h_g^0 = u^0 = 0 as well: at l = 0 only the invariant share and the bias drive C_e
-            inp = None if state_g is None else torch.cat([state_g[1], self._canvas_seen(l, canvas, taps)], 1)
+            inp = None if state_g is None else torch.cat([state_g[1], self._canvas_seen(l, canvas)], 1)
             state_e = self.inference_core.cells[k](inp, state_e, e_in[k])
             mu_q, logstd_q = self.posterior(state_e[1]).chunk(2, 1)
             z = mu_q + logstd_q.exp() * noise
@@ -204,12 +188,11 @@ class GQN(nn.Module):
         size = self.image_size // 4
         g_in = self.generation_core.invariant_gates(v_q, r, size)  # per layer (B, 4h, 16, 16)
         e_in = None if x_q is None else self.inference_core.invariant_gates(x_q, v_q, r)
-        taps = None if x_q is None else self._canvas_taps()  # only the inference core sees the canvas
         state_g = state_e = None
         canvas = 0 if self.shared_core else []
         kl = []
         for l in range(self.L):
-            args = (l, g_in, e_in, state_g, state_e, canvas, taps, noise[:, l])
+            args = (l, g_in, e_in, state_g, state_e, canvas, noise[:, l])
             if self.checkpoint_activations and torch.is_grad_enabled():
                 # recompute the step in the backward pass: keeps only each step's inputs alive
                 state_g, state_e, kl_l = checkpoint(self._step, *args, use_reentrant=False)
@@ -220,10 +203,10 @@ class GQN(nn.Module):
             h_g = state_g[1]
             canvas = canvas + h_g if self.shared_core else canvas + [h_g]
         # η_g(u^L) = η_g(Σ_l T_l(h_g^{l+1})): one transposed convolution of the h_g's with the weights η_g∘T_l
-        T = self.generation_core.upsample.weight  # (n*h, u, K, K)
-        W = torch.einsum("icab,xc->ixab", T, self.observation.weight[:, :, 0, 0])  # (n*h, 3, K, K)
+        T = self.generation_core.upsample.weight  # (n*h, u, 4, 4)
+        W = torch.einsum("icab,xc->ixab", T, self.observation.weight[:, :, 0, 0])  # (n*h, 3, 4, 4)
         h = canvas if self.shared_core else torch.cat(canvas, 1)
-        logit = F.conv_transpose2d(h, W, self.observation.bias, stride=4, padding=self.canvas_padding)  # (B, 3, 64, 64)
+        logit = F.conv_transpose2d(h, W, self.observation.bias, stride=4)  # (B, 3, 64, 64)
         if self.image_from_r is not None:
             logit = logit + self.image_from_r(r.expand(-1, -1, size, size))  # the pool representation's r is 1x1
         mean = torch.sigmoid(logit)

@@ -93,7 +93,7 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
             z = mu_q + logstd_q.exp() * noise[:, l]
             kl.append(kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3)))
         c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
-        u = u + F.conv_transpose2d(h_g, T[k], stride=4, padding=model.canvas_padding)
+        u = u + F.conv_transpose2d(h_g, T[k], stride=4)
     logit = model.observation(u)
     if model.image_from_r is not None:
         logit = logit + model.image_from_r(r.expand(-1, -1, s, s))

@@ -62,30 +62,6 @@ def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representa
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("representation", ["tower", "pool"])
-@pytest.mark.parametrize("shared_core", [False, True])
-def test_overlapping_canvas_kernel_equals_reference(representation, shared_core):
-    """canvas_kernel 8: D_l∘T_j becomes a 3x3 convolution (core.tap_product); the fused computation must still be
-    the straightforward one that builds the canvas, with η_r's 8x8 patches too."""
-    torch.manual_seed(0)
-    model = GQN(representation, L=3, shared_core=shared_core, image_from_r=True, canvas_kernel=8, **TINY_GQN).double()
-    assert model.generation_core.upsample.weight.shape[-1] == 8
-    with torch.no_grad():
-        model.image_from_r.weight.normal_(0, 0.3)
-    args, kwargs = inputs(model)
-    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
-    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
-    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    # the patches overlap: a cell's h reaches the pixels of its neighbours' blocks
-    h = torch.zeros(1, model.generation_core.upsample.in_channels, 3, 3, dtype=torch.float64)
-    h[0, :, 1, 1] = 1
-    painted = model.generation_core.upsample(h).abs().sum((0, 1)) > 0
-    assert painted[2:10, 2:10].all() and painted.sum() == 8 * 8
-
-
 @pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
 @pytest.mark.parametrize("shared_core", [False, True])
 def test_generate_and_reconstruct_equal_reference(representation, shared_core):

@@ -135,14 +135,13 @@ def test_eps_makes_forward_deterministic_and_generator_makes_generate_determinis
 
 
 def test_config_rebuilds_the_model():
-    model = GQN("tower", L=2, shared_core=True, image_from_r=True, canvas_kernel=8, **TINY_GQN)
+    model = GQN("tower", L=2, shared_core=True, image_from_r=True, **TINY_GQN)
     clone = GQN(**model.config)
     clone.load_state_dict(model.state_dict())
     assert clone.config == model.config and clone.image_from_r is not None
-    assert clone.generation_core.upsample.weight.shape[-1] == clone.image_from_r.weight.shape[-1] == 8
     assert set(model.config) == {"representation", "L", "shared_core", "x_channels", "v_dim", "r_dim", "h_dim",
                                  "z_dim", "u_dim", "image_size", "checkpoint_activations", "kernel_size",
-                                 "image_from_r", "canvas_kernel"}
+                                 "image_from_r"}
 
 
 def test_bad_construction_is_one_clear_error():
@@ -152,8 +151,6 @@ def test_bad_construction_is_one_clear_error():
         GQN("pyramid", image_size=36)
     with pytest.raises(ValueError, match="L"):
         GQN(L=0)
-    with pytest.raises(ValueError, match="canvas_kernel"):
-        GQN(canvas_kernel=6)
 
 
 def test_wrong_shapes_are_one_clear_error():
