@@ -92,14 +92,14 @@ class GQN(nn.Module):
 
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
                  h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
-                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False):
+                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False, depth_samples=SAMPLES):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
                            checkpoint_activations=checkpoint_activations, kernel_size=kernel_size,
                            image_from_r=image_from_r)
         if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
-            self.config.update(fov=fov, near=near, far=far)
+            self.config.update(fov=fov, near=near, far=far, depth_samples=depth_samples)
         if L < 1:
             raise ValueError(f"L (the number of generation steps) must be at least 1, got {L}")
         if image_size % 4:
@@ -110,7 +110,7 @@ class GQN(nn.Module):
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
         if representation == "volume":
-            self.representation = Volume(x_channels, r_dim, image_size, fov, near, far)
+            self.representation = Volume(x_channels, r_dim, image_size, fov, near, far, depth_samples)
         else:
             self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
         r_spatial = self.representation.r_size > 1
@@ -140,7 +140,7 @@ class GQN(nn.Module):
         whatever the rank, the world size, the batch's split over threads or where the run was resumed."""
         noise = {"eps": ("normal", self.noise_shape)}
         if isinstance(self.representation, Volume):
-            noise["depth_noise"] = ("uniform", (SAMPLES,))
+            noise["depth_noise"] = ("uniform", (self.representation.samples,))
         return noise
 
     # ------------------------------------------------------------------------------------------ the L steps

@@ -7,7 +7,8 @@ the cameras themselves, in the spirit of the epipolar GQN (E-GQN: Tobin et al. 2
 rendering") and of image-based volume rendering (pixelNeRF, IBRNet):
 
     features  F_i = [x_i, conv3x3(relu(conv3x3(x_i)))]      each context view at full resolution
-    rays      one ray through each cell of an (2s/4 x 2s/4) grid of the query image, D = 16 depths in [near, far]
+    rays      one ray through each cell of an (2s/4 x 2s/4) grid of the query image, D depths in [near, far]
+              (`samples`, --depth_samples: 16 by default)
     samples   each 3D point p is projected into every context view i it falls in: F_i(π_i(p))
     per point mean and variance of those features over the views that see p, and the share of views that do
               -> MLP -> opacity α and a feature f  (a point inside the object looks alike from every view)
@@ -30,7 +31,7 @@ from torch import nn
 from cameras import camera_frames
 
 # Sizes: the cheapest of the settings tried that scored best in the default run (README: the default run).
-SAMPLES = 16      # depths per ray: one per 0.45 cube side over the Shepard-Metzler depth range
+SAMPLES = 16      # depths per ray by default: one per 0.45 cube side over the Shepard-Metzler depth range
 SUBCELLS = 2      # rays per side of each of r's cells: silhouettes at half the image's resolution
 FEATURES = 16     # channels of the per-view features and of the per-point feature f
 HIDDEN = 32       # width of the per-point MLP
@@ -78,7 +79,7 @@ class ViewStats(torch.autograd.Function):
 class Volume(nn.Module):
     """r in the query view's frame, from the context views read along its rays (module docstring)."""
 
-    def __init__(self, x_channels=3, r_dim=256, image_size=64, fov=20.0, near=2.7, far=3.97):
+    def __init__(self, x_channels=3, r_dim=256, image_size=64, fov=20.0, near=2.7, far=3.97, samples=SAMPLES):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"representation 'volume' needs an image size divisible by 4, got {image_size}")
@@ -86,6 +87,9 @@ class Volume(nn.Module):
             raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
         if not 0 < near < far:
             raise ValueError(f"the depth range needs 0 < near < far, got near={near}, far={far}")
+        if type(samples) is not int or samples < 1:
+            raise ValueError(f"the rays need a whole number of depth samples, at least one, got {samples!r}")
+        self.samples = samples
         self.tan_half_fov, self.near, self.far = math.tan(math.radians(fov) / 2), near, far
         self.rays = image_size // 4 * SUBCELLS  # rays per side of the query image
         self.r_size = image_size // 4
@@ -110,7 +114,7 @@ class Volume(nn.Module):
     def depths(self, B, dtype, device, noise=None):
         """(B, D) sample depths along d: evenly spaced, each jittered within its slot while training by `noise`,
         uniform in [0, 1) (B, D) (None: drawn here)."""
-        D = SAMPLES
+        D = self.samples
         step = (self.far - self.near) / D
         t = self.near + step * (torch.arange(D, dtype=dtype, device=device) + 0.5)
         if self.training:  # stratified sampling: every depth gets seen, not only the D fixed ones
@@ -119,7 +123,7 @@ class Volume(nn.Module):
         return t.expand(B, D)
 
     def forward(self, x, v, mask, v_q, noise=None):
-        """x (B, K, 3, H, W), v (B, K, 7), mask bool (B, K) or None, v_q (B, 7), noise (B, SAMPLES) for the depths
+        """x (B, K, 3, H, W), v (B, K, 7), mask bool (B, K) or None, v_q (B, 7), noise (B, samples) for the depths
         or None -> r (B, r_dim, H/4, W/4)."""
         return self.read(self.features(x, mask), v, mask, v_q, noise)
 
@@ -127,7 +131,7 @@ class Volume(nn.Module):
         """The query's part of forward, from the context views' features (features(): the same for every query
         camera of a scene, so a viewer computes them once) -> r (B, r_dim, H/4, W/4)."""
         B, K = feats.shape[:2]
-        n, D = self.rays, SAMPLES
+        n, D = self.rays, self.samples
         dtype, device = v_q.dtype, v_q.device  # the inputs' precision, not autocast's
         # points along the query rays, at depths t measured along the query camera's forward axis
         o, d, right, up = camera_frames(v_q)  # (B, 3)

@@ -88,7 +88,7 @@ def test_r_ignores_view_order_and_depends_on_the_query_camera():
 def reference_read(net, feats, v, mask, v_q, noise):
     """Volume.read as its docstring writes it, every view weighted by whether it sees the point, autograd throughout."""
     B, K = feats.shape[:2]
-    n, D = net.rays, SAMPLES
+    n, D = net.rays, noise.shape[1]
     o, d, right, up = camera_frames(v_q)
     g = (torch.arange(n, dtype=v_q.dtype) + 0.5) * (2 / n) - 1
     gy, gx = torch.meshgrid(g, g, indexing="ij")
@@ -118,15 +118,16 @@ def reference_read(net, feats, v, mask, v_q, noise):
     return net.out(torch.nn.functional.pixel_unshuffle(r, 2))
 
 
-def test_read_matches_the_plain_formulas_and_their_gradients():
+@pytest.mark.parametrize("samples", [SAMPLES, 5])
+def test_read_matches_the_plain_formulas_and_their_gradients(samples):
     """read()'s sampling of unseen points outside the image and its hand-written mean/variance backward (ViewStats)
     give the plain formulas' r and gradients, in float64, with padded views and points no view sees."""
     torch.manual_seed(0)
-    net = Volume(r_dim=16, image_size=16).double()
+    net = Volume(r_dim=16, image_size=16, samples=samples).double()
     x, v, v_q = scenes(B=3, K=4)
     x, v, v_q = x.double().requires_grad_(), v.double(), v_q.double()
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
-    noise = torch.rand(3, SAMPLES, dtype=torch.float64)
+    noise = torch.rand(3, samples, dtype=torch.float64)
     grads = []
     for read in (net.read, lambda *a: reference_read(net, *a)):
         r = read(net.features(x, mask), v, mask, v_q, noise)
@@ -143,11 +144,28 @@ def test_bad_camera_settings_are_refused():
         Volume(fov=0)
     with pytest.raises(ValueError, match="near < far"):
         Volume(near=4.0, far=3.0)
+    for samples in (0, 2.5):
+        with pytest.raises(ValueError, match="depth samples"):
+            Volume(samples=samples)
+
+
+def test_depth_samples_divide_the_range_evenly_and_jitter_within_their_slots():
+    """--depth_samples D: D depths, one in each of D equal slots of [near, far]; at their centres when evaluating,
+    anywhere in their slot (by the noise) when training; the training noise has one number per depth."""
+    net = Volume(near=1.0, far=4.0, samples=6)
+    slot = torch.arange(6, dtype=torch.float64) * 0.5 + 1.0  # each slot's near end
+    torch.testing.assert_close(net.eval().depths(2, torch.float64, "cpu"), (slot + 0.25).expand(2, 6))
+    noise = torch.tensor([[0.0] * 6, [0.999] * 6], dtype=torch.float64)
+    t = net.train().depths(2, torch.float64, "cpu", noise)
+    torch.testing.assert_close(t, torch.stack([slot, slot + 0.4995]))
+    model = GQN("volume", L=1, **TINY_GQN, depth_samples=6)
+    assert model.training_noise()["depth_noise"] == ("uniform", (6,))
+    assert GQN("volume", L=1, **TINY_GQN).training_noise()["depth_noise"] == ("uniform", (SAMPLES,))
 
 
 def test_gqn_with_volume_trains_and_its_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
-    model = GQN("volume", L=2, **TINY_GQN, fov=30.0, near=2.5, far=4.5)
+    model = GQN("volume", L=2, **TINY_GQN, fov=30.0, near=2.5, far=4.5, depth_samples=12)
     x, v, v_q = scenes(B=4)
     x_q = torch.rand(4, 3, 16, 16)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
@@ -164,6 +182,7 @@ def test_gqn_with_volume_trains_and_its_checkpoint_round_trips(tmp_path):
     save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 30}, [path])
     again = build_model(load_checkpoint(path))
     assert again.config["fov"] == 30.0 and again.config["near"] == 2.5 and again.config["far"] == 4.5
+    assert again.representation.samples == 12
     g = torch.Generator().manual_seed(0)
     first = model.eval().generate(x, v, v_q, generator=g)
     g = torch.Generator().manual_seed(0)
