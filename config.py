@@ -246,8 +246,8 @@ FLAGS = {
     "near": (float, "volume: nearest depth sampled along the query rays (taken from the data when it records it)"),
     "far": (float, "volume: farthest depth sampled along the query rays (taken from the data when it records it)"),
     "depth_samples": (positive_int, "volume: depths sampled along each query ray, evenly spaced from --near to --far "
-                                    "(16: 0.08 apart on Shepard-Metzler's cameras, 0.48 in the rooms; 32 there draws "
-                                    "the objects sooner, docs/default-run.md)"),
+                                    "(16: 0.08 apart on Shepard-Metzler's cameras, 0.48 in the rooms, where 32 drew "
+                                    "a better mean in the hour: docs/default-run.md)"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
     "kl_warmup": (nonneg_int, "KL warm-up against posterior collapse (Sønderby et al. 2016): the KL's weight beta rises "
