@@ -204,15 +204,16 @@ class Viewer:
             except (AssertionError, ValueError):  # a camera the browser has not reported yet
                 continue
             t = time.perf_counter()
+            # Anything that fails here is said on the page, and this thread goes on: were it to end, no tab would
+            # render again (the renderer, the picture and the page's notes alike).
             try:
                 view, draws = self.renderer.render(v_q, int(tab.samples_in.value), tab.show_in.value, draw_set,
                                                    context)
+                ms = 1000 * (time.perf_counter() - t)
+                client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
+                tab.show(v_q, roll, draws, context, ms)
             except Exception as e:  # noqa: BLE001 - shown on the page; the next camera renders again
                 tab.note.content = f"This view could not be drawn: {one_line(e)}"
-                continue
-            ms = 1000 * (time.perf_counter() - t)
-            client.scene.set_background_image(picture(view, height or 512, width or 512), format="png")
-            tab.show(v_q, roll, draws, context, ms)
 
     def sleep_forever(self):
         while True:

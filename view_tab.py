@@ -173,6 +173,10 @@ class Tab:
         """The scene's cameras as frustums, sized to be seen from each other: the context views (orange, showing their
         images) and the held-out views (blue, empty: their pictures are what the model is asked for). Clicking one
         moves the view there."""
+        with self.viewer.lock:  # the render thread hides some of them (_clear_view): one scene's set at a time
+            self._add_frustums(context)
+
+    def _add_frustums(self, context):
         scene = self.client.scene
         scene.reset()
         self.frustums, self.hidden = {}, set()
@@ -193,11 +197,12 @@ class Tab:
     def _clear_view(self, v_q):
         """Hide the frustums within two of their sizes of the camera v_q (7,): the one it stands in, and any so near
         that it would cover the model's view; show the others again."""
-        near = {j for j in self.frustums
-                if float((self.context.all_cameras[j, :3] - v_q[:3]).norm()) < 2 * self.frustum_scale}
-        for j in near ^ self.hidden:
-            self.frustums[j].visible = j not in near
-        self.hidden = near
+        with self.viewer.lock:  # a scene change (_frustums, another thread) may be replacing them
+            cameras = self.context.all_cameras
+            near = {j for j in self.frustums if float((cameras[j, :3] - v_q[:3]).norm()) < 2 * self.frustum_scale}
+            for j in near ^ self.hidden:
+                self.frustums[j].visible = j not in near
+            self.hidden = near
 
     # ------------------------------------------------------------------------------------------------ the camera
 

@@ -367,17 +367,23 @@ def test_bad_lists_of_context_views_are_refused_in_words_and_the_page_goes_on(vi
     wait_until(lambda: client.shown, "a view after the bad lists")
 
 
-def test_a_render_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, monkeypatch):
-    render = viewer.renderer.render
+@pytest.mark.parametrize("part", ["render", "show"])
+def test_a_view_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, monkeypatch, part):
+    """A failure in the model's render or in the page's notes drawn beside the view (Tab.show) is said on the page,
+    and the render thread goes on: the next view renders."""
+    import view_tab
+
+    owner = viewer.renderer if part == "render" else view_tab.Tab
+    original = getattr(owner, part)
     calls = []
 
     def once_broken(*a, **k):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("out of memory\nand more")
-        return render(*a, **k)
+        return original(*a, **k)
 
-    monkeypatch.setattr(viewer.renderer, "render", once_broken)
+    monkeypatch.setattr(owner, part, once_broken)
     client = FakeClient(viewer)
     viewer.open_tab(client)
     tab = viewer.tabs[client.client_id]
