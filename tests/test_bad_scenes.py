@@ -325,8 +325,9 @@ def test_two_ranks_skip_as_one_process_does(data, tmp_path):
         cmd, env = torchrun(args(data, tmp_path, name, steps, *LENIENT, "--workers", "1", *extra))
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
-    for name in ("through", "resumed", "stops"):
-        assert launch(name, 3).returncode == 0
+    assert launch("through", 3).returncode == 0
+    for name in ("resumed", "stops"):  # the same 3 steps, deterministic: a copied run folder (a launch fewer each)
+        shutil.copytree(tmp_path / "through", tmp_path / name)
     train.main(args(data, tmp_path, "one", 3, *LENIENT))
     damage(data)
     assert launch("through", 9, "--resume").returncode == 0
