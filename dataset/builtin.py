@@ -7,6 +7,7 @@ pitch) and, for worlds that know it, what its objects change (the empty views an
 train.py's default jobs render a world once into data/builtin/<name> (render_once).
 """
 import concurrent.futures
+import contextlib
 import math
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from progress import progress_bar  # noqa: E402
 
 SHARD_NAME = re.compile(r"\d{3,}-of-\d{3,}\.pt")
 CHUNK = 25  # scenes a task renders (finer than shards, for the progress bar)
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")  # numpy's BLAS: OpenBLAS or MKL
 
 
 def shard_names(num_shards):
@@ -99,6 +101,22 @@ def write(world, path, scenes):
     write_shard(path, frames, poses, world.name, world.image_size, world.camera_model(), "renderer", **objects)
 
 
+@contextlib.contextmanager
+def one_blas_thread():
+    """Processes started inside run numpy's BLAS on one thread (unless the caller's environment says otherwise).
+
+    The rooms' matrix products start BLAS threads in every worker, and with a worker a core they oversubscribe the
+    CPU: 1.2-1.3x the rooms' rendering time on 2 cores (docs/speed.md, the built-in renderer). A worker's BLAS
+    reads the variable when numpy loads, so it is set while the processes start and put back after."""
+    names = [n for n in BLAS_THREADS if n not in os.environ]
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for n in names:
+            os.environ.pop(n, None)
+
+
 def render_dataset(out, world, train_scenes, test_scenes, seed=0, workers=1, scenes_per_shard=250, overwrite=False,
                    progress=True):
     """Render `train_scenes` and `test_scenes` scenes of `world` into `out/train` and `out/test` -> the split folders.
@@ -116,7 +134,8 @@ def render_dataset(out, world, train_scenes, test_scenes, seed=0, workers=1, sce
         # A process pool that fails loudly (BrokenProcessPool) if a worker dies, where multiprocessing.Pool hangs.
         # "spawn": no fork of a parent that may hold torch threads; the caller needs an `if __name__ == "__main__"`.
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_render_chunk, tasks)
+        with one_blas_thread():  # the workers start here, with the tasks
+            results = pool.map(_render_chunk, tasks)
     else:
         results = map(_render_chunk, tasks)
     bar = progress_bar(total=train_scenes + test_scenes, unit="scene", desc=f"render {world.name}",

@@ -1,6 +1,8 @@
 """The built-in rooms (dataset/rooms.py): deterministic shards, what the objects change recorded beside the frames,
 and the object score at both ends: a model that draws the room empty scores exactly 1, the truth exactly 0."""
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -26,6 +28,19 @@ def test_the_same_seed_gives_the_same_bytes_with_one_and_two_workers(room_data, 
     other = builtin.render_dataset(str(tmp_path / "other"), rooms.Rooms(), 8, 0, seed=2, scenes_per_shard=4,
                                    progress=False)
     assert shard_bytes(other[0]) != shard_bytes(room_data[0])
+
+
+def test_render_workers_run_numpys_blas_on_one_thread_unless_the_environment_says(monkeypatch):
+    """A worker a core, each with BLAS threads of its own, oversubscribed the CPU (docs/speed.md: the built-in
+    renderer); a thread count the user set is theirs, and the parent's environment is left as it was."""
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    with builtin.one_blas_thread():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            seen = list(pool.map(os.getenv, builtin.BLAS_THREADS))
+    assert seen == ["1", "3", "1"] and dict(os.environ) == before
 
 
 def test_the_shards_hold_rooms_with_their_camera_model_and_the_test_split_what_the_objects_change(room_data):
