@@ -306,14 +306,16 @@ def test_a_run_moved_with_its_data_resumes_and_one_moved_without_says_which_flag
 
     place = tmp_path / "old"
     (place / "data").mkdir(parents=True)
-    split = [str(sh.copytree(d, place / "data" / "sm3" / os.path.basename(d))) for d in data]
+    # the search looks up to / for <data set>/<split>: a name no other folder there has (a /tmp/sm3/train did)
+    name = f"sm3-{tmp_path.parent.name}-{os.getpid()}"
+    split = [str(sh.copytree(d, place / "data" / name / os.path.basename(d))) for d in data]
     train.main(args(split, place / "runs", "run", 3))
     moved = tmp_path / "new"
     sh.move(str(place), str(moved))  # the run and its data, copied elsewhere: the recorded folders are gone
     again = ["--root_log_dir", str(moved / "runs"), "--log_dir", "run", "--gradient_steps", "6", "--resume"]
     train.main(again)
     ckpt = weights(moved / "runs" / "run")
-    assert ckpt["step"] == 6 and ckpt["config"]["train_data_dir"] == str(moved / "data" / "sm3" / "train")
+    assert ckpt["step"] == 6 and ckpt["config"]["train_data_dir"] == str(moved / "data" / name / "train")
     sh.rmtree(moved / "data")
     main_error(train.main, again[:-2] + ["9", "--resume"], capsys, "--train_data_dir: the run's data folder",
                "pass --train_data_dir")
