@@ -36,7 +36,7 @@ if not __package__:  # `python dataset/rooms.py`: the repository's modules, one 
 import cameras  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 from dataset import builtin  # noqa: E402
-from dataset.raycast import bounds, nearest_object, near_shadow_rays  # noqa: E402
+from dataset.raycast import blocked, bounds, light_frame, nearest_object, near_shadow_rays  # noqa: E402
 from gqn_format import JPEG_QUALITY  # noqa: E402
 
 NAME = "rooms_ring_camera"
@@ -78,7 +78,7 @@ def random_scene(rng):
         centre = (np.array([p % 3 - 1, p // 3 - 1]) * GRID + rng.uniform(-JITTER, JITTER, 2))
         objects.append(dict(shape=SHAPES[rng.integers(len(SHAPES))], centre=centre, yaw=rng.uniform(0, 2 * math.pi),
                             size=rng.uniform(0.7, 1.0), colour=random_colour(rng)))
-    return dict(wall=wall, floor=floor, light=light, objects=objects)
+    return dict(wall=wall, floor=floor, light=light, frame=light_frame(light), objects=objects)
 
 
 def random_cameras(rng, views=VIEWS):
@@ -140,18 +140,10 @@ def _texel(a, n):
     return np.clip((a * TEXELS).astype(np.int64), 0, n - 1)
 
 
-def floor_texture(x, y, colour):
-    """The floor's colour at points (x, y) -> RGB [N, 3]."""
-    table = floor_pattern()
-    value = table[_texel(x + ROOM, table.shape[0]), _texel(y + ROOM, table.shape[1])]
-    return value[:, None] * np.asarray(colour, dtype=np.float32)[None]
-
-
-def wall_texture(wall, u, z, colour):
-    """The colour of wall `wall` (0-3) at points (u along it, z) -> RGB [N, 3]."""
-    table = wall_pattern()
-    value = table[_texel(u + ROOM + 2 * ROOM * wall, table.shape[0]), _texel(z, table.shape[1])]
-    return value[:, None] * np.asarray(colour, dtype=np.float32)[None]
+@functools.lru_cache(maxsize=None)
+def room_pattern():
+    """floor_pattern and wall_pattern flattened one after the other: one lookup serves floor and walls."""
+    return np.concatenate([floor_pattern().ravel(), wall_pattern().ravel()])
 
 
 def room_hit(o, d):
@@ -188,27 +180,33 @@ def sky(d):
 
 # ------------------------------------------------------------------------------------------------ rendering
 
-def lighting(scene, p, n):
-    """Points p [3, N] on surfaces of normals n -> (their sun term n.l, 0 facing away; in a wall's shadow; in an
-    object's shadow)."""
+def lighting(scene, p, n, on=None):
+    """Points p [3, N] on surfaces of normals n (on: the object each lies on, if on one) -> (their sun term n.l, 0
+    facing away; in a wall's shadow; in an object's shadow, asked only where the first two leave the sun shining)."""
     light = scene["light"].astype(p.dtype)
     lit = np.maximum(light @ n, 0)
+    by_wall = wall_shadow(p, light)
+    # Only a point that faces the sun over the walls needs its shadow ray; and the objects are convex, so a point
+    # facing the sun never sees its own object in the way.
+    sunny = (lit > 0) & ~by_wall
     start = p + 1e-3 * n
-    near = near_shadow_rays(scene["objects"], start, scene["light"])
-    t, _, _ = nearest_object(scene["objects"], start, np.broadcast_to(light[:, None], p.shape), near)
-    return lit, wall_shadow(p, light), np.isfinite(t)
+    near = near_shadow_rays(scene["objects"], start, scene["frame"])
+    near = [m & sunny if on is None else m & sunny & (on != i) for i, m in enumerate(near)]
+    return lit, by_wall, blocked(scene["objects"], start, light[:, None], near)
 
 
 def room_colour(scene, p, what, normal):
     """The room's own colour (texture, no light) at points p [3, N] of the floor (what 0) or a wall (1)."""
-    base = np.zeros((p.shape[1], 3), dtype=p.dtype)
-    floor, wall = what == 0, what == 1
-    base[floor] = floor_texture(p[0, floor], p[1, floor], FLOORS[scene["floor"]])
-    x_wall = np.abs(normal[0]) > 0
+    (f0, f1), (w0, w1) = floor_pattern().shape, wall_pattern().shape
+    floor_texel = _texel(p[0] + ROOM, f0) * f1 + _texel(p[1] + ROOM, f1)
+    x_wall = normal[0] != 0
     u = np.where(x_wall, p[1], p[0])
     which = np.where(x_wall, normal[0] > 0, 2 + (normal[1] > 0))  # each wall its own stretch of the pattern
-    base[wall] = wall_texture(which[wall], u[wall], p[2, wall], WALLS[scene["wall"]])
-    return base
+    wall_texel = f0 * f1 + _texel(u + ROOM + 2 * ROOM * which, w0) * w1 + _texel(p[2], w1)
+    floor = (what == 0)[:, None]
+    value = room_pattern()[np.where(floor[:, 0], floor_texel, wall_texel)]
+    colour = np.where(floor, np.float32(FLOORS[scene["floor"]]), np.float32(WALLS[scene["wall"]]))
+    return value[:, None] * colour
 
 
 def shade(scene, o, d, near):
@@ -216,24 +214,20 @@ def shade(scene, o, d, near):
     whether the objects change the pixel [N], a label of what the ray hit [N]: object index, else 10 + floor/wall/sky).
     """
     t_room, what, n_room = room_hit(o, d)
-    room = np.nonzero(what < 2)[0]
-    p = (o if o.shape[1] == 1 else o[:, room]) + t_room[room] * d[:, room]
-    lit, by_wall, by_object = lighting(scene, p, n_room[:, room])
-    base = room_colour(scene, p, what[room], n_room[:, room])
-    empty = np.empty((len(t_room), 3), dtype=d.dtype)
-    up = np.nonzero(what == 2)[0]
-    empty[up] = sky(d[:, up])
-    empty[room] = base * (AMBIENT + SUN * lit * ~by_wall)[:, None]
-    full = empty.copy()
-    in_shadow = by_object & ~by_wall & (lit > 0)  # the objects' shadows on the room
-    shadowed = np.zeros(len(t_room), dtype=bool)
-    shadowed[room[in_shadow]] = True
-    full[shadowed] = base[in_shadow] * AMBIENT
+    up = what == 2
+    # A ray to the sky stops at its camera (t 0) and goes through the room's arithmetic with the others: cheaper
+    # than picking the others out. Its normal is 0, so it is unlit and casts no shadow ray; the sky replaces it.
+    p = o + np.where(up, 0, t_room) * d
+    lit, by_wall, by_object = lighting(scene, p, n_room)
+    base = room_colour(scene, p, what, n_room)
+    empty = np.where(up[:, None], sky(d), base * (AMBIENT + SUN * lit * ~by_wall)[:, None])
+    shadowed = by_object & ~by_wall & (lit > 0)  # the objects' shadows on the room
+    full = np.where(shadowed[:, None], base * AMBIENT, empty)
     t_obj, index, n_obj = nearest_object(scene["objects"], o, d, near)
     on = np.nonzero(t_obj < t_room)[0]
     if len(on):
         q = (o if o.shape[1] == 1 else o[:, on]) + t_obj[on] * d[:, on]
-        lit_o, by_wall_o, by_object_o = lighting(scene, q, n_obj[:, on])
+        lit_o, by_wall_o, by_object_o = lighting(scene, q, n_obj[:, on], index[on])
         colours = np.array([obj["colour"] for obj in scene["objects"]], dtype=d.dtype)
         full[on] = colours[index[on]] * (AMBIENT + SUN * lit_o * ~(by_wall_o | by_object_o))[:, None]
     changed = shadowed.copy()

@@ -10,7 +10,7 @@ import torch
 
 import evaluate
 from conftest import main_error, make_data, run_script
-from dataset import builtin, rooms
+from dataset import builtin, raycast, rooms
 from gqn_dataset import GQNDataset, resize
 from model import ELBO
 from sampling import fixed_views
@@ -68,6 +68,21 @@ def test_the_rendered_views_differ_from_the_empty_room_exactly_where_the_masks_s
     differs = (full != empty).any(-1)
     assert not differs[~masks].any()  # nothing outside the masks changes
     assert differs[masks].mean() > 0.9  # and nearly every masked pixel does (a shadow on a dark mortar line may not)
+
+
+@pytest.mark.parametrize("shape", rooms.SHAPES)
+def test_each_objects_bounding_sphere_holds_all_of_it_and_little_more(shape):
+    """Rays are traced against an object only where they pass its bounding sphere (raycast.bounds): a sphere too
+    small would cut the object's edges off, one too large costs time. Rays from all around, traced without it."""
+    rng = np.random.default_rng(0)
+    obj = dict(shape=shape, centre=np.array([0.4, -0.3]), yaw=0.7, size=0.8, colour=np.ones(3))
+    centre, radius = raycast.bounds(obj)
+    o = (centre[:, None] + 3 * rng.normal(size=(3, 20000))).astype(np.float32)
+    d = (centre[:, None] + rng.uniform(-1, 1, size=(3, 20000)) - o).astype(np.float32)
+    t, _ = raycast.object_hit(obj, o, d)
+    hits = (o + t * d)[:, np.isfinite(t)]
+    far = np.linalg.norm(hits - centre[:, None], axis=0).max()
+    assert hits.shape[1] > 2000 and 0.95 * radius < far <= radius
 
 
 class Oracle(torch.nn.Module):
