@@ -68,8 +68,9 @@ def _planes_hit(o, d, normals, offsets):
     face = entering.argmax(0)                                              # the face each ray enters by
     t_enter = np.take_along_axis(entering, face[None], 0)[0]
     t_exit = np.where(nd > 0, t, np.inf).min(0)
-    outside_parallel = ((nd == 0) & (no > offsets[:, None])).any(0)
-    hit = (t_enter <= t_exit) & (t_enter > 1e-4) & ~outside_parallel
+    hit = (t_enter <= t_exit) & (t_enter > 1e-4)
+    if (nd == 0).any():  # a ray parallel to a face's plane, outside it, misses (rare: float32 seldom gives 0)
+        hit &= ~((nd == 0) & (no > offsets[:, None])).any(0)
     # a missed ray's normal is that of its entering plane: never read, since its t is inf
     return np.where(hit, t_enter, np.inf), normals.T.astype(d.dtype)[:, face]
 

@@ -137,7 +137,8 @@ def wall_pattern():
 
 
 def _texel(a, n):
-    return np.clip((a * TEXELS).astype(np.int64), 0, n - 1)
+    """Coordinates a (units, from the texture's start) -> the texel's index in [0, n)."""
+    return np.clip(a * TEXELS, 0, n - 1).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,7 +221,8 @@ def shade(scene, o, d, near):
     p = o + np.where(up, 0, t_room) * d
     lit, by_wall, by_object = lighting(scene, p, n_room)
     base = room_colour(scene, p, what, n_room)
-    empty = np.where(up[:, None], sky(d), base * (AMBIENT + SUN * lit * ~by_wall)[:, None])
+    empty = base * (AMBIENT + SUN * lit * ~by_wall)[:, None]
+    empty[up] = sky(d[:, up])
     shadowed = by_object & ~by_wall & (lit > 0)  # the objects' shadows on the room
     full = np.where(shadowed[:, None], base * AMBIENT, empty)
     t_obj, index, n_obj = nearest_object(scene["objects"], o, d, near)
