@@ -3,6 +3,7 @@ faces' half-spaces, quadrics (sphere, cylinder, capsule, cone) by their equation
 
 An object is a unit shape standing on z = 0, scaled by its size, turned by its yaw about z and placed at its centre
 on the floor. Rays are given as origins o and directions d, [3, N] arrays (o may be [3, 1]), t in units of |d|.
+A ray is traced against an object only if it passes the object's bounding sphere (bounds: its shape's smallest).
 """
 import math
 from itertools import combinations

@@ -18,9 +18,9 @@ Every scene also records what its objects change: the view rendered with the obj
 JPEG) and a mask of the pixels where the objects or their shadows are (gqn_format's optional "empty" and "masks"),
 from which evaluate.py scores a model on the objects alone: an empty room scores 1, the truth 0.
 
-The renderer casts one ray a pixel in numpy (and 2x2 on edges), all views of a scene at once: the room's planes,
-objects as convex polyhedra (box, icosahedron, triangle) or quadrics (sphere, cylinder, capsule, cone), and a shadow
-ray to the light from every surface it sees. docs/data.md says why this beat the libraries a headless CPU could run.
+The renderer casts one ray a pixel in numpy (and a second on edges), all views of a scene at once: the room's
+planes, objects as convex polyhedra (box, icosahedron, triangle) or quadrics (sphere, cylinder, capsule, cone), and
+a shadow ray to the light from every point that faces it over the walls. docs/data.md says why this beat the libraries a headless CPU could run.
 
     python dataset/rooms.py --out data/builtin/rooms_ring_camera --train_scenes 5000 --test_scenes 500 --workers 2
 """
