@@ -20,7 +20,8 @@ from which evaluate.py scores a model on the objects alone: an empty room scores
 
 The renderer casts one ray a pixel in numpy (and a second on edges), all views of a scene at once: the room's
 planes, objects as convex polyhedra (box, icosahedron, triangle) or quadrics (sphere, cylinder, capsule, cone), and
-a shadow ray to the light from every point that faces it over the walls. docs/data.md says why this beat the libraries a headless CPU could run.
+a shadow ray to the light from every point that faces it over the walls. docs/data.md says why this beat the
+libraries a headless CPU could run.
 
     python dataset/rooms.py --out data/builtin/rooms_ring_camera --train_scenes 5000 --test_scenes 500 --workers 2
 """
@@ -211,9 +212,9 @@ def room_colour(scene, p, what, normal):
 
 
 def shade(scene, o, d, near):
-    """Rays from camera centres o [3, N] along d [3, N], near[i] those that may meet object i -> (RGB with the objects [N, 3], RGB of the empty room,
-    whether the objects change the pixel [N], a label of what the ray hit [N]: object index, else 10 + floor/wall/sky).
-    """
+    """Rays from camera centres o [3, N] along d [3, N], near[i] those that may meet object i -> (RGB with the
+    objects [N, 3], RGB of the empty room, whether the objects change the pixel [N], a label of what the ray hit [N]:
+    object index, else 10 + floor/wall/sky)."""
     t_room, what, n_room = room_hit(o, d)
     up = what == 2
     # A ray to the sky stops at its camera (t 0) and goes through the room's arithmetic with the others: cheaper
