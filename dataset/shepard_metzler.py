@@ -253,8 +253,9 @@ class ShepardMetzler:
         return f"Shepard-Metzler scenes of {self.parts} cubes"
 
     def seconds(self, scenes, workers):
-        """About how long rendering takes on this many cores (10 ms a scene and core, measured on the 2-core EPYC)."""
-        return 0.010 * scenes / workers
+        """About how long rendering takes on this many cores: 17 ms a scene and core, the AVX2 EPYC's 5500 in 45-50 s
+        (the slowest CPU measured, as rooms.py's estimate; 10 ms on the AVX-512 EPYC)."""
+        return 0.017 * scenes / workers
 
     def camera_model(self):
         return camera_model(self.parts)
