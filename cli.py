@@ -134,6 +134,13 @@ def nonneg_float(s):
     return _number(s, True, "a non-negative number")
 
 
+def unit_float(s):
+    x = _number(s, True, "a number from 0 to 1")
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {s!r}")
+    return x
+
+
 def open_device(name, flag="--device"):
     """torch.device(name), checked by allocating on it: a missing CUDA device is one clear line."""
     import torch

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from batch_threads import usable_cpus
-from cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, str2bool
+from cli import ArgumentParser, UserError, nonneg_float, nonneg_int, positive_float, positive_int, str2bool, unit_float
 from scheduler import anneal_steps
 
 WHOLE_RUN = 0  # --lr_n / --sigma_n 0: anneal over --gradient_steps, whatever the run's length
@@ -65,6 +65,7 @@ class Config:
     grad_clip: float = 0.0               # max gradient norm; 0 = off (the paper does not clip)
     kl_warmup: int = 0                   # KL warm-up: beta 0 -> 1 over this many steps; 0 = off (the paper's ELBO)
     free_bits: float = 0.0               # nats per generation step and scene of KL left unpenalised; 0 = off
+    kl_balance: float = 0.5              # the KL's gradient: 2x this to the prior, the rest to the posterior; 0.5: ELBO
     # Run
     seed: int = -1                       # -1 = draw one (recorded in config.json and the checkpoints)
     root_log_dir: str = "runs"
@@ -256,6 +257,10 @@ FLAGS = {
     "free_bits": (nonneg_float, "free bits against posterior collapse (Kingma et al. 2016): each generation step's KL "
                                 "below this many nats per scene is not penalised (0: off); TensorBoard "
                                 "train/objective is the loss trained, train/elbo and train/kl_step_N the true ones"),
+    "kl_balance": (unit_float, "KL balancing (Hafner et al. 2021): the KL's gradient trains the prior with 2x this "
+                               "share and the posterior with the rest; 0.5 is the paper's ELBO (the default), 0.8 (the "
+                               "cpu preset) learns the prior faster and z is used sooner (docs/default-run.md); the "
+                               "loss's value is the ELBO either way"),
     "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
                                       "with avx512_bf16 or AMX), or fp16 autocast with loss scaling (V100, T4, RTX "
                                       "20xx, CPUs with avx512_fp16); refused where emulated"),
@@ -266,7 +271,8 @@ FLAGS = {
 }
 
 
-METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME", count_or_all: "N", nonneg_float: "M"}
+METAVARS = {positive_int: "N", nonneg_int: "N", str2bool: "BOOL", str: "NAME", count_or_all: "N", nonneg_float: "M",
+            unit_float: "A"}
 
 
 def _shown(name, value):

@@ -63,6 +63,30 @@ def gaussian_kl(mu_q, logstd_q, mu_p, logstd_p):
     return kl.sum((1, 2, 3))
 
 
+class _GradShare(torch.autograd.Function):
+    """t itself in the forward pass; in the backward, its gradient times `share`."""
+
+    @staticmethod
+    def forward(ctx, t, share):
+        ctx.share = share
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.share, None
+
+
+def balanced_kl(mu_q, logstd_q, mu_p, logstd_p, balance=0.5):
+    """gaussian_kl's value, its gradient split by KL balancing (Hafner et al. 2021, DreamerV2): 2 * balance of it
+    trains the prior towards the posterior, 2 * (1 - balance) the posterior towards the prior. 0.5 is the ELBO's own
+    gradient; more learns the prior faster than the posterior is pulled back to it, so z is used sooner and more."""
+    if balance == 0.5 or not torch.is_grad_enabled():
+        return gaussian_kl(mu_q, logstd_q, mu_p, logstd_p)
+    q, p = 2 * (1 - balance), 2 * balance
+    return gaussian_kl(_GradShare.apply(mu_q, q), _GradShare.apply(logstd_q, q),
+                       _GradShare.apply(mu_p, p), _GradShare.apply(logstd_p, p))
+
+
 def gaussian_nll(x, mean, sigma):
     """-log N(x | mean, sigma^2) summed over (C, H, W) -> (B,), in float32 or wider; sigma a float or tensor."""
     mean = _f32(mean)
@@ -158,7 +182,7 @@ class GQN(nn.Module):
         M = tap_product(D[l * u:(l + 1) * u], T[:l * h])  # (u, l*h): D_l∘T_j for j < l side by side
         return F.conv2d(torch.cat(canvas, 1), M[:, :, None, None])  # (B, u, 16, 16)
 
-    def _step(self, l, g_in, e_in, state_g, state_e, canvas, noise):
+    def _step(self, l, g_in, e_in, state_g, state_e, canvas, noise, kl_balance=0.5):
         """Step l of the loop in the module docstring -> (state_g, state_e, KL_l (B,) or None)."""
         k = 0 if self.shared_core else l
         if state_g is None:  # h_g^0 = 0: η_π gives its bias
@@ -176,11 +200,11 @@ class GQN(nn.Module):
             state_e = self.inference_core.cells[k](inp, state_e, e_in[k])
             mu_q, logstd_q = self.posterior(state_e[1]).chunk(2, 1)
             z = mu_q + logstd_q.exp() * noise
-            kl = gaussian_kl(mu_q, logstd_q, mu_p, logstd_p)
+            kl = balanced_kl(mu_q, logstd_q, mu_p, logstd_p, kl_balance)
         state_g = self.generation_core.cells[k](z, state_g, g_in[k])
         return state_g, state_e, kl
 
-    def _run(self, r, v_q, x_q, noise):
+    def _run(self, r, v_q, x_q, noise, kl_balance=0.5):
         """The L steps; with x_q z comes from the posterior (noise = its eps), without it from the prior.
 
         -> (KL of each step (B, L), or None; observation mean (B, 3, H, W) in [0, 1]).
@@ -192,7 +216,7 @@ class GQN(nn.Module):
         canvas = 0 if self.shared_core else []
         kl = []
         for l in range(self.L):
-            args = (l, g_in, e_in, state_g, state_e, canvas, noise[:, l])
+            args = (l, g_in, e_in, state_g, state_e, canvas, noise[:, l], kl_balance)
             if self.checkpoint_activations and torch.is_grad_enabled():
                 # recompute the step in the backward pass: keeps only each step's inputs alive
                 state_g, state_e, kl_l = checkpoint(self._step, *args, use_reentrant=False)
@@ -229,14 +253,15 @@ class GQN(nn.Module):
         if mask is not None and tuple(mask.shape) != (B, M):
             raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, M) = {(B, M)}")
 
-    def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None, depth_noise=None):
+    def forward(self, x, v, v_q, x_q, sigma, mask=None, eps=None, depth_noise=None, kl_balance=0.5):
         """-> ELBO(elbo, kl, nll, kl_steps): (B,) float32 in nats per image, and each step's KL (B, L); the paper's loss
         is -elbo.mean() (objective() adds KL warm-up and free bits).
 
         x (B, M, 3, H, W) in [0, 1], v (B, M, 7), v_q (B, 7), x_q (B, 3, H, W) in [0, 1], sigma pixel std,
         mask bool (B, M) (None: all views real), eps (B, L, z, H/4, W/4) posterior noise (None: drawn here),
         depth_noise: representation "volume" in training, its depth jitter (B, D) uniform in [0, 1) (None: drawn
-        here). Noise drawn by the caller (training_noise) makes a step a function of its batch alone.
+        here). Noise drawn by the caller (training_noise) makes a step a function of its batch alone. kl_balance:
+        how the KL's gradient is shared between prior and posterior (balanced_kl; 0.5: the ELBO's), values unchanged.
         """
         self._check(x, v, v_q, x_q, mask)
         if eps is not None and tuple(eps.shape[1:]) != self.noise_shape:
@@ -245,7 +270,7 @@ class GQN(nn.Module):
         r = self.representation(x, v, mask, v_q, **({} if depth_noise is None else {"noise": depth_noise}))
         if eps is None:
             eps = torch.randn(x_q.shape[0], *self.noise_shape, device=x_q.device, dtype=x_q.dtype)
-        kl_steps, mean = self._run(r, v_q, x_q, eps)
+        kl_steps, mean = self._run(r, v_q, x_q, eps, kl_balance)
         kl, nll = kl_steps.sum(1), gaussian_nll(x_q, mean, sigma)
         return ELBO(-(kl + nll), kl, nll, kl_steps)
 

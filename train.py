@@ -269,7 +269,7 @@ def train_step(run, step, batch, logs=False):
     def loss_of(share):  # a share of the batch, or all of it
         with run.autocast:
             out = run.net(x[share], v[share], v_q[share], x_q[share], sigma_in, mask=mask[share],
-                          **{k: n[share] for k, n in noise.items()})
+                          kl_balance=cfg.kl_balance, **{k: n[share] for k, n in noise.items()})
         loss = objective(out, beta, cfg.free_bits)  # (share,): -ELBO, unless KL warm-up or free bits are asked for
         # The loss is the mean over this rank's b = B/W scenes: DDP averages gradients over the W ranks,
         # which makes the gradient of the mean over all B scenes, as one process computes it.

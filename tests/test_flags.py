@@ -43,6 +43,11 @@ def test_min_context_above_the_data_sets_k_is_refused(data, tmp_path, capsys):
                "15 context views")
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
+def test_a_kl_balance_outside_0_to_1_is_refused(value, capsys):
+    main_error(train.main, ["--kl_balance", value], capsys, "--kl_balance", "a number from 0 to 1")
+
+
 def test_the_paper_preset_without_data_is_described_as_the_paper_gqn():
     cfg, _ = config.parse_args(["--preset", "paper"])
     line = resolve.announce_default_job(cfg, "runs/default")

@@ -219,3 +219,28 @@ def test_objective_is_the_elbo_unless_kl_warmup_or_free_bits_are_asked_for():
     kl = kl_steps.clone().requires_grad_()
     objective(ELBO(None, kl.sum(1), torch.zeros(2), kl), free_bits=1.0).sum().backward()
     assert kl.grad.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("balance", [0.8, 0.2])
+def test_kl_balance_shares_the_kls_gradient_between_prior_and_posterior(balance):
+    """With one generation step the prior is η_π's bias alone and z feeds only the image: the KL's gradient reaches
+    the prior scaled by 2 * balance and everything behind the posterior by 2 * (1 - balance); the KL is the same."""
+    torch.manual_seed(0)
+    model = GQN("pool", L=1, **TINY_GQN)
+    x, v, v_q, x_q = random_batch()
+    eps = torch.randn(2, *model.noise_shape)
+
+    def kl_and_grads(kl_balance):
+        model.zero_grad(set_to_none=True)
+        kl = model(x, v, v_q, x_q, 1.0, eps=eps, kl_balance=kl_balance).kl
+        kl.sum().backward()
+        return kl.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    kl, elbo_grads = kl_and_grads(0.5)
+    balanced, grads = kl_and_grads(balance)
+    assert torch.equal(kl, balanced)
+    assert set(grads) == set(elbo_grads) and "prior.bias" in grads and "posterior.weight" in grads
+    for name, grad in grads.items():
+        share = 2 * balance if name == "prior.bias" else 2 * (1 - balance)
+        torch.testing.assert_close(grad, share * elbo_grads[name], rtol=1e-5, atol=1e-7)
+
