@@ -27,6 +27,10 @@ the path η_r, the `volume` representation's rendering of the query view shows i
 and the cores learn what it misses. The `cpu` preset's default job scores 0.66x instead of 0.85x at 3 context views
 after 3000 steps (docs/default-run.md).
 
+z_grid (not in the paper): z_l on a coarser grid than the cores' state, z_grid x z_grid; the heads' means and log
+stds are averaged over each block of the state's grid, and z_l is repeated over its block on the way into C_g. One
+draw then differs from another by a few choices that span the image, not by many local ones.
+
 The function is exactly that; the computation exploits linearity (core.py explains): the step-invariant inputs
 pass through their share of every gate convolution once per forward pass, the zero initial state skips its
 convolutions, and the canvas enters only through D_l∘T_j (1x1 convolutions at 16x16) and η_g∘T_j (one transposed
@@ -116,12 +120,15 @@ class GQN(nn.Module):
 
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
                  h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
-                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False, depth_samples=SAMPLES):
+                 fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False, depth_samples=SAMPLES,
+                 z_grid=0):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
                            checkpoint_activations=checkpoint_activations, kernel_size=kernel_size,
                            image_from_r=image_from_r)
+        if z_grid:  # recorded where it is used: the paper's z needs no key (and older checkpoints have none)
+            self.config.update(z_grid=z_grid)
         if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
             self.config.update(fov=fov, near=near, far=far, depth_samples=depth_samples)
         if L < 1:
@@ -130,7 +137,10 @@ class GQN(nn.Module):
             raise ValueError(f"image_size must be divisible by 4 (the cores run at image_size/4), got {image_size}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the state keeps its size), got {kernel_size}")
+        if z_grid < 0 or (z_grid and (image_size // 4) % z_grid):
+            raise ValueError(f"z_grid must divide the cores' grid of image_size/4 = {image_size // 4}, got {z_grid}")
         self.L, self.shared_core, self.z_dim, self.h_dim, self.u_dim = L, shared_core, z_dim, h_dim, u_dim
+        self.z_grid = z_grid  # 0: z on the cores' grid, the paper's
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
         if representation == "volume":
@@ -153,9 +163,17 @@ class GQN(nn.Module):
 
     @property
     def noise_shape(self):
-        """Shape of one scene's posterior noise eps: (L, z_dim, H/4, W/4)."""
-        s = self.image_size // 4
+        """Shape of one scene's posterior noise eps: (L, z_dim, H/4, W/4), or z_grid x z_grid."""
+        s = self.z_grid or self.image_size // 4
         return (self.L, self.z_dim, s, s)
+
+    def _on_z_grid(self, head):
+        """A head's (mean, log std) of z on the cores' grid, averaged over blocks onto z's own grid (z_grid)."""
+        return F.adaptive_avg_pool2d(head, self.z_grid) if self.z_grid else head
+
+    def _z_to_cores(self, z, size):
+        """z on the cores' grid: each of its z_grid x z_grid cells repeated over its block."""
+        return F.interpolate(z, scale_factor=size // self.z_grid, mode="nearest") if self.z_grid else z
 
     def training_noise(self):
         """Every random input of one scene's forward pass in training, by forward's keyword -> (kind, shape): the
@@ -190,7 +208,7 @@ class GQN(nn.Module):
             prior = self.prior.bias.view(1, -1, 1, 1).expand(B, -1, s, s)
         else:
             prior = self.prior(state_g[1])
-        mu_p, logstd_p = prior.chunk(2, 1)
+        mu_p, logstd_p = self._on_z_grid(prior).chunk(2, 1)
         kl = None
         if e_in is None:  # generation: z from the prior
             z = mu_p + logstd_p.exp() * noise
@@ -198,10 +216,10 @@ class GQN(nn.Module):
             # h_g^0 = u^0 = 0 as well: at l = 0 only the invariant share and the bias drive C_e
             inp = None if state_g is None else torch.cat([state_g[1], self._canvas_seen(l, canvas)], 1)
             state_e = self.inference_core.cells[k](inp, state_e, e_in[k])
-            mu_q, logstd_q = self.posterior(state_e[1]).chunk(2, 1)
+            mu_q, logstd_q = self._on_z_grid(self.posterior(state_e[1])).chunk(2, 1)
             z = mu_q + logstd_q.exp() * noise
             kl = balanced_kl(mu_q, logstd_q, mu_p, logstd_p, kl_balance)
-        state_g = self.generation_core.cells[k](z, state_g, g_in[k])
+        state_g = self.generation_core.cells[k](self._z_to_cores(z, g_in[k].shape[-1]), state_g, g_in[k])
         return state_g, state_e, kl
 
     def _run(self, r, v_q, x_q, noise, kl_balance=0.5):

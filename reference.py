@@ -65,6 +65,9 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
     B = x.shape[0]
     L, h, u_dim, xc, vd = cfg["L"], cfg["h_dim"], cfg["u_dim"], cfg["x_channels"], cfg["v_dim"]
     s = cfg["image_size"] // 4
+    zg = cfg.get("z_grid", 0)
+    # z_grid: a head's map averaged over each block of s/zg x s/zg cells
+    coarse = (lambda t: t.unflatten(2, (zg, s // zg)).unflatten(4, (zg, s // zg)).mean((3, 5))) if zg else (lambda t: t)
 
     r = reference_r(model, x, v, mask)  # (B, r_dim, 16 or 1, 16 or 1)
     spatial = r.shape[-1] > 1
@@ -82,16 +85,18 @@ def reference_run(model, x, v, v_q, x_q, noise, mask=None):
         # the step's inputs, broadcast and concatenated again at every step
         v_up = v_q[:, :, None, None].expand(-1, -1, s, s)
         r_up = r.expand(-1, -1, s, s)
-        mu_p, logstd_p = model.prior(h_g).chunk(2, 1)
+        mu_p, logstd_p = coarse(model.prior(h_g)).chunk(2, 1)
         if x_q is None:
             z = mu_p + logstd_p.exp() * noise[:, l]
         else:
             x_down = F.conv2d(x_q, ic.downsample_x.weight, stride=4)
             u_down = F.conv2d(u, D[k], stride=4)
             c_e, h_e = _lstm(_gate_convs(torch.cat([x_down, v_up, r_up, h_g, u_down, h_e], 1), gates_e[k]), c_e)
-            mu_q, logstd_q = model.posterior(h_e).chunk(2, 1)
+            mu_q, logstd_q = coarse(model.posterior(h_e)).chunk(2, 1)
             z = mu_q + logstd_q.exp() * noise[:, l]
             kl.append(kl_divergence(Normal(mu_q, logstd_q.exp()), Normal(mu_p, logstd_p.exp())).sum((1, 2, 3)))
+        if zg:  # z_l's cell (i, j) is the state's cells (i*f..i*f+f-1, j*f..j*f+f-1)
+            z = z.repeat_interleave(s // zg, 2).repeat_interleave(s // zg, 3)
         c_g, h_g = _lstm(_gate_convs(torch.cat([v_up, r_up, z, h_g], 1), gates_g[k]), c_g)
         u = u + F.conv_transpose2d(h_g, T[k], stride=4)
     logit = model.observation(u)

@@ -38,6 +38,27 @@ def test_fast_path_equals_reference(representation, shared_core):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("z_grid", [1, 2])
+def test_a_coarser_z_grid_equals_reference(z_grid):
+    """--z_grid: the heads averaged over blocks, z repeated over them, as reference.py spells it out."""
+    torch.manual_seed(0)
+    model = GQN("tower", L=3, z_grid=z_grid, **TINY_GQN).double()
+    assert model.noise_shape == (3, TINY_GQN["z_dim"], z_grid, z_grid)
+    args, kwargs = inputs(model)
+    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
+    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    x, v, v_q, _ = args
+    noise = torch.randn(2, *model.noise_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        _, expected = reference_run(model, x, v, v_q, None, noise, kwargs["mask"])
+        got = model.generate(x, v, v_q, mask=kwargs["mask"], generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("representation", ["tower", "pool"])
 def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representation):
     torch.manual_seed(0)

@@ -142,6 +142,8 @@ def test_config_rebuilds_the_model():
     assert set(model.config) == {"representation", "L", "shared_core", "x_channels", "v_dim", "r_dim", "h_dim",
                                  "z_dim", "u_dim", "image_size", "checkpoint_activations", "kernel_size",
                                  "image_from_r"}
+    coarse = GQN("pool", L=2, z_grid=2, **TINY_GQN)
+    assert GQN(**coarse.config).noise_shape == coarse.noise_shape == (2, TINY_GQN["z_dim"], 2, 2)
 
 
 def test_bad_construction_is_one_clear_error():
@@ -151,6 +153,8 @@ def test_bad_construction_is_one_clear_error():
         GQN("pyramid", image_size=36)
     with pytest.raises(ValueError, match="L"):
         GQN(L=0)
+    with pytest.raises(ValueError, match="z_grid must divide the cores' grid of image_size/4 = 8, got 3"):
+        GQN("pool", image_size=32, z_grid=3)
 
 
 def test_wrong_shapes_are_one_clear_error():
