@@ -26,12 +26,12 @@ PACE_INTERVALS = 5  # log intervals whose median step time is the pace: a slowdo
 LATE = 1.05        # a run that would end later than this times its budget is shortened
 EARLY = 0.95       # ... and one that would end before this, lengthened: between the two it is left alone
                    # (a machine's pace wanders by 10-20%, and every change is said on the console)
-# What default jobs (the preset's seed 0) scored by the length they fixed: RMSE over the mean training image's, one
-# draw at 3 context views, 500 test scenes, as train.py scores it at the end; one fresh clone of ea6bf44 on the 2-core
-# EPYC, given half the budget, the budget of a CPU 1.7x slower (5 minutes) and the whole budget
-# (docs/speed.md#what-a-cpu-will-give). Seed 1 scored 0.648 where seed 0 scored 0.655 after 3000 steps; a user is
-# told the nearest measured lengths, not a curve.
-DEFAULT_JOB_SCORES = ((2932, 0.661), (3731, 0.646), (6000, 0.624))
+# What default jobs (the preset's seed 0) scored by their length: RMSE over the mean training image's, one draw at 3
+# context views, 500 test scenes, as train.py scores it at the end; the preset of 1a95525 (z on 2x2) on the AVX2
+# EPYC: a 3000-step run on one core and a fresh clone's default job, which fixed 4735 steps and ended at 4729
+# (docs/default-run.md#result). Seed 1 scored 0.654 where seed 0 scored 0.679 after 3000 steps; a user is told the
+# nearest measured lengths, not a curve.
+DEFAULT_JOB_SCORES = ((3000, 0.679), (4729, 0.624))
 
 
 class StepBudget:
