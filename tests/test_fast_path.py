@@ -24,18 +24,24 @@ def elbo_and_grads(fn, model, args, kwargs):
     return out, grads
 
 
-@pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
-@pytest.mark.parametrize("shared_core", [False, True])
-def test_fast_path_equals_reference(representation, shared_core):
-    torch.manual_seed(0)
-    model = GQN(representation, L=3, shared_core=shared_core, **TINY_GQN).double()
-    args, kwargs = inputs(model)
+def assert_equals_reference(model, args, kwargs):
+    """model's ELBO and every gradient equal reference.py's on the same weights (float64) -> model's ELBO."""
     fast, g_fast = elbo_and_grads(model, model, args, kwargs)
     ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
     for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    return fast
+
+
+@pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
+@pytest.mark.parametrize("shared_core", [False, True])
+def test_fast_path_equals_reference(representation, shared_core):
+    torch.manual_seed(0)
+    model = GQN(representation, L=3, shared_core=shared_core, **TINY_GQN).double()
+    args, kwargs = inputs(model)
+    assert_equals_reference(model, args, kwargs)
 
 
 @pytest.mark.parametrize("z_grid", [1, 2])
@@ -45,12 +51,7 @@ def test_a_coarser_z_grid_equals_reference(z_grid):
     model = GQN("tower", L=3, z_grid=z_grid, **TINY_GQN).double()
     assert model.noise_shape == (3, TINY_GQN["z_dim"], z_grid, z_grid)
     args, kwargs = inputs(model)
-    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
-    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
-    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert_equals_reference(model, args, kwargs)
     x, v, v_q, _ = args
     noise = torch.randn(2, *model.noise_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with torch.no_grad():
@@ -74,13 +75,8 @@ def test_image_from_r_equals_reference_and_starts_as_the_papers_model(representa
     with torch.no_grad():  # weights of its own, so that the path counts in the comparison
         model.image_from_r.weight.normal_(0, 0.3)
         model.image_from_r.bias.normal_(0, 0.3)
-    fast, g_fast = elbo_and_grads(model, model, args, kwargs)
-    ref, g_ref = elbo_and_grads(lambda *a, **k: reference_elbo(model, *a, **k), model, args, kwargs)
+    fast = assert_equals_reference(model, args, kwargs)
     assert not torch.allclose(fast.elbo, paper(*args, 0.8, **kwargs).elbo)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
-    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("representation", ["pyramid", "tower", "pool"])
