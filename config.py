@@ -268,8 +268,8 @@ FLAGS = {
                                 "below this many nats per scene is not penalised (0: off); TensorBoard "
                                 "train/objective is the loss trained, train/elbo and train/kl_step_N the true ones"),
     "kl_balance": (unit_float, "KL balancing (Hafner et al. 2021): the KL's gradient trains the prior with 2x this "
-                               "share and the posterior with the rest; 0.5 is the paper's ELBO (the default), 0.65 the cpu "
-                               "preset's (with --z_grid 2); more learns the prior faster and z is used sooner "
+                               "share and the posterior with the rest; 0.5 is the paper's ELBO (the default), 0.65 "
+                               "the cpu preset's (with --z_grid 2); more learns the prior faster and z is used sooner "
                                "(docs/default-run.md); the loss's value is the ELBO either way"),
     "amp": (["none", "bf16", "fp16"], "mixed precision, the loss in float32: bf16 autocast (GPUs from A100 on, CPUs "
                                       "with avx512_bf16 or AMX), or fp16 autocast with loss scaling (V100, T4, RTX "
