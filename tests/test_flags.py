@@ -52,12 +52,12 @@ def test_a_z_grid_that_does_not_divide_the_cores_grid_is_refused(capsys):
     main_error(train.main, ["--z_grid", "3"], capsys, "--z_grid 3", "z_grid must divide the cores' grid")
 
 
-def test_the_rooms_job_keeps_the_latent_it_was_measured_with():
+def test_the_rooms_job_trains_the_cpu_preset_into_its_own_folder():
     sm, rooms = config.parse_args([])[0], config.parse_args(["--builtin", "rooms_ring_camera"])[0]
-    assert (sm.z_grid, sm.z_dim, sm.kl_balance) == (2, 6, 0.65)
-    assert (rooms.z_grid, rooms.z_dim, rooms.kl_balance, rooms.log_dir) == (0, 3, 0.5, "rooms")
-    given = config.parse_args(["--builtin", "rooms_ring_camera", "--z_grid", "4", "--log_dir", "r4"])[0]
-    assert (given.z_grid, given.z_dim, given.log_dir) == (4, 3, "r4")
+    assert (sm.z_grid, sm.z_dim, sm.kl_balance, sm.log_dir) == (2, 6, 0.65, "default")
+    assert (rooms.z_grid, rooms.z_dim, rooms.kl_balance, rooms.log_dir) == (2, 6, 0.65, "rooms")
+    given = config.parse_args(["--builtin", "rooms_ring_camera", "--z_grid", "0", "--z_dim", "3", "--log_dir", "r"])[0]
+    assert (given.z_grid, given.z_dim, given.kl_balance, given.log_dir) == (0, 3, 0.65, "r")
 
 
 def test_the_paper_preset_without_data_is_described_as_the_paper_gqn():
