@@ -343,7 +343,7 @@ def parse_args(argv=None):
     preset = given.get("preset", "paper" if has_data else "cpu")
     values = {**PRESETS[preset], "preset": preset, **given}
     if given.get("builtin") == "rooms_ring_camera" and "log_dir" not in given:
-        values["log_dir"] = "rooms"  # beside runs/default
+        values["log_dir"] = "rooms"  # beside the default job's runs/default
     if "gradient_steps" in given and "train_minutes" not in given:  # a step count asked for is the step count
         values["train_minutes"] = 0.0
     if values.get("workers", AUTO) == AUTO:  # more loading processes than CPUs only adds switching (and warnings)
