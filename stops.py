@@ -105,6 +105,7 @@ class Stop:
         return self
 
     def __exit__(self, kind, value, tb):
+        self.acted.set()  # whatever ends the run now says why (an interrupt: its line below)
         signal.set_wakeup_fd(self._wakeup)
         for s, old in self._old.items():
             # Leaving on a signal, a second one (Ctrl-C twice, a scheduler's repeated SIGTERM) must still end the
@@ -119,7 +120,8 @@ class Stop:
 
     def _handler(self, signum, frame):
         if self.phase != "training":
-            self.acted.set()
+            # `acted` waits for __exit__: Python drops an exception raised in a __del__ or a weakref callback
+            # ("Exception ignored in ..."), and an interrupt lost there must still end the process after grace().
             if self.at_once:
                 self._exit(signal.Signals(signum).name, "outside the training loop")
             raise KeyboardInterrupt(signal.Signals(signum).name)
