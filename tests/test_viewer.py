@@ -375,12 +375,13 @@ def test_a_view_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, 
 
     owner = viewer.renderer if part == "render" else view_tab.Tab
     original = getattr(owner, part)
-    calls = []
+    calls, read = [], threading.Event()
 
     def once_broken(*a, **k):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("out of memory\nand more")
+        read.wait(60)  # the tab's next view (its start camera) would write over the note before the test reads it
         return original(*a, **k)
 
     monkeypatch.setattr(owner, part, once_broken)
@@ -388,6 +389,7 @@ def test_a_view_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, 
     viewer.open_tab(client)
     tab = viewer.tabs[client.client_id]
     wait_until(lambda: "could not be drawn: out of memory" in tab.note.content, "the failure said on the page")
+    read.set()
     shown = len(client.shown)  # the tab's second request (its start camera) may have rendered already
     viewer.request(client)
     wait_until(lambda: len(client.shown) > shown, "the next view")
