@@ -40,7 +40,7 @@ class Stop:
     def __init__(self, latest, rank=0, at_once=False):
         self.latest, self.rank, self.at_once = latest, rank, at_once
         self.phase = "setup"     # "setup", "training" (a signal asks for a stop), "score" (training has finished)
-        self.requested, self.acted = None, threading.Event()
+        self.requested, self.acted, self.leaving = None, threading.Event(), False
         self.saved = None        # the step latest.pt holds (None: nothing saved yet)
         self.step_seconds = 1.0  # what a step takes: a signal unanswered for longer than a few steps is not heard
         self.score_with = ""     # the evaluate.py command that gives the end-of-run score, once training is over
@@ -105,12 +105,14 @@ class Stop:
         return self
 
     def __exit__(self, kind, value, tb):
+        self.leaving = True  # from here a signal is the watcher's: _handler raises nothing into this teardown
         self.acted.set()  # whatever ends the run now says why (an interrupt: its line below)
-        signal.set_wakeup_fd(self._wakeup)
+        on_signal = kind is KeyboardInterrupt or self.requested is not None
         for s, old in self._old.items():
             # Leaving on a signal, a second one (Ctrl-C twice, a scheduler's repeated SIGTERM) must still end the
             # process with its status, not with the default action's death by signal while the line is printed.
-            signal.signal(s, _exit_now if kind is KeyboardInterrupt else old)
+            signal.signal(s, _exit_now if on_signal else old)
+        signal.set_wakeup_fd(self._wakeup)  # only now: until the handlers changed, the watcher heard every signal
         os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
         self._watcher.join(5)
         if kind is KeyboardInterrupt:
@@ -119,6 +121,8 @@ class Stop:
         return False
 
     def _handler(self, signum, frame):
+        if self.leaving:  # a signal landing in __exit__ (Python runs handlers after signal.signal): the watcher's
+            return
         if self.phase != "training":
             # `acted` waits for __exit__: Python drops an exception raised in a __del__ or a weakref callback
             # ("Exception ignored in ..."), and an interrupt lost there must still end the process after grace().

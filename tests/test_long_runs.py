@@ -211,8 +211,10 @@ def test_a_second_signal_ends_the_process_at_once(data, tmp_path):
     # delivery, as a user's second Ctrl-C does.
     wait_until(lambda: proc.poll() is not None or not signal_pending(proc.pid, signal.SIGTERM), "SIGTERM delivered")
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
-    assert proc.returncode == 143
+    _, err = proc.communicate(timeout=20)
+    # 143 as a shell reports it: the exit status, or death by SIGTERM when the second one lands in the interpreter's
+    # own teardown (Python restores the default action there, after the run's last line)
+    assert proc.returncode in (143, -signal.SIGTERM), err[-3000:]
     torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)  # still loadable
 
 
