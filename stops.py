@@ -111,7 +111,9 @@ class Stop:
         for s, old in self._old.items():
             # Leaving on a signal, a second one (Ctrl-C twice, a scheduler's repeated SIGTERM) must still end the
             # process with its status, not with the default action's death by signal while the line is printed.
-            signal.signal(s, _exit_now if on_signal else old)
+            # A rank leaving on an error: torchrun's SIGTERM, sent as soon as a rank fails, would kill it in the
+            # process group's teardown before its line is said; torchrun's SIGKILL still ends a rank that hangs.
+            signal.signal(s, _exit_now if on_signal else signal.SIG_IGN if self.at_once and kind else old)
         signal.set_wakeup_fd(self._wakeup)  # only now: until the handlers changed, the watcher heard every signal
         os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
         self._watcher.join(5)

@@ -236,6 +236,27 @@ with stop:
 """
 
 
+RANK_ERROR = """
+import os, signal, time
+import cli, stops
+
+def run(argv):
+    try:
+        with stops.Stop("latest.pt", rank=0, at_once=True):
+            raise cli.UserError("rank 0: lost contact with the other processes")
+    finally:  # the process group's teardown, where torchrun's SIGTERM for the whole job lands
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+
+cli.main(run)
+"""
+
+
+def test_a_rank_that_failed_says_why_though_torchrun_stops_it_meanwhile():
+    r = subprocess.run([sys.executable, "-c", RANK_ERROR], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert r.returncode == 1 and r.stderr == "error: rank 0: lost contact with the other processes\n", r
+
+
 def test_a_signal_python_drops_still_ends_the_process():
     r = subprocess.run([sys.executable, "-c", LOST_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert "Exception ignored" in r.stderr and "went on" in r.stdout  # the interrupt was lost, as in a weakref cb
