@@ -107,13 +107,17 @@ class Stop:
     def __exit__(self, kind, value, tb):
         self.leaving = True  # from here a signal is the watcher's: _handler raises nothing into this teardown
         self.acted.set()  # whatever ends the run now says why (an interrupt: its line below)
-        on_signal = kind is KeyboardInterrupt or self.requested is not None
-        for s, old in self._old.items():
+        then = None  # the handlers restored
+        if kind is KeyboardInterrupt or self.requested is not None:
             # Leaving on a signal, a second one (Ctrl-C twice, a scheduler's repeated SIGTERM) must still end the
             # process with its status, not with the default action's death by signal while the line is printed.
+            then = _exit_now
+        elif self.at_once and kind is not None:
             # A rank leaving on an error: torchrun's SIGTERM, sent as soon as a rank fails, would kill it in the
             # process group's teardown before its line is said; torchrun's SIGKILL still ends a rank that hangs.
-            signal.signal(s, _exit_now if on_signal else signal.SIG_IGN if self.at_once and kind else old)
+            then = signal.SIG_IGN
+        for s, old in self._old.items():
+            signal.signal(s, then or old)
         signal.set_wakeup_fd(self._wakeup)  # only now: until the handlers changed, the watcher heard every signal
         os.close(self._pipe[1])  # ends the watcher, which must be gone before torch tears the process down
         self._watcher.join(5)

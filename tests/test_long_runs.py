@@ -219,7 +219,7 @@ def test_a_second_signal_ends_the_process_at_once(data, tmp_path):
 
 
 LOST_INTERRUPT = """
-import os, signal, sys, time
+import os, signal, time
 import stops
 
 class Dropped:
@@ -234,6 +234,13 @@ with stop:
     print("went on", flush=True)
     time.sleep(60)
 """
+
+
+def test_a_signal_python_drops_still_ends_the_process():
+    r = subprocess.run([sys.executable, "-c", LOST_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert "Exception ignored" in r.stderr and "went on" in r.stdout  # the interrupt was lost, as in a weakref cb
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "SIGTERM not acted on within 1 s" in r.stderr
 
 
 RANK_ERROR = """
@@ -255,13 +262,6 @@ cli.main(run)
 def test_a_rank_that_failed_says_why_though_torchrun_stops_it_meanwhile():
     r = subprocess.run([sys.executable, "-c", RANK_ERROR], cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert r.returncode == 1 and r.stderr == "error: rank 0: lost contact with the other processes\n", r
-
-
-def test_a_signal_python_drops_still_ends_the_process():
-    r = subprocess.run([sys.executable, "-c", LOST_INTERRUPT], cwd=ROOT, capture_output=True, text=True, timeout=50)
-    assert "Exception ignored" in r.stderr and "went on" in r.stdout  # the interrupt was lost, as in a weakref cb
-    assert r.returncode == 143, r.stderr[-2000:]
-    assert "SIGTERM not acted on within 1 s" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
