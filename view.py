@@ -223,6 +223,9 @@ class Viewer:
         with self.lock:
             self.closed = True
             self.lock.notify_all()
+        # a view still being drawn is finished before stop returns: nothing of a stopped viewer then touches its tabs
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=30)
         self.server.stop()
 
 

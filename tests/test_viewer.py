@@ -378,6 +378,8 @@ def test_a_view_that_fails_is_said_on_the_page_and_the_next_one_renders(viewer, 
     calls, read = [], threading.Event()
 
     def once_broken(*a, **k):
+        if part == "show" and a[0].viewer is not viewer:  # the class is patched: only this viewer's tabs count
+            return original(*a, **k)
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("out of memory\nand more")
