@@ -204,7 +204,7 @@ def build_model(ckpt):
 # The most bytes a checkpoint's model may ask one scene's forward pass to hold: this machine's memory.
 MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 2 ** 40
 SIZES = {"L": 12, "h_dim": 128, "z_dim": 3, "u_dim": 128, "r_dim": 256, "image_size": 64,  # GQN's defaults
-         "depth_samples": 16}
+         "depth_samples": 16, "cell_rays": 2}
 
 
 def scene_bytes(config, views=3):
@@ -214,7 +214,7 @@ def scene_bytes(config, views=3):
     g = {k: config.get(k, v) for k, v in SIZES.items()}
     q = g["image_size"] // 4
     steps = g["L"] * (8 * g["h_dim"] + 6 * g["z_dim"]) * q * q
-    volume = (2 * q) ** 2 * g["depth_samples"] * views * 40 if config.get("representation") == "volume" else 0
+    volume = (g["cell_rays"] * q) ** 2 * g["depth_samples"] * views * 40 if config.get("representation") == "volume" else 0
     return 4 * (steps + 2 * g["u_dim"] * g["image_size"] ** 2 + views * g["r_dim"] * q * q + volume)
 
 

@@ -51,6 +51,7 @@ class Config:
     near: float = 2.7                    # and the depths along the query rays that it samples (the defaults fit
     far: float = 3.97                    # Shepard-Metzler: cameras 10/3 from the object's centre)
     depth_samples: int = 16              # and how many depths along each ray, evenly spaced in [near, far]
+    cell_rays: int = 2                   # and how many rays a side through each of r's cells (2: 2x2 a cell)
     # Optimisation (supplementary "Training"; scheduler.py)
     gradient_steps: int = 2_000_000     # with train_minutes: the most steps; the run's length is RunState.steps
     train_minutes: float = 0.0           # 0 = off; else time the first steps and fix the length to fit (budget.py)
@@ -259,6 +260,9 @@ FLAGS = {
     "depth_samples": (positive_int, "volume: depths sampled along each query ray, evenly spaced from --near to --far "
                                     "(16: 0.08 apart on Shepard-Metzler's cameras, 0.48 in the rooms, where 32 drew "
                                     "a better mean in the hour: docs/default-run.md)"),
+    "cell_rays": (positive_int, "volume: query rays a side through each of r's cells (2: 2x2 rays, silhouettes at "
+                                "half the image's resolution; 1 reads the views at a quarter of the cost, for "
+                                "finer --depth_samples: docs/default-run.md)"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
     "kl_warmup": (nonneg_int, "KL warm-up against posterior collapse (Sønderby et al. 2016): the KL's weight beta rises "
@@ -381,7 +385,7 @@ def check_config(cfg, world_size, fresh=True):
 MODEL_FLAGS = {"representation": "representation", "layers": "L", "shared_core": "shared_core", "r_dim": "r_dim",
                "h_dim": "h_dim", "z_dim": "z_dim", "u_dim": "u_dim", "image_size": "image_size",
                "kernel_size": "kernel_size", "image_from_r": "image_from_r", "depth_samples": "depth_samples",
-               "z_grid": "z_grid"}
+               "z_grid": "z_grid", "cell_rays": "cell_rays"}
 
 
 def gqn_kwargs(cfg):

@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core import GenerationCore, InferenceCore, tap_product
 from representation import SceneEncoder
-from volume import SAMPLES, Volume
+from volume import CELL_RAYS, SAMPLES, Volume
 
 # elbo, kl, nll (B,) in nats per image, elbo = -(kl + nll); kl_steps (B, L): KL(q(z_l) || π(z_l)) of each step l
 ELBO = namedtuple("ELBO", ["elbo", "kl", "nll", "kl_steps"], defaults=(None,))
@@ -121,7 +121,7 @@ class GQN(nn.Module):
     def __init__(self, representation="pool", L=12, shared_core=False, x_channels=3, v_dim=7, r_dim=256,
                  h_dim=128, z_dim=3, u_dim=128, image_size=64, checkpoint_activations=False,
                  fov=20.0, near=2.7, far=3.97, kernel_size=5, image_from_r=False, depth_samples=SAMPLES,
-                 z_grid=0):
+                 z_grid=0, cell_rays=CELL_RAYS):
         super().__init__()
         self.config = dict(representation=representation, L=L, shared_core=shared_core, x_channels=x_channels,
                            v_dim=v_dim, r_dim=r_dim, h_dim=h_dim, z_dim=z_dim, u_dim=u_dim, image_size=image_size,
@@ -131,6 +131,8 @@ class GQN(nn.Module):
             self.config.update(z_grid=z_grid)
         if representation == "volume":  # only this one has cameras: fov and depths would mislead elsewhere
             self.config.update(fov=fov, near=near, far=far, depth_samples=depth_samples)
+            if cell_rays != CELL_RAYS:  # recorded where it differs: older checkpoints have none
+                self.config.update(cell_rays=cell_rays)
         if L < 1:
             raise ValueError(f"L (the number of generation steps) must be at least 1, got {L}")
         if image_size % 4:
@@ -144,7 +146,7 @@ class GQN(nn.Module):
         self.image_size = image_size
         self.checkpoint_activations = checkpoint_activations
         if representation == "volume":
-            self.representation = Volume(x_channels, r_dim, image_size, fov, near, far, depth_samples)
+            self.representation = Volume(x_channels, r_dim, image_size, fov, near, far, depth_samples, cell_rays)
         else:
             self.representation = SceneEncoder(representation, x_channels, v_dim, r_dim, image_size)
         r_spatial = self.representation.r_size > 1

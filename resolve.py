@@ -94,7 +94,7 @@ def flag_notes(cfg, given, dist, device, threads):
         out.append(f"note: --batch_threads {cfg.batch_threads} is ignored: " +
                    ("with --compile a step is one graph" if cfg.compile else "on a GPU the batch is not split") +
                    ", so one thread takes it")
-    camera = [f"--{k}" for k in ("fov", "near", "far", "depth_samples") if k in given]
+    camera = [f"--{k}" for k in ("fov", "near", "far", "depth_samples", "cell_rays") if k in given]
     if camera and cfg.representation != "volume":
         out.append(f"note: {' '.join(camera)} ignored: only --representation volume reads a camera model, not "
                    f"{cfg.representation}")

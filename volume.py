@@ -32,7 +32,7 @@ from cameras import camera_frames
 
 # Sizes: the cheapest of the settings tried that scored best in the default run (README: the default run).
 SAMPLES = 16      # depths per ray by default: one per 0.45 cube side over the Shepard-Metzler depth range
-SUBCELLS = 2      # rays per side of each of r's cells: silhouettes at half the image's resolution
+CELL_RAYS = 2     # rays per side of each of r's cells by default: silhouettes at half the image's resolution
 FEATURES = 16     # channels of the per-view features and of the per-point feature f
 HIDDEN = 32       # width of the per-point MLP
 
@@ -71,6 +71,9 @@ class ViewStats(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean, grad_var):
         d, n = ctx.saved_tensors
+        # the gradients arrive transposed (the MLP reads (B, N, c)); contiguous first, or addcmul walks d across
+        # the grain (4x slower on its own, 1.8x with the copies, at the rooms' 32 depths)
+        grad_mean, grad_var = grad_mean.contiguous(), grad_var.contiguous()
         # into a tensor laid out like d: addcmul would lay its result out like its first, broadcast, operand
         grad = torch.addcmul((grad_mean / n)[:, None], d, (2 * grad_var / n)[:, None], out=torch.empty_like(d))
         return grad, None, None
@@ -79,7 +82,8 @@ class ViewStats(torch.autograd.Function):
 class Volume(nn.Module):
     """r in the query view's frame, from the context views read along its rays (module docstring)."""
 
-    def __init__(self, x_channels=3, r_dim=256, image_size=64, fov=20.0, near=2.7, far=3.97, samples=SAMPLES):
+    def __init__(self, x_channels=3, r_dim=256, image_size=64, fov=20.0, near=2.7, far=3.97, samples=SAMPLES,
+                 cell_rays=CELL_RAYS):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"representation 'volume' needs an image size divisible by 4, got {image_size}")
@@ -89,16 +93,18 @@ class Volume(nn.Module):
             raise ValueError(f"the depth range needs 0 < near < far, got near={near}, far={far}")
         if type(samples) is not int or samples < 1:
             raise ValueError(f"the rays need a whole number of depth samples, at least one, got {samples!r}")
-        self.samples = samples
+        if type(cell_rays) is not int or cell_rays < 1:
+            raise ValueError(f"each of r's cells needs a whole number of rays a side, at least one, got {cell_rays!r}")
+        self.samples, self.cell_rays = samples, cell_rays
         self.tan_half_fov, self.near, self.far = math.tan(math.radians(fov) / 2), near, far
-        self.rays = image_size // 4 * SUBCELLS  # rays per side of the query image
+        self.rays = image_size // 4 * cell_rays  # rays per side of the query image
         self.r_size = image_size // 4
         self.conv1 = nn.Conv2d(x_channels, FEATURES, 3, padding=1)
         self.conv2 = nn.Conv2d(FEATURES, FEATURES, 3, padding=1)
         c = x_channels + FEATURES
         self.point = nn.Sequential(nn.Linear(2 * c + 1, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                                    nn.Linear(HIDDEN, 1 + FEATURES))  # -> opacity logit, f
-        self.out = nn.Conv2d(SUBCELLS ** 2 * (FEATURES + 2), r_dim, 1)
+        self.out = nn.Conv2d(cell_rays ** 2 * (FEATURES + 2), r_dim, 1)
 
     def features(self, x, mask):
         """F_i for every context view (B, K, c, H, W); padded views (mask False) are left at zero."""
@@ -165,4 +171,4 @@ class Volume(nn.Module):
         f = (weight[..., None] * out[..., 1:]).sum(3)
         depth = (weight * (t[:, None, None] - self.near)).sum(3, keepdim=True) / (self.far - self.near)
         r = torch.cat([f, weight.sum(3, keepdim=True), depth], -1).permute(0, 3, 1, 2)  # (B, F+2, n, n)
-        return self.out(F.pixel_unshuffle(r, SUBCELLS))
+        return self.out(F.pixel_unshuffle(r, self.cell_rays))

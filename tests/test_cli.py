@@ -25,6 +25,7 @@ def test_every_command_refuses_unknown_and_abbreviated_flags_in_one_line(script,
 @pytest.mark.parametrize("script,argv,words", [
     ("train.py", ["--batch_size", "0"], ["--batch_size: expected a positive integer, got '0'"]),
     ("train.py", ["--depth_samples", "0"], ["--depth_samples: expected a positive integer, got '0'"]),
+    ("train.py", ["--cell_rays", "0"], ["--cell_rays: expected a positive integer, got '0'"]),
     ("evaluate.py", ["--checkpoint", "c.pt", "--test_data_dir", "d", "--batch_size", "0"], ["--batch_size"]),
     ("render.py", ["--checkpoint", "c.pt", "--data_dir", "d", "--out", "x.jpg"], ["--out x.jpg", ".png or .gif"]),
     ("bench.py", ["--layers", "0"], ["--layers"]),

@@ -61,7 +61,7 @@ CONFIG = {"representation": st.sampled_from(["pool", "tower", "pyramid", "volume
           "L": DIMS, "shared_core": st.sampled_from([True, False, "yes", None]), "x_channels": DIMS, "v_dim": DIMS,
           "r_dim": DIMS, "h_dim": DIMS, "z_dim": DIMS, "u_dim": DIMS, "image_size": DIMS, "kernel_size": DIMS,
           "checkpoint_activations": st.sampled_from([True, "x"]), "fov": st.floats(), "near": st.floats(),
-          "far": st.floats(), "depth_samples": DIMS, "unknown": st.integers()}
+          "far": st.floats(), "depth_samples": DIMS, "cell_rays": DIMS, "unknown": st.integers()}
 
 
 def _tensor_swaps(draw):
@@ -133,7 +133,8 @@ def test_a_file_that_is_not_a_zip_is_refused_before_torch_reads_it():
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("field", ["L", "h_dim", "z_dim", "u_dim", "r_dim", "image_size", "depth_samples"])
+@pytest.mark.parametrize("field", ["L", "h_dim", "z_dim", "u_dim", "r_dim", "image_size", "depth_samples",
+                                   "cell_rays"])
 def test_a_size_beyond_the_machines_memory_is_refused_before_anything_is_allocated(field, shared):
     """Each size a model_config declares, with shared and unshared cores: one that would make a single scene's
     forward pass hold more than this machine's memory is refused in one line naming it, allocating nothing (a shared
@@ -141,8 +142,8 @@ def test_a_size_beyond_the_machines_memory_is_refused_before_anything_is_allocat
     from checkpoint import MEMORY, scene_bytes
 
     config = {**CKPT["model_config"], "shared_core": shared}
-    if field == "depth_samples":  # only the volume samples depths along rays
-        config.update(representation="volume", depth_samples=16)
+    if field in ("depth_samples", "cell_rays"):  # only the volume casts rays
+        config.update(representation="volume", depth_samples=16, cell_rays=2)
     while scene_bytes(config) <= MEMORY:  # doubled until one scene needs more than the machine holds
         config[field] *= 2
     result, error = load(saved({**CKPT, "model_config": config}))

@@ -163,6 +163,27 @@ def test_depth_samples_divide_the_range_evenly_and_jitter_within_their_slots():
     assert GQN("volume", L=1, **TINY_GQN).training_noise()["depth_noise"] == ("uniform", (SAMPLES,))
 
 
+def test_one_ray_a_cell_reads_a_quarter_of_the_points_into_the_same_r(tmp_path):
+    """--cell_rays 1: one query ray through each of r's cells instead of 2x2, the same r's shape; the checkpoint
+    records it and draws the same images once loaded; a checkpoint that records none is read with 2x2, as before
+    the flag."""
+    torch.manual_seed(0)
+    x, v, v_q = scenes(B=2)
+    one, two = Volume(r_dim=8, image_size=16, cell_rays=1), Volume(r_dim=8, image_size=16)
+    assert (one.rays, two.rays) == (4, 8)  # rays a side of the query image: r's 4x4 cells, one ray or 2x2 each
+    assert one(x, v, None, v_q).shape == two(x, v, None, v_q).shape == (2, 8, 4, 4)
+    with pytest.raises(ValueError, match="whole number of rays a side, at least one, got 0"):
+        Volume(cell_rays=0)
+    model = GQN("volume", L=1, **TINY_GQN, cell_rays=1)
+    assert model.config["cell_rays"] == 1 and "cell_rays" not in GQN("volume", L=1, **TINY_GQN).config
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 1}, [path])
+    again = build_model(load_checkpoint(path))
+    assert again.representation.rays == 4
+    first = model.eval().generate(x, v, v_q, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.eval().generate(x, v, v_q, generator=torch.Generator().manual_seed(0)), first)
+
+
 def test_gqn_with_volume_trains_and_its_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
     model = GQN("volume", L=2, **TINY_GQN, fov=30.0, near=2.5, far=4.5, depth_samples=12)
