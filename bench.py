@@ -13,6 +13,7 @@ over the steps, i.e. activations, gradients and Adam state, not the weights and 
     python bench.py --preset cpu-check --amp bf16    # the same in bf16 (pays on CPUs with AVX-512 bf16 or AMX)
     python bench.py --preset small                   # a quick small configuration
     python bench.py --preset cpu-share --threads 1 --no_reference --against HEAD~3   # a cpu preset share, two revisions
+    python bench.py --preset rooms-share --threads 1 --no_reference   # the rooms hour's share: 2x2 rays a cell, and 1
     python bench.py --preset paper-nets --device cuda --amp bf16 --compile --checkpoint_activations
     python bench.py --representation pool --layers 8 --shared_core False --batch_size 8 --context 3
 """
@@ -49,6 +50,10 @@ PRESETS = {
     # 3 context views (a ragged mask, as the data draws them), the depth jitter drawn by the data
     "cpu-share": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=3, image_size=32,
                  r_dim=64, h_dim=32, u_dim=32, kernel_size=3, image_from_r=True)],
+    # the same share as the rooms' hour trains it (up to 5 views, 32 depths a ray), with 2x2 rays a cell and with one
+    "rooms-share": [dict(representation="volume", L=4, shared_core=False, batch_size=4, context=5, image_size=32,
+                         r_dim=64, h_dim=32, u_dim=32, kernel_size=3, image_from_r=True, depth_samples=32,
+                         cell_rays=cell_rays) for cell_rays in (2, 1)],
     # the paper's configuration (context: up to 5 views for rooms/jaco-like data; 5 here)
     "paper-nets": [dict(representation="tower", L=12, shared_core=False, batch_size=36, context=5, image_size=64),
               dict(representation="pool", L=12, shared_core=False, batch_size=36, context=5, image_size=64)],
@@ -232,7 +237,9 @@ def run_isolated(spec):
 
 def describe(cfg):
     return (f"{cfg['representation']} L={cfg['L']} {'shared' if cfg['shared_core'] else 'unshared'} "
-            f"B={cfg['batch_size']} M={cfg['context']} {cfg['image_size']}px")
+            f"B={cfg['batch_size']} M={cfg['context']} {cfg['image_size']}px" +
+            (f" {cfg['depth_samples']} depths, {cfg['cell_rays']}x{cfg['cell_rays']} rays a cell"
+             if "cell_rays" in cfg else ""))
 
 
 def fmt_bytes(n):

@@ -261,8 +261,8 @@ FLAGS = {
                                     "(16: 0.08 apart on Shepard-Metzler's cameras, 0.48 in the rooms, where 32 drew "
                                     "a better mean in the hour: docs/default-run.md)"),
     "cell_rays": (positive_int, "volume: query rays a side through each of r's cells (2: 2x2 rays, silhouettes at "
-                                "half the image's resolution; 1 reads the views at a quarter of the cost, for "
-                                "finer --depth_samples: docs/default-run.md)"),
+                                "half the image's resolution; 1 reads a quarter of the points: faster steps, the "
+                                "objects a little worse per step: docs/default-run.md)"),
     "seed": (nonneg_int, "random seed"),
     "grad_clip": (float, "clip the gradient norm to this (0 = off)"),
     "kl_warmup": (nonneg_int, "KL warm-up against posterior collapse (Sønderby et al. 2016): the KL's weight beta rises "
