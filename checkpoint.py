@@ -214,7 +214,8 @@ def scene_bytes(config, views=3):
     g = {k: config.get(k, v) for k, v in SIZES.items()}
     q = g["image_size"] // 4
     steps = g["L"] * (8 * g["h_dim"] + 6 * g["z_dim"]) * q * q
-    volume = (g["cell_rays"] * q) ** 2 * g["depth_samples"] * views * 40 if config.get("representation") == "volume" else 0
+    rays = (g["cell_rays"] * q) ** 2
+    volume = rays * g["depth_samples"] * views * 40 if config.get("representation") == "volume" else 0
     return 4 * (steps + 2 * g["u_dim"] * g["image_size"] ** 2 + views * g["r_dim"] * q * q + volume)
 
 

@@ -24,7 +24,8 @@ def test_flags_that_do_nothing_here_are_noted(data, tmp_path, capsys):
     said = notes(args(data, tmp_path, "r", 1, "--device_ids", "0", "--representation", "pool", "--fov", "200",
                       "--near", "1", "--depth_samples", "32", "--cell_rays", "1"), capsys)
     assert "note: --device_ids 0 is ignored: no CUDA device here: training runs on the CPU" in said
-    assert "note: --fov --near --depth_samples --cell_rays ignored: only --representation volume reads a camera model, not pool" in said
+    assert ("note: --fov --near --depth_samples --cell_rays ignored: only --representation volume reads a camera "
+            "model, not pool") in said
     assert notes(args(data, tmp_path, "quiet", 1), capsys) == []  # nothing given that does nothing: no note
 
 
