@@ -7,8 +7,8 @@ the cameras themselves, in the spirit of the epipolar GQN (E-GQN: Tobin et al. 2
 rendering") and of image-based volume rendering (pixelNeRF, IBRNet):
 
     features  F_i = [x_i, conv3x3(relu(conv3x3(x_i)))]      each context view at full resolution
-    rays      one ray through each cell of an (2s/4 x 2s/4) grid of the query image, D depths in [near, far]
-              (`samples`, --depth_samples: 16 by default)
+    rays      one ray through each cell of an (2s/4 x 2s/4) grid of the query image (2x2 rays through each of r's
+              cells: --cell_rays), D depths in [near, far] (`samples`, --depth_samples: 16 by default)
     samples   each 3D point p is projected into every context view i it falls in: F_i(π_i(p))
     per point mean and variance of those features over the views that see p, and the share of views that do
               -> MLP -> opacity α and a feature f  (a point inside the object looks alike from every view)
